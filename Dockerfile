@@ -1,0 +1,29 @@
+# raylm on a Ray GPU image. The tag must match the Ray pin in pyproject.toml and the
+# rayVersion of every KubeRay manifest (tests/test_packaging.py checks the first).
+# The base image ships Ray 2.60.0, Python 3.11 and CUDA, and runs as the non-root user `ray`.
+FROM rayproject/ray:2.60.0-py311-gpu
+
+USER ray
+WORKDIR /home/ray/raylm
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1
+
+# Dependencies first, in their own layer: editing the source does not reinstall torch.
+# Empty package folders let pip resolve the project's dependencies from pyproject.toml alone.
+# On Linux x86_64, PyPI's torch is the CUDA build, which is what a GPU image wants.
+COPY --chown=ray:users pyproject.toml README.md ./
+RUN mkdir -p raylm models pipelines tuning cluster \
+ && touch raylm/__init__.py models/__init__.py pipelines/__init__.py tuning/__init__.py cluster/__init__.py \
+ && pip install . \
+ && pip uninstall -y raylm
+
+# The source itself, installed without touching the dependency layer.
+COPY --chown=ray:users raylm/ raylm/
+COPY --chown=ray:users models/ models/
+COPY --chown=ray:users pipelines/ pipelines/
+COPY --chown=ray:users tuning/ tuning/
+COPY --chown=ray:users cluster/ cluster/
+COPY --chown=ray:users configs/ configs/
+RUN pip install --no-deps . && raylm --help > /dev/null
+
+CMD ["raylm", "--help"]

@@ -1,0 +1,2 @@
+"""Deployment: the container image lives in ../Dockerfile; KubeRay manifests and job
+submission come here (issue 8)."""

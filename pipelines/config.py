@@ -1,0 +1,232 @@
+"""One typed config tree for every raylm command, loaded from YAML plus `--set a.b=c` overrides.
+
+Each section is its own class, and each component receives only its section (BRIEF sec. 5).
+Unknown keys and wrong types fail at load time, before Ray starts, with the full key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(Section):
+    name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"  # prepared data, checkpoints and samples go under here
+    seed: int = 1337
+
+
+class GrammarSection(Section):
+    """The built-in corpus: text from a probabilistic grammar whose entropy is known exactly."""
+
+    num_docs: int = Field(20_000, gt=0)
+    seed: int = 0
+
+
+class DataSection(Section):
+    paths: list[str] = []  # text files, directories or globs; empty: the grammar corpus
+    grammar: GrammarSection = GrammarSection()
+    doc_boundary: Literal["paragraph", "line", "file"] = "paragraph"
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    seq_len: int = Field(128, gt=1)  # tokens per training window (each row holds seq_len + 1)
+    min_chars: int = Field(1, ge=1)  # shorter documents are dropped after cleaning
+
+
+class TokenizerSection(Section):
+    vocab_size: int = Field(2048, ge=300)  # byte-level BPE starts from 256 byte symbols
+    min_frequency: int = Field(2, ge=1)
+    eos_token: str = "<|endoftext|>"
+    path: str | None = None  # an existing tokenizer.json to reuse instead of training one
+
+
+class ModelSection(Section):
+    n_layer: int = Field(4, gt=0)
+    n_head: int = Field(4, gt=0)
+    n_kv_head: int | None = Field(None, gt=0)
+    n_embd: int = Field(128, gt=0)
+    block_size: int = Field(128, gt=0)
+    ffn_hidden: int | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10_000.0, gt=0)
+    vocab_size: int | None = Field(None, gt=0)  # None: the tokenizer's, padded to a multiple of 64
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "ModelSection":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even (RoPE)")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)  # global sequences per optimizer step, all workers together
+    micro_batch_size: int = Field(16, gt=0)  # sequences per worker per forward pass
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    log_interval: int = Field(10, gt=0)
+    eval_interval: int = Field(100, gt=0)
+    eval_windows: int = Field(64, gt=0)  # validation windows scored at each eval_interval
+    checkpoint_interval: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)  # None: share the cluster's CPUs evenly
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
+
+
+class TrackingSection(Section):
+    experiment: str = "raylm"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
+
+
+class EvalSection(Section):
+    max_windows: int | None = Field(None, gt=0)  # None: the whole validation split
+    sample_prompt: str = ""  # empty: sample a fresh document after the EOS token
+    sample_tokens: int = Field(120, ge=0)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, gt=0)
+
+
+class RaylmConfig(Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingSection = TrackingSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "RaylmConfig":
+        if self.data.seq_len > self.model.block_size:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}"
+            )
+        per_step = self.train.micro_batch_size * self.scaling.num_workers
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be a multiple of "
+                f"train.micro_batch_size x scaling.num_workers = {per_step}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """{"model.n_layer": 4, ...}: the form MLflow params and Tune search spaces use."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def section_fingerprint(*sections: BaseModel) -> str:
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaylmConfig:
+    raw = _read_yaml(Path(path)) if path else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return RaylmConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source=str(path or "defaults"))) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.path=value, got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+    node[leaf] = _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" as a string; a command line means the number.
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key {path}{_suggestion(e['loc'])}")
+        elif e["type"] == "value_error":  # a cross-field check; its message names the keys
+            problems.append(f"{path}: {msg}" if path else msg)
+        else:
+            problems.append(f"{path}: {msg} (got {e['input']!r})")
+    return f"invalid config ({source}): " + "; ".join(problems)
+
+
+def _suggestion(loc: tuple) -> str:
+    section: type[BaseModel] = RaylmConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        section = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI prints them as one line on stderr and exits non-zero;
+anything else is a bug and keeps its traceback."""
+
+
+class RaylmError(Exception):
+    """Base class for problems in the user's input or environment."""
+
+
+class ConfigError(RaylmError):
+    """A config file or override that does not match the typed config tree."""
+
+
+class DataError(RaylmError):
+    """Input data that is missing or unusable."""

@@ -1,0 +1,114 @@
+"""The jobs behind the CLI: each takes the whole config, hands every component only its own
+section, and records what happened in one MLflow run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import latest_checkpoint
+from .config import RaylmConfig, section_fingerprint
+from .errors import DataError
+from .evaluate import evaluate
+from .prepare import find_prepared, prepare
+from .pretrain import build_model_config, pretrain, train_storage
+from .runtime import start_ray, tracking_uri
+from .sampling import sample_text
+from .tracking import Tracker
+
+
+@dataclass
+class Outcome:
+    """What a job produced, for the summary the CLI prints."""
+
+    tracker: Tracker
+    manifest: dict | None = None
+    checkpoint: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    sample: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
+    name = cfg.run.name if stage == "run" else f"{stage}-{cfg.run.name}"
+    tags = {"raylm.stage": stage, "raylm.run_name": cfg.run.name, "raylm.config_hash": section_fingerprint(cfg)}
+    tracker = Tracker(tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment, name, tags)
+    tracker.log_params(cfg.flat())
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    return tracker
+
+
+def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...],
+                  checkpoint: Path | None = None) -> Outcome:
+    """Run some of prepare -> pretrain -> evaluate in order, inside one MLflow run.
+    Evaluate alone scores `checkpoint`, or else the run's latest one."""
+    stage = stages[0] if len(stages) == 1 else "run"
+    started = time.perf_counter()
+    start_ray(address)
+    with open_tracker(cfg, stage) as tracker:
+        out = Outcome(tracker, checkpoint=checkpoint)
+        output_dir = Path(cfg.run.output_dir).resolve()
+        out.manifest = _timed(out, "prepare", lambda: do_prepare(cfg, tracker)) if "prepare" in stages \
+            else find_prepared(cfg.data, cfg.tokenizer, output_dir)
+        if "pretrain" in stages:
+            out.checkpoint = _timed(out, "pretrain", lambda: do_pretrain(cfg, out.manifest, tracker))
+        if "evaluate" in stages:
+            out.checkpoint = out.checkpoint or find_checkpoint(cfg)
+            out.metrics, out.sample = _timed(out, "evaluate", lambda: do_evaluate(cfg, out.manifest, out.checkpoint, tracker))
+        out.seconds["total"] = time.perf_counter() - started
+        tracker.log_metrics({f"{k}_seconds": v for k, v in out.seconds.items()})
+    return out
+
+
+def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> dict:
+    manifest = prepare(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
+    prepared = Path(manifest["path"])
+    tracker.log_artifact(prepared / "manifest.json", "data")
+    tracker.log_artifact(prepared / "tokenizer.json", "tokenizer")
+    tracker.log_metrics(data_metrics(manifest))
+    return manifest
+
+
+def data_metrics(manifest: dict) -> dict[str, float]:
+    metrics = {f"data_{split}_{k}": v for split, s in manifest["splits"].items() for k, v in s.items()}
+    metrics["data_vocab_size"] = manifest["vocab_size"]
+    metrics.update({f"baseline_unigram_{k}": v for k, v in manifest["unigram_baseline"].items()})
+    if manifest.get("reference"):
+        metrics["baseline_optimum_bits_per_byte"] = manifest["reference"]["bits_per_byte"]
+    return metrics
+
+
+def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker) -> Path:
+    model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
+    tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size})
+    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest["path"],
+                      {"uri": tracker.uri, "run_id": tracker.run_id})
+    checkpoint = Path(result.checkpoint.path)
+    tracker.log_artifact(checkpoint, "checkpoint")
+    return checkpoint
+
+
+def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tracker) -> tuple[dict, str]:
+    scores = evaluate(checkpoint, Path(manifest["path"]) / "val", cfg.eval.max_windows)
+    metrics = {f"final_val_{k}": v for k, v in scores.items()}
+    tracker.log_metrics(metrics)
+    e = cfg.eval
+    sample = sample_text(checkpoint, e.sample_prompt, e.sample_tokens, e.temperature, e.top_k, cfg.run.seed)
+    tracker.log_text(f"# Sample from {checkpoint.name}\n\nPrompt: `{e.sample_prompt!r}`\n\n```\n{sample}\n```\n", "samples.md")
+    return metrics, sample
+
+
+def find_checkpoint(cfg: RaylmConfig) -> Path:
+    run_dir = train_storage(cfg.run) / cfg.run.name
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DataError(f"run {cfg.run.name!r} has no checkpoint under {run_dir}: train it first or pass --checkpoint")
+    return checkpoint
+
+
+def _timed(out: Outcome, name: str, fn):
+    started = time.perf_counter()
+    value = fn()
+    out.seconds[name] = time.perf_counter() - started
+    return value

@@ -1,0 +1,53 @@
+"""Training batches from packed windows, in a seeded global order with one global position.
+
+The order is a permutation of all windows per epoch, fixed by (seed, epoch). A step consumes
+the next batch_size positions of that order whatever the worker count, and rank r of w takes
+its share of each micro-step. So the state to checkpoint is one integer, and a resumed run
+(even with another worker count) neither repeats nor skips a window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+
+def read_windows(split_dir: str | Path) -> np.ndarray:
+    """All windows of a split as one (N, seq_len + 1) int32 array, in file order."""
+    files = sorted(Path(split_dir).glob("*.parquet"))
+    table = pq.ParquetDataset(files).read(columns=["tokens"])
+    column = table.column("tokens").combine_chunks()
+    storage = getattr(column, "storage", column)  # Ray writes a tensor extension type
+    flat = storage.flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.int32, copy=False).reshape(len(column), -1)
+
+
+class WindowLoader:
+    def __init__(self, windows: np.ndarray, micro_batch: int, rank: int, world: int, seed: int):
+        self.windows, self.micro_batch, self.rank, self.world, self.seed = windows, micro_batch, rank, world, seed
+        self.position = 0  # windows consumed by all ranks together
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch: inputs and next-token targets, each (micro_batch, seq_len)."""
+        start = self.position + self.rank * self.micro_batch
+        rows = self.windows[[self._window_at(p) for p in range(start, start + self.micro_batch)]]
+        self.position += self.micro_batch * self.world
+        batch = torch.from_numpy(rows.astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def _window_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.windows))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+        return int(self._order[offset])
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])

@@ -1,0 +1,63 @@
+"""`raylm pretrain`: run the training loop on Ray Train workers (TorchTrainer, DDP)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from raylm.models import ModelConfig
+
+from .config import ModelSection, RunSection, ScalingSection, TrainSection
+from .errors import ConfigError
+from .runtime import cluster_cpus
+from .train_loop import train_loop_per_worker
+
+
+def build_model_config(section: ModelSection, tokenizer_vocab: int) -> ModelConfig:
+    """The model section plus the vocabulary size the prepared data needs."""
+    # A multiple of 64 lets the embedding and output matmuls tile well (nanoGPT: 50257 -> 50304).
+    vocab = section.vocab_size or 64 * math.ceil(tokenizer_vocab / 64)
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
+    fields = section.model_dump(exclude={"vocab_size"})
+    return ModelConfig(vocab_size=vocab, **fields)
+
+
+def train_storage(run: RunSection) -> Path:
+    """Ray Train keeps each run's checkpoints in <output_dir>/train/<run name>/."""
+    return Path(run.output_dir).resolve() / "train"
+
+
+def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
+             data_dir: str, tracking: dict | None):
+    """Train and return Ray Train's Result (its .checkpoint is the last one reported)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job = {"model": model, "train": train, "data_dir": data_dir, "seed": run.seed, "tracking": tracking}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": worker_cpus(scaling)},
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=str(train_storage(run)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not every report and checkpoint
+            # Train otherwise re-routes print() through its logger and the line shows twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    return trainer.fit()
+
+
+def worker_cpus(scaling: ScalingSection) -> float:
+    if scaling.cpus_per_worker:
+        return scaling.cpus_per_worker
+    # Share the cluster evenly; at least 1 CPU so torch gets a whole thread per worker.
+    return max(1.0, math.floor(cluster_cpus() / scaling.num_workers))

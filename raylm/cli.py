@@ -1,0 +1,134 @@
+"""The `raylm` command line. Heavy imports (Ray, torch) wait until the config has validated,
+so a bad config fails in about a second, before any worker starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raylm.pipelines.config import RaylmConfig, load_config
+from raylm.pipelines.errors import ConfigError, RaylmError
+
+STAGES = {
+    "run": ("prepare", "pretrain", "evaluate"),
+    "prepare": ("prepare",),
+    "pretrain": ("pretrain",),
+    "evaluate": ("evaluate",),
+}
+HELP = {
+    "run": "the whole lifecycle: prepare -> pretrain -> evaluate, in one MLflow run",
+    "prepare": "clean the corpus, train the BPE tokenizer, pack token windows (Ray Data)",
+    "pretrain": "train the model on prepared data (Ray Train, DDP workers)",
+    "evaluate": "score a checkpoint on the validation split (Ray Data batch inference) and sample",
+    "generate": "print text sampled from a checkpoint (runs in-process)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="Train language models end to end on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGES:
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        _config_args(p)
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
+        if name in ("run", "prepare"):
+            p.add_argument("--data", action="append", metavar="PATH",
+                           help="text file, directory or glob to train on (repeatable; replaces data.paths)")
+        if name == "evaluate":
+            p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
+        p.set_defaults(func=cmd_stages)
+    g = sub.add_parser("generate", help=HELP["generate"], description=HELP["generate"])
+    _config_args(g)
+    g.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
+    g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (default: built-in quickstart defaults)")
+    p.add_argument("--config", dest="config_flag", metavar="CONFIG", help="same as the positional CONFIG")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted path, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def resolve_config(args: argparse.Namespace) -> RaylmConfig:
+    if args.config and args.config_flag:
+        raise ConfigError("give the config either as CONFIG or as --config, not both")
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.paths={json.dumps(args.data)}")
+    return load_config(args.config or args.config_flag, overrides)
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
+
+    out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None))
+    print_summary(args.command, cfg, out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    from raylm.pipelines.jobs import find_checkpoint
+    from raylm.pipelines.sampling import sample_text
+
+    checkpoint = args.checkpoint or find_checkpoint(cfg)
+    if not (checkpoint / "model.safetensors").is_file():
+        raise RaylmError(f"--checkpoint: {checkpoint} holds no model.safetensors")
+    print(sample_text(checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed))
+    return 0
+
+
+def print_summary(command: str, cfg: RaylmConfig, out) -> None:
+    t = out.tracker
+    lines = [f"raylm {command} '{cfg.run.name}' finished in {out.seconds['total']:.0f} s "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in out.seconds.items() if k != 'total')})"]
+    if out.manifest:
+        tr = out.manifest["splits"]["train"]
+        lines.append(f"  data        {out.manifest['path']} ({tr['tokens']:,} train tokens, vocab {out.manifest['vocab_size']})")
+    if out.checkpoint:
+        lines.append(f"  checkpoint  {out.checkpoint}")
+    if out.metrics:
+        m = out.metrics
+        lines.append(f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
+                     f"{m['final_val_bits_per_byte']:.4f} bits/byte")
+        lines.append(f"  baselines   {_baselines(out.manifest)}")
+    if out.sample is not None:
+        lines.append(f"  sample      {out.sample[:200]!r}")
+    lines.append(f"  MLflow      run {t.run_id} in experiment '{cfg.tracking.experiment}' at {t.uri}")
+    if t.uri.startswith(("sqlite:", "file:", "/")):
+        lines.append(f"  MLflow UI   mlflow ui --backend-store-uri {t.uri} --host 127.0.0.1 --port 5000"
+                     f"  then open http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs/{t.run_id}")
+    print("\n".join(lines))
+
+
+def _baselines(manifest: dict) -> str:
+    text = f"unigram model {manifest['unigram_baseline']['bits_per_byte']:.4f} bits/byte"
+    if manifest.get("reference"):
+        text += f"; {manifest['reference']['name']} {manifest['reference']['bits_per_byte']:.4f} bits/byte (no model can beat it)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RaylmError as err:
+        print(f"raylm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raylm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

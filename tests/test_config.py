@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+
+from raylm.pipelines.config import RaylmConfig, load_config
+from raylm.pipelines.errors import ConfigError
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RaylmConfig)
+
+
+def test_quickstart_values_reach_their_sections():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg.model.n_layer == 4 and cfg.scaling.num_workers == 2 and cfg.train.lr == 3e-3
+
+
+def test_override_sets_nested_value_and_parses_numbers():
+    cfg = load_config(None, ["train.lr=3e-4", "model.n_layer=6", "data.paths=[a.txt, b.txt]", "scaling.use_gpu=true"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.n_layer == 6
+    assert cfg.data.paths == ["a.txt", "b.txt"]
+    assert cfg.scaling.use_gpu is True
+
+
+def test_unknown_key_names_full_path_and_nearest_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr \(did you mean train\.lr\?\)"):
+        load_config(f)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown key trian \(did you mean train\?\)"):
+        load_config(None, ["trian.lr=0.1"])
+
+
+def test_wrong_type_names_key_path(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  n_head: four\n")
+    with pytest.raises(ConfigError, match=r"model\.n_head: .*integer.*'four'"):
+        load_config(f)
+
+
+def test_out_of_range_value_names_key_path():
+    with pytest.raises(ConfigError, match=r"model\.n_layer: Input should be greater than 0 \(got -1\)"):
+        load_config(None, ["model.n_layer=-1"])
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError, match=r"train\.batch_size=20 must be a multiple of .* = 16"):
+        load_config(None, ["train.batch_size=20", "train.micro_batch_size=8", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"data\.seq_len=256 exceeds model\.block_size=128"):
+        load_config(None, ["data.seq_len=256"])
+    with pytest.raises(ConfigError, match=r"model: n_embd=130 must be divisible by n_head=4"):
+        load_config(None, ["model.n_embd=130"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_flat_params_use_dotted_paths():
+    flat = load_config().flat()
+    assert flat["model.n_layer"] == 4 and flat["data.grammar.num_docs"] == 20000
+
+
+def test_cli_bad_config_is_one_line_on_stderr(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raylm", "run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.n_layer=-1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("raylm: error: ") and proc.stderr.strip().count("\n") == 0
+    assert "model.n_layer" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_config_fails_before_ray_or_torch_is_imported(tmp_path):
+    """A bad config must not cost a cluster start: the CLI validates before importing Ray."""
+    probe = (
+        "import sys; from raylm.cli import main; rc = main(['run', '--set', 'model.n_layer=-1']); "
+        "assert rc == 2; assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported too early'"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr

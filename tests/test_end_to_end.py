@@ -1,0 +1,113 @@
+"""The main job at tiny size on real Ray (Data, Train), real tokenizers and a real MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from raylm.cli import main
+from raylm.models import GPT, load_model
+from raylm.pipelines.checkpoint import load_checkpoint
+from raylm.pipelines.config import TrainSection
+from raylm.pipelines.loader import read_windows
+from raylm.pipelines.optim import make_optimizer
+from raylm.pipelines.scoring import score_windows, summarize
+from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths
+
+from .conftest import REPO, SHARED_DATA, tiny_overrides
+
+STEPS = 60
+
+
+def cli_args(command: str, overrides: list[str]) -> list[str]:
+    return [command, str(REPO / "configs" / "quickstart.yaml"), *[x for o in overrides for x in ("--set", o)]]
+
+
+def only_run(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def local_scores(checkpoint: Path, split_dir: Path, n: int | None = None) -> dict:
+    model = load_model(checkpoint).eval()
+    windows = torch.from_numpy(read_windows(split_dir)[:n].astype(np.int64))
+    token_bytes = torch.from_numpy(token_byte_lengths(load_tokenizer(checkpoint / "tokenizer.json")))
+    s = score_windows(model, windows, token_bytes)
+    return summarize(s["nats"].sum().item(), s["tokens"].sum().item(), s["bytes"].sum().item())
+
+
+@pytest.fixture(scope="module")
+def quickstart(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    steps = [f"train.max_steps={STEPS}", "train.eval_interval=30", "train.checkpoint_interval=30"]
+    overrides = tiny_overrides(tmp) + steps
+    assert main(cli_args("run", overrides)) == 0
+    return tmp
+
+
+def test_learns_well_below_the_unigram_baseline(quickstart):
+    client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
+    m = run.data.metrics
+    assert m["final_val_loss"] < 0.8 * m["baseline_unigram_nats_per_token"]
+    assert m["final_val_bits_per_byte"] < 0.8 * m["baseline_unigram_bits_per_byte"]
+    # No model beats the grammar's own entropy (up to the validation sample's noise).
+    assert m["final_val_bits_per_byte"] > 0.97 * m["baseline_optimum_bits_per_byte"]
+
+
+def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
+    client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
+    assert run.info.status == "FINISHED" and run.info.run_name == "quickstart"
+    assert run.data.params["model.n_layer"] == "2" and run.data.params["train.lr"] == "0.01"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
+    assert losses[-1].value < losses[0].value
+    for key in ("lr", "tokens_per_s", "val_loss", "val_bits_per_byte"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    for key in ("final_val_perplexity", "prepare_seconds", "pretrain_seconds", "evaluate_seconds", "total_seconds"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "tokenizer", "checkpoint", "samples.md"} <= artifacts
+    nested = {a.path for d in ("data", "tokenizer", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"data/manifest.json", "tokenizer/tokenizer.json", "checkpoint/model.safetensors"} <= nested
+
+
+def test_checkpoints_reload_to_the_trained_weights(quickstart):
+    run_dir = quickstart / "runs" / "train" / "quickstart"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000030", "checkpoint_000060"]
+    final = run_dir / "checkpoint_000060"
+    client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
+    (data_dir,) = (quickstart / "runs" / "data").iterdir()
+    # The training workers scored the first 64 validation windows at step 60 with the weights
+    # in memory; the reloaded checkpoint must give the same loss (same logits).
+    in_training = client.get_metric_history(run.info.run_id, "val_loss")[-1]
+    assert in_training.step == STEPS
+    assert local_scores(final, data_dir / "val", 64)["loss"] == pytest.approx(in_training.value, rel=1e-6)
+    # The Ray Data evaluation replicas loaded the same file.
+    assert local_scores(final, data_dir / "val")["loss"] == pytest.approx(run.data.metrics["final_val_loss"], rel=1e-6)
+    model = GPT(load_model(final).config)
+    state = load_checkpoint(final, model, make_optimizer(model, TrainSection()))
+    assert state["step"] == STEPS and state["loader"]["position"] == STEPS * 16
+
+
+def test_generate_prints_text_from_the_run(quickstart, capsys):
+    overrides = [f"run.output_dir={quickstart / 'runs'}"]
+    assert main(["generate", str(REPO / "configs" / "quickstart.yaml"), "--set", overrides[0],
+                 "--prompt", "The", "--max-new-tokens", "20", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The") and len(out.split()) > 3
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists(), reason="needs ../shared/data")
+def test_user_text_file_beats_unigram_bits_per_byte(ray_cluster, tmp_path):
+    args = cli_args("run", [*tiny_overrides(tmp_path), "train.max_steps=80", "train.eval_interval=80", "tokenizer.vocab_size=1024"])
+    assert main([*args, "--data", str(SHARED_DATA / "tinyshakespeare" / "input.txt")]) == 0
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    m = run.data.metrics
+    assert "baseline_optimum_bits_per_byte" not in m  # only the grammar corpus has one
+    assert m["final_val_bits_per_byte"] < m["baseline_unigram_bits_per_byte"]
