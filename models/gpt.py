@@ -2,7 +2,8 @@
 
 Llama-style blocks: RoPE positions, RMSNorm, SwiGLU MLP and grouped-query attention through
 `scaled_dot_product_attention` (flash kernels on GPU). Nothing here knows about Ray or
-distribution: DDP/FSDP are applied to this module from the outside (pipelines/parallel.py).
+distribution: data parallelism is applied to this module from the outside (Ray Train's
+prepare_model, called in pipelines/train_loop.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # coerce_numbers_to_str: `--set run.name=123` names a run "123"; no inf/nan anywhere.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -187,14 +188,9 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str):
-        # YAML 1.1 reads "3e-4" as a string; a command line means the number.
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    # YAML typing (numbers, booleans, [lists]); a string such as "3e-4" (YAML 1.1 needs a dot)
+    # is left to pydantic, which reads it as a number where the field is one.
+    return yaml.safe_load(text) if text.strip() else ""
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -44,7 +44,9 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},
         batch_size=32,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()))),
+        # One CPU stays free for the read tasks that feed the pool (a pool holding every CPU
+        # starves its own input on a 2-core machine).
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1)),
         num_cpus=1,
     )
     totals = np.zeros(3)

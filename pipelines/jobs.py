@@ -4,6 +4,7 @@ section, and records what happened in one MLflow run."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,12 @@ class Outcome:
     sample: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @contextmanager
+    def timed(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - started
+
 
 def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     name = cfg.run.name if stage == "run" else f"{stage}-{cfg.run.name}"
@@ -48,14 +55,18 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
     start_ray(address)
     with open_tracker(cfg, stage) as tracker:
         out = Outcome(tracker, checkpoint=checkpoint)
-        output_dir = Path(cfg.run.output_dir).resolve()
-        out.manifest = _timed(out, "prepare", lambda: do_prepare(cfg, tracker)) if "prepare" in stages \
-            else find_prepared(cfg.data, cfg.tokenizer, output_dir)
+        if "prepare" in stages:
+            with out.timed("prepare"):
+                out.manifest = do_prepare(cfg, tracker)
+        else:
+            out.manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
         if "pretrain" in stages:
-            out.checkpoint = _timed(out, "pretrain", lambda: do_pretrain(cfg, out.manifest, tracker))
+            with out.timed("pretrain"):
+                out.checkpoint = do_pretrain(cfg, out.manifest, tracker)
         if "evaluate" in stages:
-            out.checkpoint = out.checkpoint or find_checkpoint(cfg)
-            out.metrics, out.sample = _timed(out, "evaluate", lambda: do_evaluate(cfg, out.manifest, out.checkpoint, tracker))
+            with out.timed("evaluate"):
+                out.checkpoint = out.checkpoint or find_checkpoint(cfg)
+                out.metrics, out.sample = do_evaluate(cfg, out.manifest, out.checkpoint, tracker)
         out.seconds["total"] = time.perf_counter() - started
         tracker.log_metrics({f"{k}_seconds": v for k, v in out.seconds.items()})
     return out
@@ -105,10 +116,3 @@ def find_checkpoint(cfg: RaylmConfig) -> Path:
     if checkpoint is None:
         raise DataError(f"run {cfg.run.name!r} has no checkpoint under {run_dir}: train it first or pass --checkpoint")
     return checkpoint
-
-
-def _timed(out: Outcome, name: str, fn):
-    started = time.perf_counter()
-    value = fn()
-    out.seconds[name] = time.perf_counter() - started
-    return value

@@ -20,6 +20,13 @@ def test_quickstart_values_reach_their_sections():
     assert cfg.model.n_layer == 4 and cfg.scaling.num_workers == 2 and cfg.train.lr == 3e-3
 
 
+def test_override_keeps_strings_that_look_like_numbers_for_string_fields():
+    cfg = load_config(None, ["run.name=nan", "tracking.experiment=123"])
+    assert cfg.run.name == "nan" and cfg.tracking.experiment == "123"
+    with pytest.raises(ConfigError, match=r"train\.lr: Input should be a finite number"):
+        load_config(None, ["train.lr=inf"])
+
+
 def test_override_sets_nested_value_and_parses_numbers():
     cfg = load_config(None, ["train.lr=3e-4", "model.n_layer=6", "data.paths=[a.txt, b.txt]", "scaling.use_gpu=true"])
     assert cfg.train.lr == pytest.approx(3e-4)
