@@ -5,6 +5,8 @@ anything else is a bug and keeps its traceback."""
 class RaylmError(Exception):
     """Base class for problems in the user's input or environment."""
 
+    exit_code = 2
+
 
 class ConfigError(RaylmError):
     """A config file or override that does not match the typed config tree."""
@@ -12,3 +14,9 @@ class ConfigError(RaylmError):
 
 class DataError(RaylmError):
     """Input data that is missing or unusable."""
+
+
+class TrainingFailed(RaylmError):
+    """The training workers raised (e.g. a NaN loss); Ray has printed their traceback."""
+
+    exit_code = 1

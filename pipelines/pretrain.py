@@ -6,9 +6,11 @@ import math
 from pathlib import Path
 
 from raylm.models import ModelConfig
+from raylm.models.io import load_config as load_model_config
 
+from .checkpoint import latest_checkpoint
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
-from .errors import ConfigError
+from .errors import ConfigError, TrainingFailed
 from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
 
@@ -31,9 +33,10 @@ def train_storage(run: RunSection) -> Path:
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
              data_dir: str, tracking: dict | None):
     """Train and return Ray Train's Result (its .checkpoint is the last one reported)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    refuse_other_model(run, model)
     job = {"model": model, "train": train, "data_dir": data_dir, "seed": run.seed, "tracking": tracking}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -53,7 +56,29 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingFailed(f"training failed: {_root_cause(err)}") from err
+
+
+def _root_cause(err: Exception) -> str:
+    """The last line of the first worker's error ("FloatingPointError: loss is nan ...")."""
+    failures = getattr(err, "worker_failures", None)
+    text = str(failures[min(failures)]) if failures else str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else err.__class__.__name__
+
+
+def refuse_other_model(run: RunSection, model: ModelConfig) -> None:
+    """Relaunching a run name resumes its checkpoints (Ray Train restores them); a changed
+    model section cannot load them, so say so here instead of failing inside the workers."""
+    previous = latest_checkpoint(train_storage(run) / run.name)
+    if previous and load_model_config(previous) != model:
+        raise ConfigError(
+            f"run.name={run.name!r} already has checkpoints of a different model ({previous}); "
+            "use the same model section to resume it, or a new run.name"
+        )
 
 
 def worker_cpus(scaling: ScalingSection) -> float:

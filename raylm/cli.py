@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RaylmError as err:
         print(f"raylm: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("raylm: interrupted", file=sys.stderr)
         return 130
