@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,23 @@ def test_user_text_file_beats_unigram_bits_per_byte(ray_cluster, tmp_path):
     m = run.data.metrics
     assert "baseline_optimum_bits_per_byte" not in m  # only the grammar corpus has one
     assert m["final_val_bits_per_byte"] < m["baseline_unigram_bits_per_byte"]
+
+
+def test_relaunch_with_another_model_shape_is_refused(quickstart, capsys):
+    overrides = tiny_overrides(quickstart) + ["model.n_layer=3"]
+    assert main(cli_args("pretrain", overrides)) == 2
+    err = capsys.readouterr().err
+    assert "run.name='quickstart' already has checkpoints of a different model" in err
+
+
+def test_diverging_run_fails_with_one_line_and_keeps_only_good_checkpoints(ray_cluster, tmp_path, capsys):
+    overrides = tiny_overrides(tmp_path) + ["train.lr=1e5", "train.warmup_steps=0", "train.grad_clip=0",
+                                           "train.max_steps=30", "train.checkpoint_interval=1"]
+    assert main(cli_args("run", overrides)) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    failed_at = int(re.search(r"raylm: error: training failed: loss is \w+ at step (\d+);", last).group(1))
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+    saved = sorted(p for p in (tmp_path / "runs" / "train" / "quickstart").glob("checkpoint_0*") if p.is_dir())
+    assert all(int(p.name.split("_")[1]) < failed_at for p in saved)
+    assert all(torch.isfinite(p).all() for c in saved for p in load_model(c).parameters())
