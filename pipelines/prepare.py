@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections import Counter
 from itertools import chain
@@ -41,6 +42,7 @@ def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> d
     if (out / "manifest.json").exists():
         print(f"[prepare] reusing prepared data at {out}")
         return read_manifest(out)
+    shutil.rmtree(out, ignore_errors=True)  # a run that died before its manifest left partial shards
     started = time.perf_counter()
     docs = read_documents(files, data)
     doc_stats = tally(docs, "split", ["raw_bytes", "n_bytes"])

@@ -47,21 +47,23 @@ def train_loop_per_worker(job: dict) -> None:
     tokens_per_step = cfg.batch_size * (loader.windows.shape[1] - 1)
     log = StepLog(rank, job["tracking"], cfg, tokens_per_step, start_step)
 
-    for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        set_lr(optimizer, lr)
-        loss, grad_norm = train_step(ddp_model, optimizer, loader, accum, cfg.grad_clip, device)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; no checkpoint written for this state")
-        done = step + 1
-        log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm})
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            log.eval(done, validator.run(model))
-            log.reset_clock()
-        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
-            report_checkpoint(done, model, optimizer, loader, data_dir / "tokenizer.json", log.latest)
-            log.reset_clock()
-    log.close()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            set_lr(optimizer, lr)
+            loss, grad_norm = train_step(ddp_model, optimizer, loader, accum, cfg.grad_clip, device)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; no checkpoint written for this state")
+            done = step + 1
+            log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm})
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                log.eval(done, validator.run(model))
+                log.reset_clock()
+            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+                report_checkpoint(done, model, optimizer, loader, data_dir / "tokenizer.json", log.latest)
+                log.reset_clock()
+    finally:
+        log.close()  # deliver the metrics of the last interval even when a step raised
 
 
 def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[float, float]:

@@ -52,6 +52,11 @@ def test_second_prepare_reuses_output_and_stage_lookup_finds_it(ray_cluster, tmp
     second = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
     assert "reusing prepared data" in capsys.readouterr().out
     assert first == second == find_prepared(cfg.data, cfg.tokenizer, tmp_path / "out")
+    # A run that died before writing its manifest is redone from scratch, not appended to.
+    (Path(first["path"]) / "manifest.json").unlink()
+    redone = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
+    assert {k: v for k, v in redone.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    assert len(read_windows(Path(redone["path"]) / "train")) == first["splits"]["train"]["windows"]
     changed = config(tmp_path, "data.seq_len=16")
     with pytest.raises(DataError, match="run `raylm prepare`"):
         find_prepared(changed.data, changed.tokenizer, tmp_path / "out")
