@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,19 +36,96 @@ class GrammarSection(Section):
     seed: int = 0
 
 
+class SourceSection(Section):
+    """One input of the corpus: files of one format, sampled with a mixing weight."""
+
+    paths: list[str] = Field(min_length=1)  # files, directories, globs or s3:// gs:// hf:// URIs
+    name: str | None = None  # in reports and metrics; default: the first path's file or folder name
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"  # auto: by file suffix
+    text_field: str = "text"  # JSONL key / Parquet column holding the document
+    doc_boundary: Literal["paragraph", "line", "file"] = "paragraph"  # how plain text splits into documents
+    # Share of the output relative to the other sources' weights; unset on every source: keep
+    # the natural proportions. Sources are subsampled (never repeated) to reach the shares.
+    weight: float | None = Field(None, gt=0)
+
+
+class QualitySection(Section):
+    """Gopher-style heuristics (Rae et al. 2021, appendix A): a document failing one is dropped."""
+
+    enabled: bool = False  # off by default: tuned for web text, they drop verse and dialogue
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, gt=0)
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)  # "#" and "..." per word
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1)  # words with at least one letter
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_top_bigram_fraction: float = Field(0.2, ge=0, le=1)  # characters in the most common word bigram
+
+
+class CleanSection(Section):
+    normalize: bool = True  # Unicode NFC, control characters out, trailing spaces trimmed
+    strip_boilerplate: bool = True  # Project Gutenberg header and licence footer
+    scrub_pii: bool = True  # e-mail addresses, phone numbers, IP addresses -> placeholders
+    # Off by default: a generative model must learn to produce the text these remove.
+    lowercase: bool = False
+    remove_stopwords: bool = False
+    min_chars: int = Field(1, ge=1)  # after cleaning
+    max_chars: int = Field(1_000_000, gt=0)  # longer documents, as read (e.g. a 50 MB line), are dropped
+    quality: QualitySection = QualitySection()
+
+
+class DedupSection(Section):
+    exact: bool = True  # same text after normalization (case, whitespace)
+    near: bool = True  # MinHash + LSH over word shingles
+    threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard similarity that counts as a duplicate
+    num_perm: int = Field(128, gt=0)
+    # LSH bands (num_perm / bands rows each). None: the fewest bands that make a pair at the
+    # threshold a candidate with 99% probability; candidates are then confirmed by signature.
+    bands: int | None = Field(None, gt=0)
+    shingle_words: int = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> "DedupSection":
+        if self.bands and self.num_perm % self.bands:
+            raise ValueError(f"num_perm={self.num_perm} must be divisible by bands={self.bands}")
+        return self
+
+
+class DecontaminateSection(Section):
+    eval_paths: list[str] = []  # JSONL eval sets; every string field of a row is eval text
+    ngram_words: int = Field(13, gt=0)  # GPT-3's decontamination used 13-grams
+    drop: bool = False  # False: report contaminated documents, keep them
+
+
 class DataSection(Section):
-    paths: list[str] = []  # text files, directories or globs; empty: the grammar corpus
+    sources: list[SourceSection] = []  # empty: the built-in grammar corpus
     grammar: GrammarSection = GrammarSection()
-    doc_boundary: Literal["paragraph", "line", "file"] = "paragraph"
+    clean: CleanSection = CleanSection()
+    dedup: DedupSection = DedupSection()
+    decontaminate: DecontaminateSection = DecontaminateSection()
     val_fraction: float = Field(0.05, gt=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
     seq_len: int = Field(128, gt=1)  # tokens per training window (each row holds seq_len + 1)
-    min_chars: int = Field(1, ge=1)  # shorter documents are dropped after cleaning
+    strict: bool = False  # corrupt input fails naming file and line, instead of being counted
+    reject_samples: int = Field(5, ge=0)  # rejected documents kept per reason in the report
+
+    @model_validator(mode="after")
+    def _splits_and_weights(self) -> "DataSection":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave data for training")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("sources: give every source a weight, or none (natural proportions)")
+        return self
 
 
 class TokenizerSection(Section):
     vocab_size: int = Field(2048, ge=300)  # byte-level BPE starts from 256 byte symbols
     min_frequency: int = Field(2, ge=1)
-    eos_token: str = "<|endoftext|>"
+    eos_token: str = "<|endoftext|>"  # joins documents in the packed stream
+    special_tokens: list[str] = []  # more tokens the BPE must keep whole, e.g. chat markers
+    sample_bytes: int = Field(200_000_000, gt=0)  # cleaned training text the BPE trainer sees
     path: str | None = None  # an existing tokenizer.json to reuse instead of training one
 
 
@@ -210,10 +287,15 @@ def _describe(err: ValidationError, source: str) -> str:
 def _suggestion(loc: tuple) -> str:
     section: type[BaseModel] = RaylmConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of sections, e.g. data.sources.0
+            continue
         field = section.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        kind = field.annotation if field else None
+        if get_origin(kind) is list:
+            kind = get_args(kind)[0]
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
             return ""
-        section = field.annotation
+        section = kind
     close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
     return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
 

@@ -76,14 +76,22 @@ def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> dict:
     manifest = prepare(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
     prepared = Path(manifest["path"])
     tracker.log_artifact(prepared / "manifest.json", "data")
+    for name in ("report.json", "report.md", "report.png"):
+        tracker.log_artifact(prepared / name, "data_report")
     tracker.log_artifact(prepared / "tokenizer.json", "tokenizer")
     tracker.log_metrics(data_metrics(manifest))
     return manifest
 
 
 def data_metrics(manifest: dict) -> dict[str, float]:
-    metrics = {f"data_{split}_{k}": v for split, s in manifest["splits"].items() for k, v in s.items()}
-    metrics["data_vocab_size"] = manifest["vocab_size"]
+    """Per split windows and tokens; per source and stage documents and bytes out; baselines."""
+    metrics = {f"data/{split}/{k}": v for split, s in manifest["splits"].items() for k, v in s.items() if k != "content_hash"}
+    for name, source in manifest["sources"].items():
+        for stage in source["stages"]:
+            metrics[f"data/{name}/{stage['stage']}/docs_out"] = stage["docs_out"]
+            metrics[f"data/{name}/{stage['stage']}/bytes_out"] = stage["bytes_out"]
+        metrics[f"data/{name}/share_of_tokens"] = source["share_achieved"]
+    metrics["data/vocab_size"] = manifest["vocab_size"]
     metrics.update({f"baseline_unigram_{k}": v for k, v in manifest["unigram_baseline"].items()})
     if manifest.get("reference"):
         metrics["baseline_optimum_bits_per_byte"] = manifest["reference"]["bits_per_byte"]

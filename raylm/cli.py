@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
         if name in ("run", "prepare"):
             p.add_argument("--data", action="append", metavar="PATH",
-                           help="text file, directory or glob to train on (repeatable; replaces data.paths)")
+                           help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
         p.set_defaults(func=cmd_stages)
@@ -62,8 +62,8 @@ def resolve_config(args: argparse.Namespace) -> RaylmConfig:
     if args.config and args.config_flag:
         raise ConfigError("give the config either as CONFIG or as --config, not both")
     overrides = list(args.overrides)
-    if getattr(args, "data", None):
-        overrides.append(f"data.paths={json.dumps(args.data)}")
+    if getattr(args, "data", None):  # one source per --data, in the order given
+        overrides.append(f"data.sources={json.dumps([{'paths': [p]} for p in args.data])}")
     return load_config(args.config or args.config_flag, overrides)
 
 

@@ -28,10 +28,11 @@ def test_override_keeps_strings_that_look_like_numbers_for_string_fields():
 
 
 def test_override_sets_nested_value_and_parses_numbers():
-    cfg = load_config(None, ["train.lr=3e-4", "model.n_layer=6", "data.paths=[a.txt, b.txt]", "scaling.use_gpu=true"])
+    cfg = load_config(None, ["train.lr=3e-4", "model.n_layer=6", "data.sources=[{paths: [a.txt, b.txt], weight: 2}]",
+                             "scaling.use_gpu=true"])
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.model.n_layer == 6
-    assert cfg.data.paths == ["a.txt", "b.txt"]
+    assert cfg.data.sources[0].paths == ["a.txt", "b.txt"] and cfg.data.sources[0].weight == 2
     assert cfg.scaling.use_gpu is True
 
 
@@ -77,6 +78,17 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_data_section_checks():
+    with pytest.raises(ConfigError, match=r"data: sources: give every source a weight, or none"):
+        load_config(None, ["data.sources=[{paths: [a], weight: 1}, {paths: [b]}]"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.paths: List should have at least 1 item"):
+        load_config(None, ["data.sources=[{paths: []}]"])
+    with pytest.raises(ConfigError, match=r"unknown key data\.sources\.0\.pathz \(did you mean data\.sources\.0\.paths\?\)"):
+        load_config(None, ["data.sources=[{pathz: [a]}]"])
+    with pytest.raises(ConfigError, match=r"data\.dedup: num_perm=100 must be divisible by bands=16"):
+        load_config(None, ["data.dedup.num_perm=100", "data.dedup.bands=16"])
 
 
 def test_flat_params_use_dotted_paths():

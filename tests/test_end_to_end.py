@@ -73,9 +73,13 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     for key in ("final_val_perplexity", "prepare_seconds", "pretrain_seconds", "evaluate_seconds", "total_seconds"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "tokenizer", "checkpoint", "samples.md"} <= artifacts
-    nested = {a.path for d in ("data", "tokenizer", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"data/manifest.json", "tokenizer/tokenizer.json", "checkpoint/model.safetensors"} <= nested
+    assert {"config.yaml", "data", "data_report", "tokenizer", "checkpoint", "samples.md"} <= artifacts
+    nested = {a.path for d in ("data", "data_report", "tokenizer", "checkpoint")
+              for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"data/manifest.json", "data_report/report.json", "data_report/report.md", "data_report/report.png",
+            "tokenizer/tokenizer.json", "checkpoint/model.safetensors"} <= nested
+    assert run.data.metrics["data/grammar/read/docs_out"] == 4000
+    assert run.data.metrics["data/train/windows"] > 0
 
 
 def test_checkpoints_reload_to_the_trained_weights(quickstart):

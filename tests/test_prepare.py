@@ -1,4 +1,7 @@
-"""`raylm prepare` on user files, with a real Ray Data pipeline and real tokenizers."""
+"""`raylm prepare` end to end on real Ray Data and real tokenizers: bad input, dedup,
+decontamination, mixing, the report, strict mode and reuse."""
+
+from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -12,57 +15,149 @@ from raylm.pipelines.loader import read_windows
 from raylm.pipelines.prepare import find_prepared, prepare
 from raylm.pipelines.tokenizer import load_tokenizer
 
-WORDS = "river stone light morning garden window letter market silver harbor".split()
+from . import corrupt_corpus
+from .conftest import SHARED_DATA
+
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
-def write_corpus(directory, n_files=3, docs_per_file=60):
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for f in range(n_files):
-        docs = [" ".join(rng.choice(WORDS, size=rng.integers(5, 30))) + "." for _ in range(docs_per_file)]
-        (directory / f"part{f}.txt").write_text("\n\n".join(docs) + "\n\n\n")
-    (directory / "notes.csv").write_text("not,text\n")  # ignored: not a text suffix
+def run_prepare(tmp_path: Path, sources: list[dict], *extra: str) -> tuple[dict, dict]:
+    cfg = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=16", "tokenizer.vocab_size=300",
+                             "data.val_fraction=0.2", *extra])
+    manifest = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
+    return manifest, json.loads((Path(manifest["path"]) / "report.json").read_text())
 
 
-def config(tmp_path, *extra):
-    return load_config(None, [f"data.paths=['{tmp_path / 'corpus'}']", "data.seq_len=32",
-                              "tokenizer.vocab_size=300", "data.val_fraction=0.2", *extra])
+def write_duplicates(path: Path, rng) -> tuple[int, int]:
+    """30 distinct 200-word documents plus planted copies: 5 exact (case and punctuation
+    changed), 6 near (2 words of 200 changed), 5 far edits (40% changed) that must stay."""
+    vocab = [f"w{i}" for i in range(3000)]
+    originals = [list(rng.choice(vocab, 200)) for _ in range(30)]
+    exact = [" ".join(w).upper() + "!" for w in originals[:5]]
+    near, far = [], []
+    for i in range(6):
+        words = list(originals[5 + i])
+        words[10], words[150] = "changed", "edited"
+        near.append(" ".join(words))
+    for i in range(5):
+        words = list(originals[11 + i])
+        for j in rng.choice(200, 80, replace=False):
+            words[j] = f"x{j}"
+        far.append(" ".join(words))
+    rows = [" ".join(w) for w in originals] + exact + near + far
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return 5, 6
 
 
-def test_prepare_user_files_counts_add_up_and_windows_decode(ray_cluster, tmp_path):
-    write_corpus(tmp_path / "corpus")
-    cfg = config(tmp_path)
-    m = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
-    assert m["files"] == 3
-    docs = m["documents"]
-    assert docs["train"]["rows"] + docs["val"]["rows"] == 180 and docs["drop"]["rows"] == 3  # one empty tail per file
+def check_funnel_adds_up(source: dict) -> None:
+    stages = source["stages"]
+    for before, after in zip(stages, stages[1:]):
+        assert after["docs_in"] == before["docs_out"] and after["bytes_in"] == before["bytes_out"]
+    dropped = sum(v["docs"] for v in source["rejects"].values())
+    assert stages[0]["docs_in"] - dropped == stages[-1]["docs_out"]
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_cluster, tmp_path_factory):
+    """One prepare over three sources: corrupt files, planted duplicates, leaked eval text."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    corrupt_corpus.build(tmp / "corrupt")
+    planted = write_duplicates(tmp / "dups.jsonl", np.random.default_rng(0))
+    questions = [json.loads(line)["question"] for line in GSM8K_TEST.read_text().splitlines()[:2]]
+    (tmp / "leak.txt").write_text("\n\n".join(questions + ["A clean paragraph about gardens and rain."]))
+    sources = [{"paths": [str(tmp / "corrupt")], "name": "corrupt"}, {"paths": [str(tmp / "dups.jsonl")]},
+               {"paths": [str(tmp / "leak.txt")]}]
+    manifest, report = run_prepare(tmp, sources, f"data.decontaminate.eval_paths=['{GSM8K_TEST}']",
+                                   "data.decontaminate.drop=true")
+    return manifest, report, planted
+
+
+def test_bad_input_gives_exact_counts_per_reason(mixed):
+    _, report, _ = mixed
+    corrupt = report["sources"]["corrupt"]
+    assert {k: v["docs"] for k, v in corrupt["rejects"].items()} == corrupt_corpus.EXPECTED_REJECTS
+    assert corrupt["fixes"] == corrupt_corpus.EXPECTED_FIXES
+    assert corrupt["stages"][-1]["docs_out"] == corrupt_corpus.EXPECTED_KEPT
+    assert corrupt["ignored_files"] == 1 and corrupt["ignored_examples"][0].endswith("notes.csv")
+    assert corrupt["rejects"]["too_long"]["bytes"] == 50 * 2**20
+    samples = {(s["reason"], Path(s["path"]).name, s["line"]) for s in report["reject_samples"]}
+    assert ("malformed_json", "bad.jsonl", 2) in samples and ("invalid_utf8", "bad.txt", 3) in samples
+
+
+def test_planted_duplicates_go_and_distinct_documents_stay(mixed):
+    _, report, (n_exact, n_near) = mixed
+    dups = report["sources"]["dups"]
+    assert {k: v["docs"] for k, v in dups["rejects"].items()} == {"exact_duplicate": n_exact, "near_duplicate": n_near}
+    assert dups["stages"][-1]["docs_out"] == 30 + 5  # the originals and the far edits
+
+
+def test_eval_set_contamination_is_reported_and_dropped(mixed):
+    _, report, _ = mixed
+    assert report["contamination"] == {"gsm8k/test": 2}
+    assert report["sources"]["leak"]["rejects"] == {"contaminated": {"docs": 2, "bytes": pytest.approx(300, rel=0.6)}}
+
+
+def test_report_adds_up_and_matches_the_windows(mixed):
+    manifest, report, _ = mixed
+    for source in report["sources"].values():
+        check_funnel_adds_up(source)
+    kept_tokens = sum(sum(s["tokens"].values()) for s in report["sources"].values())
+    window_tokens = sum(s["tokens"] for s in report["splits"].values())
+    assert 0 < window_tokens <= kept_tokens  # only each packing batch's last partial window is dropped
+    assert kept_tokens - window_tokens < 3 * 17  # one batch per split here, under one 17-token window each
     for split in ("train", "val"):
-        windows = read_windows(f"{m['path']}/{split}")
-        assert windows.shape == (m["splits"][split]["windows"], 33)
-    tok = load_tokenizer(f"{m['path']}/tokenizer.json")
-    text = tok.decode(read_windows(f"{m['path']}/train")[0].tolist())
-    assert set(text.replace(".", " ").split()) <= set(WORDS)
-    assert json.loads((Path(m["path"]) / "manifest.json").read_text()) | {"path": m["path"]} == m
+        windows = read_windows(Path(manifest["path"]) / split)
+        assert windows.shape == (manifest["splits"][split]["windows"], 17)
+    tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
+    assert tok.get_vocab_size() <= 300 and report["tokenizer"]["bytes_per_token"]["all"] > 1
+    md = (Path(manifest["path"]) / "report.md").read_text()
+    assert "| dedup_near |" in md and "contaminated" in md and (Path(manifest["path"]) / "report.png").stat().st_size > 1000
 
 
-def test_second_prepare_reuses_output_and_stage_lookup_finds_it(ray_cluster, tmp_path, capsys):
-    write_corpus(tmp_path / "corpus")
-    cfg = config(tmp_path)
-    first = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
-    second = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
-    assert "reusing prepared data" in capsys.readouterr().out
-    assert first == second == find_prepared(cfg.data, cfg.tokenizer, tmp_path / "out")
+def test_mixing_weights_reach_the_asked_shares(ray_cluster, tmp_path):
+    rng = np.random.default_rng(1)
+    for name, n in (("big", 600), ("small", 150)):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(
+            " ".join(rng.choice([f"{name}{i}" for i in range(400)], 40)) for _ in range(n)))
+    sources = [{"paths": [str(tmp_path / "big.txt")], "weight": 1}, {"paths": [str(tmp_path / "small.txt")], "weight": 1}]
+    _, report = run_prepare(tmp_path, sources, "data.dedup.near=false")
+    big, small = report["sources"]["big"], report["sources"]["small"]
+    assert big["share_asked"] == small["share_asked"] == 0.5
+    assert abs(big["share_achieved"] - 0.5) < 0.06
+    assert "mix_sampled_out" in big["rejects"] and "mix_sampled_out" not in small["rejects"]
+    check_funnel_adds_up(big)
+
+
+def test_strict_mode_fails_naming_file_and_line(ray_cluster, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("fine text\n\nmore fine text\n")
+    (data / "b.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match=r"^\S+/b\.jsonl:2: malformed json \(data\.strict is on\)$"):
+        run_prepare(tmp_path, [{"paths": [str(data)]}], "data.strict=true")
+
+
+def test_rerun_reuses_output_and_redoes_a_torn_one(ray_cluster, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("\n\n".join(f"paragraph {i} about the sea and the ships" for i in range(200)))
+    sources = [{"paths": [str(tmp_path / "t.txt")]}]
+    first, _ = run_prepare(tmp_path, sources)
+    second, _ = run_prepare(tmp_path, sources)
+    assert "reusing prepared data" in capsys.readouterr().out and first == second
+    cfg = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=16", "tokenizer.vocab_size=300",
+                             "data.val_fraction=0.2"])
+    assert find_prepared(cfg.data, cfg.tokenizer, tmp_path / "out") == first
     # A run that died before writing its manifest is redone from scratch, not appended to.
     (Path(first["path"]) / "manifest.json").unlink()
-    redone = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
-    assert {k: v for k, v in redone.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    redone, _ = run_prepare(tmp_path, sources)
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "stage_seconds")}  # noqa: E731
+    assert strip(redone) == strip(first)
     assert len(read_windows(Path(redone["path"]) / "train")) == first["splits"]["train"]["windows"]
-    changed = config(tmp_path, "data.seq_len=16")
+    changed = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=8"])
     with pytest.raises(DataError, match="run `raylm prepare`"):
         find_prepared(changed.data, changed.tokenizer, tmp_path / "out")
 
 
 def test_path_matching_nothing_is_an_error(tmp_path):
-    cfg = load_config(None, [f"data.paths=['{tmp_path / 'nothing' / '*.txt'}']"])
-    with pytest.raises(DataError, match="matches no text files"):
+    cfg = load_config(None, [f"data.sources=[{{paths: ['{tmp_path / 'nothing' / '*.txt'}']}}]"])
+    with pytest.raises(DataError, match=r"data\.sources\.0\.paths: .* matches no readable files"):
         prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
