@@ -1,7 +1,9 @@
-"""Per-document cleaning and filtering, as plain Python (Ray Data calls `clean_batch`).
+"""Cleaning and filtering a batch of documents (Ray Data calls `clean_batch` with Arrow tables).
 
 Transforms (each switchable, each measured in bytes): normalize -> scrub_pii -> lowercase ->
-remove_stopwords. Filters (each a drop reason): too_short, too_long, quality_* (Gopher).
+remove_stopwords. Filters (each a drop reason): too_long (checked first, on the text as read),
+too_short, quality_* (Gopher). The bulk work runs as Arrow compute kernels over the whole
+batch; Python touches only the documents a regex marked (PII) or the optional filters.
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ import unicodedata
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import CleanSection, QualitySection
 
 TRANSFORMS = ("normalize", "scrub_pii", "lowercase", "remove_stopwords")
+SNIPPET_CHARS = 120
 
-# C0 controls except tab and newline, plus DEL: they carry no text and confuse tokenizers.
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-EXTRA_BLANK_LINES = re.compile(r"\n{3,}")
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
 IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b")
 # Optional +country code, then 3 or 4 groups of digits joined by space, dot or dash; the
 # match must hold 9-15 digits (ITU E.164 allows at most 15) to count as a phone number.
 PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-])\d{2,4}[ .-]\d{2,4}(?:[ .-]\d{2,4})?(?![\w])")
+PII_HINT = r"@|\d[ .\-)]?\d"  # RE2, over the whole batch: only documents matching it are scrubbed
 # NLTK's English stop words, the seed's list (used only when remove_stopwords is on).
 STOPWORDS = frozenset(
     "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she "
@@ -39,14 +42,34 @@ STOPWORDS = frozenset(
 WORD = re.compile(r"\S+")
 
 
-def normalize(text: str) -> str:
-    """NFC, no control characters, no trailing spaces, at most one blank line in a row."""
-    text = CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text))
-    text = "\n".join(line.rstrip() for line in text.split("\n")).strip()
-    return EXTRA_BLANK_LINES.sub("\n\n", text)
+def normalize(texts: pa.Array) -> pa.Array:
+    """NFC; C0 controls except tab and newline, and DEL, removed (they carry no text and confuse
+    tokenizers); trailing spaces trimmed on every line; at most one blank line in a row."""
+    texts = _nfc(texts)
+    texts = pc.replace_substring_regex(texts, r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "")
+    texts = pc.replace_substring_regex(texts, r"[^\S\n]+\n", "\n")
+    texts = pc.replace_substring_regex(texts, r"\n{3,}", "\n\n")
+    return pc.utf8_trim_whitespace(texts)
 
 
-def scrub_pii(text: str) -> str:
+def _nfc(texts: pa.Array) -> pa.Array:
+    """Unicode NFC in Python (Arrow's utf8_normalize left "e\u0301" decomposed in pyarrow 25);
+    ASCII text is NFC already, so only documents with other characters are touched."""
+    values = texts.to_pylist()
+    for i in np.flatnonzero(pc.match_substring_regex(texts, r"[^\x00-\x7f]").to_numpy(zero_copy_only=False)):
+        values[i] = unicodedata.normalize("NFC", values[i])
+    return pa.array(values, pa.string())
+
+
+def scrub_pii(texts: pa.Array) -> pa.Array:
+    """E-mail addresses, IP addresses and phone numbers replaced by <EMAIL>, <IP>, <PHONE>."""
+    values = texts.to_pylist()
+    for i in np.flatnonzero(pc.match_substring_regex(texts, PII_HINT).to_numpy(zero_copy_only=False)):
+        values[i] = _scrub_one(values[i])
+    return pa.array(values, pa.string())
+
+
+def _scrub_one(text: str) -> str:
     text = EMAIL.sub("<EMAIL>", text)
     text = IPV4.sub("<IP>", IPV6.sub("<IP>", text))
     return PHONE.sub(_phone_placeholder, text)
@@ -57,9 +80,12 @@ def _phone_placeholder(match: re.Match) -> str:
     return "<PHONE>" if 9 <= digits <= 15 else match.group()
 
 
-def remove_stopwords(text: str) -> str:
-    lines = (" ".join(w for w in line.split(" ") if w.lower().strip(".,;:!?\"'") not in STOPWORDS) for line in text.split("\n"))
-    return "\n".join(lines)
+def remove_stopwords(texts: pa.Array) -> pa.Array:
+    def strip(text: str) -> str:
+        keep = lambda w: w.lower().strip(".,;:!?\"'") not in STOPWORDS  # noqa: E731
+        return "\n".join(" ".join(filter(keep, line.split(" "))) for line in text.split("\n"))
+
+    return pa.array([strip(t) for t in texts.to_pylist()], pa.string())
 
 
 def quality_problem(text: str, q: QualitySection) -> str:
@@ -89,34 +115,37 @@ def _top_bigram_fraction(words: list[str]) -> float:
     return count * (len(bigram[0]) + len(bigram[1])) / sum(map(len, words))
 
 
-def clean_document(text: str, cfg: CleanSection) -> tuple[str, str, list[int]]:
-    """(cleaned text, drop reason or "", UTF-8 bytes after each of TRANSFORMS)."""
-    if len(text) > cfg.max_chars:  # checked first: a 50 MB line is not worth normalizing
-        size = len(text.encode())
-        return text, "too_long", [size] * len(TRANSFORMS)
-    steps = (cfg.normalize and normalize, cfg.scrub_pii and scrub_pii,
-             cfg.lowercase and str.lower, cfg.remove_stopwords and remove_stopwords)
+def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
+    """Ray Data map_batches over document rows: transform kept rows, set drop reasons, and
+    record each document's UTF-8 size after every transform in `bytes_after`."""
+    reasons = batch.column("reason").to_numpy(zero_copy_only=False).astype(object)
+    too_long = (reasons == "") & (pc.utf8_length(batch.column("text")).to_numpy() > cfg.max_chars)
+    reasons[too_long] = "too_long"
+    text = pc.if_else(pa.array(too_long), "", batch.column("text").combine_chunks())  # not worth cleaning
+    steps = {"normalize": normalize, "scrub_pii": scrub_pii, "lowercase": pc.utf8_lower, "remove_stopwords": remove_stopwords}
     sizes = []
-    for step in steps:
-        text = step(text) if step else text
-        sizes.append(len(text.encode()))
-    if len(text) < cfg.min_chars:
-        return text, "too_short", sizes
-    return text, quality_problem(text, cfg.quality) if cfg.quality.enabled else "", sizes
+    for name in TRANSFORMS:
+        if getattr(cfg, name):
+            text = steps[name](text)
+        sizes.append(pc.binary_length(text).to_numpy())
+    sizes = np.stack(sizes, axis=1).astype(np.int64)
+    sizes[too_long] = batch.column("raw_bytes").to_numpy()[too_long, None]
+    reasons[(reasons == "") & (pc.utf8_length(text).to_numpy() < cfg.min_chars)] = "too_short"
+    if cfg.quality.enabled:
+        for i in np.flatnonzero(reasons == ""):
+            reasons[i] = quality_problem(text[i].as_py(), cfg.quality)
+    return _with_drops(batch, text, reasons, sizes)
 
 
-def clean_batch(batch: dict, cfg: CleanSection) -> dict:
-    """Ray Data map_batches over document rows: clean kept rows, set reasons, record sizes."""
-    texts, reasons, snippets = list(batch["text"]), list(batch["reason"]), list(batch["snippet"])
-    sizes = np.zeros((len(texts), len(TRANSFORMS)), dtype=np.int64)
-    for i, (text, reason) in enumerate(zip(texts, reasons)):
-        if reason:
-            continue
-        texts[i], reasons[i], sizes[i] = clean_document(text, cfg)
-        if reasons[i]:  # a dropped document travels on as a counted row, without its text
-            texts[i], snippets[i] = "", texts[i][:120]
-    columns = {"text": texts, "reason": reasons, "snippet": snippets}
-    return {**batch, **{k: np.array(v, dtype=object) for k, v in columns.items()}, "bytes_after": sizes}
+def _with_drops(batch: pa.Table, text: pa.Array, reasons: np.ndarray, sizes: np.ndarray) -> pa.Table:
+    """A dropped document travels on as a counted row with a snippet, without its text."""
+    new_drop = pa.array((reasons != "") & (batch.column("reason").to_numpy(zero_copy_only=False) == ""))
+    snippet = pc.if_else(new_drop, pc.utf8_slice_codeunits(text, 0, SNIPPET_CHARS), batch.column("snippet").combine_chunks())
+    text = pc.if_else(pa.array(reasons != ""), "", text)
+    columns = {"text": text, "reason": pa.array(reasons, pa.string()), "snippet": snippet}
+    for name, column in columns.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+    return batch.append_column("bytes_after", pa.FixedSizeListArray.from_arrays(sizes.ravel(), len(TRANSFORMS)))
 
 
 def assign_split(text: str, val_fraction: float, test_fraction: float = 0.0) -> str:

@@ -108,6 +108,9 @@ class DataSection(Section):
     test_fraction: float = Field(0.0, ge=0, lt=1)
     seq_len: int = Field(128, gt=1)  # tokens per training window (each row holds seq_len + 1)
     strict: bool = False  # corrupt input fails naming file and line, instead of being counted
+    # Store the cleaned train documents instead of their token windows; training packs the
+    # same windows on the fly with Ray Data (no tokenized copy; resume needs the same workers).
+    streaming: bool = False
     reject_samples: int = Field(5, ge=0)  # rejected documents kept per reason in the report
 
     @model_validator(mode="after")

@@ -22,16 +22,17 @@ DROP_STAGES = (("length", ("too_short", "too_long")), ("quality", ("quality_",))
                ("dedup_near", ("near_duplicate",)), ("decontaminate", ("contaminated",)), ("mix", ("mix_sampled_out",)))
 
 
-def build_report(sources, doc_counts: dict, token_counts: dict, verdicts, windows: dict, tok, samples: list, data) -> dict:
+def build_report(sources, doc_counts: dict, stats: dict, verdicts, tok, samples: list, data) -> dict:
+    """stats: per split window statistics from prepare.window_stats (tokens and bytes per source)."""
     enabled = enabled_stages(data, weighted=all(s.weight is not None for s in sources))
-    per_source = {s.name: _source_report(s, doc_counts, token_counts, enabled) for s in sources}
+    per_source = {s.name: _source_report(s, i, doc_counts, stats, enabled) for i, s in enumerate(sources)}
     _add_mix_shares(per_source, sources)
     return {
         "sources": per_source,
         "totals": _totals(per_source),
         "contamination": verdicts.contaminated,
-        "tokenizer": _tokenizer_report(per_source, windows, tok),
-        "splits": {s: {"windows": w["windows"], "tokens": w["tokens"]} for s, w in windows.items()},
+        "tokenizer": _tokenizer_report(per_source, stats, tok),
+        "splits": {s: {k: w[k] for k in ("windows", "tokens", "tail_tokens_dropped")} for s, w in stats.items()},
         "reject_samples": samples,
     }
 
@@ -52,17 +53,16 @@ def _rows(doc_counts: dict, source: str):
             yield reason, split, c
 
 
-def _source_report(source, doc_counts: dict, token_counts: dict, enabled: dict) -> dict:
+def _source_report(source, index: int, doc_counts: dict, stats: dict, enabled: dict) -> dict:
     rows = list(_rows(doc_counts, source.name))
     fixes = {r.removeprefix("fixed:"): c["rows"] for r, _, c in rows if r.startswith("fixed:")}
     docs = [(r, c) for r, _, c in rows if not r.startswith("fixed:")]
     rejects = {r: {"docs": c["rows"], "bytes": int(c["raw_bytes"] if r in READ_REASONS else c["bytes_after"][-1])}
                for r, c in docs if r}
-    tokens = {key.split("\t")[1]: v for key, v in token_counts.items() if key.split("\t")[0] == source.name}
     return {"files": len(source.files), "ignored_files": len(source.ignored), "ignored_examples": source.ignored[:5],
             "weight": source.weight, "stages": _funnel(docs, enabled), "rejects": rejects,
-            "fixes": fixes, "tokens": {split: t["tokens"] for split, t in tokens.items()},
-            "bytes": {split: t["bytes"] for split, t in tokens.items()}}
+            "fixes": fixes, "tokens": {split: int(st["source_tokens"][index]) for split, st in stats.items()},
+            "bytes": {split: int(st["source_bytes"][index]) for split, st in stats.items()}}
 
 
 def _funnel(docs: list[tuple[str, dict]], enabled: dict) -> list[dict]:
@@ -112,8 +112,8 @@ def _totals(per_source: dict) -> list[dict]:
     return stages or []
 
 
-def _tokenizer_report(per_source: dict, windows: dict, tok) -> dict:
-    counts = windows["train"]["target_counts"]
+def _tokenizer_report(per_source: dict, stats: dict, tok) -> dict:
+    counts = stats["train"]["target_counts"]
     specials = int(sum(1 for t in tok.get_added_tokens_decoder().values() if t.special))
     bpt = {name: sum(r["bytes"].values()) / max(1, sum(r["tokens"].values())) for name, r in per_source.items()}
     all_tokens = sum(sum(r["tokens"].values()) for r in per_source.values())

@@ -3,6 +3,7 @@
 The index holds, per eval file, the sorted 64-bit hashes of its word n-grams (every string
 field of every JSONL row counts as eval text). A document is contaminated by an eval set when
 it contains any of that set's n-grams (GPT-3, Brown et al. 2020, appendix C, used 13-grams).
+Text shorter than n words has no n-grams, so short answers ("42") never match on their own.
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from .dedup import ngram_hashes, words_of
+from .dedup import shingle_hashes, word_hashes, words
 from .errors import DataError
+
+
+def ngrams(texts: list[str] | pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hash of every word n-gram, index of its text); texts under n words give none."""
+    h, offsets = word_hashes(words(texts))
+    hashes, text_of = shingle_hashes(h, offsets, n)
+    long_enough = np.diff(offsets)[text_of] >= n
+    return hashes[long_enough], text_of[long_enough]
 
 
 def build_index(paths: list[str], n: int) -> dict[str, np.ndarray]:
@@ -24,8 +34,8 @@ def build_index(paths: list[str], n: int) -> dict[str, np.ndarray]:
         if not files:
             raise DataError(f"data.decontaminate.eval_paths: {pattern!r} matches no file")
         for f in files:
-            hashes = [ngram_hashes(words_of(text), n) for text in _eval_texts(f)]
-            index[f"{f.parent.name}/{f.stem}"] = np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+            texts = list(_eval_texts(f))
+            index[f"{f.parent.name}/{f.stem}"] = np.unique(ngrams(texts, n)[0]) if texts else np.zeros(0, np.uint64)
     return index
 
 
@@ -46,6 +56,11 @@ def _strings(value):
             yield from _strings(v)
 
 
-def contaminating_sets(text: str, index: dict[str, np.ndarray], n: int) -> list[str]:
-    grams = ngram_hashes(words_of(text), n)
-    return [name for name, hashes in index.items() if np.isin(grams, hashes, assume_unique=False).any()]
+def contaminating_sets(texts: list[str] | pa.Array, index: dict[str, np.ndarray], n: int) -> list[str]:
+    """Per text, the comma-joined names of the eval sets it shares an n-gram with."""
+    hashes, text_of = ngrams(texts, n)
+    hits: list[list[str]] = [[] for _ in range(len(texts))]
+    for name, eval_hashes in index.items():
+        for t in np.unique(text_of[np.isin(hashes, eval_hashes)]):
+            hits[t].append(name)
+    return [",".join(h) for h in hits]

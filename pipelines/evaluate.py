@@ -13,6 +13,7 @@ import torch
 
 from raylm.models import load_model
 
+from .loader import token_matrix
 from .runtime import cluster_cpus
 from .scoring import score_windows, summarize
 from .tokenizer import load_tokenizer, token_byte_lengths
@@ -27,8 +28,8 @@ class ScoreWindows:
         tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
         self.token_bytes = torch.from_numpy(token_byte_lengths(tok))
 
-    def __call__(self, batch: dict) -> dict:
-        windows = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64))
+    def __call__(self, batch) -> dict:
+        windows = torch.from_numpy(token_matrix(batch.column("tokens")).astype(np.int64))
         return {k: v.numpy() for k, v in score_windows(self.model, windows, self.token_bytes).items()}
 
 
@@ -43,7 +44,7 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
         ScoreWindows,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},
         batch_size=32,
-        batch_format="numpy",
+        batch_format="pyarrow",
         # One CPU stays free for the read tasks that feed the pool (a pool holding every CPU
         # starves its own input on a 2-core machine).
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1)),

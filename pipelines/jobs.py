@@ -101,8 +101,7 @@ def data_metrics(manifest: dict) -> dict[str, float]:
 def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker) -> Path:
     model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
     tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size})
-    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest["path"],
-                      {"uri": tracker.uri, "run_id": tracker.run_id})
+    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id})
     checkpoint = Path(result.checkpoint.path)
     tracker.log_artifact(checkpoint, "checkpoint")
     return checkpoint

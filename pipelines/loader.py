@@ -18,9 +18,13 @@ import torch
 def read_windows(split_dir: str | Path) -> np.ndarray:
     """All windows of a split as one (N, seq_len + 1) int32 array, in file order."""
     files = sorted(Path(split_dir).glob("*.parquet"))
-    table = pq.ParquetDataset(files).read(columns=["tokens"])
-    column = table.column("tokens").combine_chunks()
-    storage = getattr(column, "storage", column)  # Ray writes a tensor extension type
+    return token_matrix(pq.ParquetDataset(files).read(columns=["tokens"]).column("tokens"))
+
+
+def token_matrix(column) -> np.ndarray:
+    """A `tokens` column (fixed-size lists, or Ray's tensor extension) as (N, width) int32."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    storage = getattr(column, "storage", column)
     flat = storage.flatten().to_numpy(zero_copy_only=False)
     return flat.astype(np.int32, copy=False).reshape(len(column), -1)
 
@@ -51,3 +55,37 @@ class WindowLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.seed = int(state["position"]), int(state["seed"])
+
+
+class StreamLoader:
+    """The same interface over a Ray Data stream (streaming mode): this rank's shard of the
+    packed windows, in stream order, epoch after epoch. The position counts windows consumed
+    by all ranks; resuming re-streams and skips them, which is exact only with the same
+    worker count (each rank's shard depends on it)."""
+
+    def __init__(self, shard, micro_batch: int, world: int):
+        self.shard, self.micro_batch, self.world = shard, micro_batch, world
+        self.position = 0
+        self._batches = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._next_rows()
+        self.position += self.micro_batch * self.world
+        batch = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def _next_rows(self) -> np.ndarray:
+        for fresh in (False, True):
+            if self._batches is None or fresh:
+                self._batches = iter(self.shard.iter_batches(batch_size=self.micro_batch, batch_format="pyarrow", drop_last=True))
+            rows = next(self._batches, None)
+            if rows is not None:
+                return token_matrix(rows.column("tokens"))
+        raise ValueError(f"the training stream holds fewer than micro_batch_size={self.micro_batch} windows per worker")
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        for _ in range(int(state["position"]) // (self.micro_batch * self.world)):
+            self.next_batch()

@@ -11,6 +11,7 @@ from raylm.models.io import load_config as load_model_config
 from .checkpoint import latest_checkpoint
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .errors import ConfigError, TrainingFailed
+from .prepare import stream_train_windows
 from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
 
@@ -31,21 +32,29 @@ def train_storage(run: RunSection) -> Path:
 
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
-             data_dir: str, tracking: dict | None):
-    """Train and return Ray Train's Result (its .checkpoint is the last one reported)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
+             manifest: dict, tracking: dict | None):
+    """Train on the prepared data (or, in streaming mode, on windows packed on the fly) and
+    return Ray Train's Result (its .checkpoint is the last one reported)."""
+    from ray.data import ExecutionOptions
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                           TrainingFailedError)
     from ray.train.torch import TorchTrainer
 
     refuse_other_model(run, model)
-    job = {"model": model, "train": train, "data_dir": data_dir, "seed": run.seed, "tracking": tracking}
+    streaming = bool(manifest.get("streaming"))
+    job = {"model": model, "train": train, "data_dir": manifest["path"], "seq_len": manifest["seq_len"],
+           "streaming": streaming, "seed": run.seed, "tracking": tracking}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": worker_cpus(scaling)},
+            resources_per_worker={"CPU": worker_cpus(scaling, streaming)},
         ),
+        datasets={"train": stream_train_windows(manifest)} if streaming else None,
+        # In stream order, so a run sees the same windows in the same order every time.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=run.name,
             storage_path=str(train_storage(run)),
@@ -81,8 +90,11 @@ def refuse_other_model(run: RunSection, model: ModelConfig) -> None:
         )
 
 
-def worker_cpus(scaling: ScalingSection) -> float:
+def worker_cpus(scaling: ScalingSection, streaming: bool = False) -> float:
     if scaling.cpus_per_worker:
         return scaling.cpus_per_worker
+    cpus = cluster_cpus()
+    if streaming:  # leave one CPU to the Ray Data stream, or its tasks never get scheduled
+        return max(0.25, (cpus - 1) / scaling.num_workers)
     # Share the cluster evenly; at least 1 CPU so torch gets a whole thread per worker.
-    return max(1.0, math.floor(cluster_cpus() / scaling.num_workers))
+    return max(1.0, math.floor(cpus / scaling.num_workers))

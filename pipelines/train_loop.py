@@ -18,7 +18,7 @@ import torch.distributed as dist
 from raylm.models import GPT
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .loader import WindowLoader, read_windows
+from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
 from .scoring import score_windows, summarize
 from .tokenizer import load_tokenizer, token_byte_lengths
@@ -26,8 +26,8 @@ from .tracking import MetricSink
 
 
 def train_loop_per_worker(job: dict) -> None:
-    """job: {"model": ModelConfig, "train": TrainSection, "data_dir": str, "seed": int,
-    "tracking": {"uri", "run_id"}}, built by pretrain.py."""
+    """job: {"model": ModelConfig, "train": TrainSection, "data_dir": str, "seq_len": int,
+    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}}, built by pretrain.py."""
     # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
     # its own progress lines, so keep worker logs to warnings.
     logging.getLogger().setLevel(logging.WARNING)
@@ -39,12 +39,12 @@ def train_loop_per_worker(job: dict) -> None:
     torch.manual_seed(job["seed"])  # identical initial weights on every rank
     model = GPT(job["model"]).to(device)
     optimizer = make_optimizer(model, cfg)
-    loader = WindowLoader(read_windows(data_dir / "train"), cfg.micro_batch_size, rank, world, job["seed"])
+    loader = make_loader(job, rank, world)
     start_step = restore(model, optimizer, loader)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
-    tokens_per_step = cfg.batch_size * (loader.windows.shape[1] - 1)
+    tokens_per_step = cfg.batch_size * job["seq_len"]
     log = StepLog(rank, job["tracking"], cfg, tokens_per_step, start_step)
 
     try:
@@ -64,6 +64,15 @@ def train_loop_per_worker(job: dict) -> None:
                 log.reset_clock()
     finally:
         log.close()  # deliver the metrics of the last interval even when a step raised
+
+
+def make_loader(job: dict, rank: int, world: int):
+    """Batches from the prepared shards (global order, exact resume) or, in streaming mode,
+    from the Ray Data stream handed to TorchTrainer as dataset "train"."""
+    micro = job["train"].micro_batch_size
+    if job["streaming"]:
+        return StreamLoader(ray.train.get_dataset_shard("train"), micro, world)
+    return WindowLoader(read_windows(Path(job["data_dir"]) / "train"), micro, rank, world, job["seed"])
 
 
 def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[float, float]:

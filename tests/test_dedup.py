@@ -1,10 +1,10 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 
 from raylm.pipelines.decontam import build_index, contaminating_sets
-from raylm.pipelines.dedup import (band_keys, exact_key, first_of_each, lsh_bands, minhash, near_duplicates,
-                                   permutations, shingles)
+from raylm.pipelines.dedup import dedup_columns, exact_keys, first_of_each, lsh_bands, near_duplicates, words
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -21,14 +21,24 @@ def edit(words: list[str], rng, fraction: float) -> list[str]:
 
 
 def signatures(texts, bands=32, num_perm=128):
-    a, b = permutations(num_perm)
-    sigs = np.stack([minhash(shingles(t, 5), a, b) for t in texts])
-    return np.stack([band_keys(s, bands) for s in sigs]), sigs
+    cols = dedup_columns(pa.array(texts), num_perm, bands, shingle_words=5, exact=True, near=True)
+    return cols["band_keys"], cols["signature"]
 
 
 def test_exact_key_ignores_case_spacing_and_punctuation():
-    keys = np.array([exact_key(t) for t in ["Hello, World!", "hello world", "  HELLO   world. ", "hello there"]])
+    keys = exact_keys(words(pa.array(["Hello, World!", "hello world", "  HELLO   world. ", "hello there"])))
     assert first_of_each(keys).tolist() == [False, True, True, False]
+
+
+def test_a_signature_does_not_depend_on_its_batch():
+    """Blocks differ between clusters; a document's keys must not."""
+    rng = np.random.default_rng(2)
+    texts = [" ".join(random_doc(rng, n)) for n in (200, 3, 1, 57)] + ["...", "one"]
+    together = dedup_columns(pa.array(texts), 128, 32, 5, True, True)
+    for i, text in enumerate(texts):
+        alone = dedup_columns(pa.array([text]), 128, 32, 5, True, True)
+        for key in ("exact_key", "signature", "band_keys"):
+            assert np.array_equal(alone[key][0], together[key][i]), (key, i)
 
 
 def test_planted_near_duplicates_go_and_distinct_documents_stay():
@@ -65,6 +75,6 @@ def test_contamination_finds_shared_13_grams(tmp_path):
     index = build_index([str(tmp_path / "*.jsonl")], n=13)
     assert set(index) == {f"{tmp_path.name}/gsm", f"{tmp_path.name}/other"}
     leaked = "Homework: " + question.upper() + ". How many clips did she sell?"
-    assert contaminating_sets(leaked, index, 13) == [f"{tmp_path.name}/gsm"]
-    assert contaminating_sets("Natalia sold clips to 48 of her friends.", index, 13) == []  # under 13 words
-    assert contaminating_sets("72", index, 13) == []  # short answers never match on their own
+    texts = [leaked, "Natalia sold clips to 48 of her friends.", "72", "rivers and hills"]
+    # Under 13 words there is no n-gram: short answers ("72") never match on their own.
+    assert contaminating_sets(texts, index, 13) == [f"{tmp_path.name}/gsm", "", "", ""]

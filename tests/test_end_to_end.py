@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from raylm.cli import main
 from raylm.models import GPT, load_model
 from raylm.pipelines.checkpoint import load_checkpoint
 from raylm.pipelines.config import TrainSection
-from raylm.pipelines.loader import read_windows
+from raylm.pipelines.loader import read_windows, token_matrix
 from raylm.pipelines.optim import make_optimizer
 from raylm.pipelines.scoring import score_windows, summarize
 from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths
@@ -136,3 +138,24 @@ def test_diverging_run_fails_with_one_line_and_keeps_only_good_checkpoints(ray_c
     saved = sorted(p for p in (tmp_path / "runs" / "train" / "quickstart").glob("checkpoint_0*") if p.is_dir())
     assert all(int(p.name.split("_")[1]) < failed_at for p in saved)
     assert all(torch.isfinite(p).all() for c in saved for p in load_model(c).parameters())
+
+
+def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_path):
+    from raylm.pipelines.prepare import stream_train_windows
+
+    overrides = tiny_overrides(tmp_path) + ["data.streaming=true", "train.max_steps=20", "train.eval_interval=20"]
+    assert main(cli_args("run", overrides)) == 0
+    (prepared,) = (tmp_path / "runs" / "data").iterdir()
+    manifest = json.loads((prepared / "manifest.json").read_text()) | {"path": str(prepared)}
+    assert (prepared / "train_docs").is_dir() and not (prepared / "train").exists()
+    # The stream the trainer consumed holds exactly the windows prepare counted and hashed.
+    digest, windows = hashlib.sha256(), 0
+    for batch in stream_train_windows(manifest).iter_batches(batch_size=None, batch_format="pyarrow"):
+        tokens = token_matrix(batch.column("tokens"))
+        digest.update(tokens.tobytes())
+        windows += len(tokens)
+    expected = manifest["splits"]["train"]
+    assert (windows, digest.hexdigest()[:16]) == (expected["windows"], expected["content_hash"])
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["final_val_loss"] < run.data.metrics["baseline_unigram_nats_per_token"]

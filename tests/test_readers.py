@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from raylm.pipelines.cleaning import assign_split, clean_document, normalize, quality_problem, scrub_pii
+import pyarrow as pa
+
+from raylm.pipelines.cleaning import assign_split, clean_batch, normalize, quality_problem, scrub_pii
 from raylm.pipelines.config import CleanSection, QualitySection
 from raylm.pipelines.readers import documents_of_file, file_format, list_files, looks_binary, split_text
 
@@ -85,18 +87,25 @@ def test_binary_detection_tolerates_a_stray_nul():
     assert looks_binary(b"\x89PNG\r\n\x1a\n" + bytes(200))
 
 
+def clean_one(text: str, cfg: CleanSection) -> tuple[str, str, list[int]]:
+    batch = pa.table({"text": [text], "reason": [""], "snippet": [""], "raw_bytes": [len(text.encode())]})
+    out = clean_batch(batch, cfg).to_pylist()[0]
+    return out["text"] or out["snippet"], out["reason"], out["bytes_after"]
+
+
 def test_normalize_and_pii():
-    assert normalize("  Cafe\u0301\x00 \t\nnext\x07 line  \n\n\n\nend") == "Café\nnext line\n\nend"
+    assert normalize(pa.array(["  Cafe\u0301\x00 \t\nnext\x07 line  \n\n\n\nend"])).to_pylist() == ["Café\nnext line\n\nend"]
     text = "Mail jane.doe@example.com or call +1 555-123-4567 / (555) 987 6543; host 192.168.0.12 in 1999-2001."
-    assert scrub_pii(text) == "Mail <EMAIL> or call <PHONE> / <PHONE>; host <IP> in 1999-2001."
+    assert scrub_pii(pa.array([text, "no numbers here"])).to_pylist() == [
+        "Mail <EMAIL> or call <PHONE> / <PHONE>; host <IP> in 1999-2001.", "no numbers here"]
 
 
-def test_clean_document_switches_and_lengths():
-    cfg = CleanSection(lowercase=True, remove_stopwords=True, min_chars=5)
-    text, reason, sizes = clean_document("The Cat is ON the mat", cfg)
-    assert (text, reason) == ("cat mat", "") and sizes[-1] == len("cat mat") and sizes[0] == len("The Cat is ON the mat")
-    assert clean_document("tiny", CleanSection(min_chars=5))[1] == "too_short"
-    assert clean_document("x" * 11, CleanSection(max_chars=10))[1] == "too_long"
+def test_clean_switches_and_lengths():
+    text, reason, sizes = clean_one("The Cat is ON the mat", CleanSection(lowercase=True, remove_stopwords=True, min_chars=5))
+    assert (text, reason) == ("cat mat", "") and sizes == [21, 21, 21, len("cat mat")]
+    assert clean_one("tiny", CleanSection(min_chars=5))[1] == "too_short"
+    assert clean_one("x" * 11, CleanSection(max_chars=10))[1:] == ("too_long", [11] * 4)
+    assert clean_one("Twenty words " * 2, CleanSection(quality={"enabled": True}))[1] == "quality_word_count"
 
 
 def test_gopher_heuristics():
