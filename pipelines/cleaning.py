@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import CleanSection, QualitySection
+from .readers import SNIPPET_CHARS
 
 TRANSFORMS = ("normalize", "scrub_pii", "lowercase", "remove_stopwords")
-SNIPPET_CHARS = 120
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
@@ -138,9 +138,11 @@ def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
 
 
 def _with_drops(batch: pa.Table, text: pa.Array, reasons: np.ndarray, sizes: np.ndarray) -> pa.Table:
-    """A dropped document travels on as a counted row with a snippet, without its text."""
+    """A dropped document travels on as a counted row with a snippet (of the text as read),
+    without its text."""
     new_drop = pa.array((reasons != "") & (batch.column("reason").to_numpy(zero_copy_only=False) == ""))
-    snippet = pc.if_else(new_drop, pc.utf8_slice_codeunits(text, 0, SNIPPET_CHARS), batch.column("snippet").combine_chunks())
+    as_read = pc.utf8_slice_codeunits(batch.column("text").combine_chunks(), 0, SNIPPET_CHARS)
+    snippet = pc.if_else(new_drop, as_read, batch.column("snippet").combine_chunks())
     text = pc.if_else(pa.array(reasons != ""), "", text)
     columns = {"text": text, "reason": pa.array(reasons, pa.string()), "snippet": snippet}
     for name, column in columns.items():

@@ -31,6 +31,7 @@ def build_report(sources, doc_counts: dict, stats: dict, verdicts, tok, samples:
         "sources": per_source,
         "totals": _totals(per_source),
         "contamination": verdicts.contaminated,
+        "contamination_checked": len(data.decontaminate.eval_paths),
         "tokenizer": _tokenizer_report(per_source, stats, tok),
         "splits": {s: {k: w[k] for k in ("windows", "tokens", "tail_tokens_dropped")} for s, w in stats.items()},
         "reject_samples": samples,
@@ -138,7 +139,13 @@ def _jsonable(value):
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["# Data report", ""]
+    lines = ["# Data report", "", "## All sources", "", "| stage | docs in | docs out | bytes in | bytes out |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['bytes_in']:,} | {s['bytes_out']:,} |"
+              for s in report["totals"] if s["enabled"]]
+    lines += ["", "| split | windows | tokens | tail tokens dropped |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['windows']:,} | {v['tokens']:,} | {v['tail_tokens_dropped']:,} |" for k, v in report["splits"].items()]
+    lines.append("")
     for name, r in report["sources"].items():
         ignored = f"; {r['ignored_files']} files without a readable suffix ignored, e.g. {r['ignored_examples'][:2]}" \
             if r["ignored_files"] else ""
@@ -161,6 +168,9 @@ def report_markdown(report: dict) -> str:
     if report["contamination"]:
         lines += ["", "## Contamination", "", "| eval set | training documents sharing an n-gram |", "|---|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in sorted(report["contamination"].items())]
+    elif report["contamination_checked"]:
+        lines += ["", "## Contamination", "", f"No document shares an n-gram with the eval sets of "
+                  f"{report['contamination_checked']} eval_paths entries."]
     if report["reject_samples"]:
         lines += ["", "## Samples of rejected input", "", "| reason | where | starts with |", "|---|---|---|"]
         lines += [f"| {s['reason']} | {s['path']}:{s['line']} | {_cell(s['snippet'])} |" for s in report["reject_samples"]]

@@ -41,7 +41,7 @@ from .data_report import READ_REASONS, build_report, write_report
 from .decontam import build_index, contaminating_sets
 from .dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
 from .errors import DataError
-from .readers import documents_of_file, file_format, list_files, source_name
+from .readers import SNIPPET_CHARS, documents_of_file, file_format, list_files, source_name
 from .runtime import cluster_cpus
 from .tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
 
@@ -312,8 +312,11 @@ def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float) -> pa.Ta
             reasons[i] = "mix_sampled_out"
         else:
             splits[i] = assign_split(texts[i], val, test)
-    text = pc.if_else(pa.array(reasons != ""), "", batch.column("text").combine_chunks())
-    batch = batch.set_column(batch.schema.get_field_index("text"), "text", text)
+    dropped = pa.array((reasons != "") & (batch.column("reason").to_numpy(zero_copy_only=False) == ""))
+    text = batch.column("text").combine_chunks()
+    snippet = pc.if_else(dropped, pc.utf8_slice_codeunits(text, 0, SNIPPET_CHARS), batch.column("snippet").combine_chunks())
+    batch = batch.set_column(batch.schema.get_field_index("snippet"), "snippet", snippet)
+    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pc.if_else(pa.array(reasons != ""), "", text))
     batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     return batch.append_column("split", pa.array(splits, pa.string()))
 

@@ -82,6 +82,7 @@ def test_bad_input_gives_exact_counts_per_reason(mixed):
     assert corrupt["rejects"]["too_long"]["bytes"] == 50 * 2**20
     samples = {(s["reason"], Path(s["path"]).name, s["line"]) for s in report["reject_samples"]}
     assert ("malformed_json", "bad.jsonl", 2) in samples and ("invalid_utf8", "bad.txt", 3) in samples
+    assert all(s["snippet"] for s in report["reject_samples"] if s["reason"] != "empty_file")
 
 
 def test_planted_duplicates_go_and_distinct_documents_stay(mixed):
