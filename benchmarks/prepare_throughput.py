@@ -11,7 +11,7 @@
 
 Ray's start-up is measured and reported separately, not counted in any run.
 Usage: python benchmarks/prepare_throughput.py [--runs 3] [--data ../shared/data]
-Needs: pip install datasets
+Needs: pip install -e '.[bench]' (Hugging Face datasets)
 """
 
 from __future__ import annotations
