@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from .arrays import as_matrix
+
 
 def read_windows(split_dir: str | Path) -> np.ndarray:
     """All windows of a split as one (N, seq_len + 1) int32 array, in file order."""
@@ -22,11 +24,8 @@ def read_windows(split_dir: str | Path) -> np.ndarray:
 
 
 def token_matrix(column) -> np.ndarray:
-    """A `tokens` column (fixed-size lists, or Ray's tensor extension) as (N, width) int32."""
-    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    storage = getattr(column, "storage", column)
-    flat = storage.flatten().to_numpy(zero_copy_only=False)
-    return flat.astype(np.int32, copy=False).reshape(len(column), -1)
+    """A `tokens` column as an (N, seq_len + 1) int32 array."""
+    return as_matrix(column).astype(np.int32, copy=False)
 
 
 class WindowLoader:

@@ -3,7 +3,7 @@ token windows, with a data report. Read `prepare` top to bottom.
 
 Ray Data does the per-document work across the cluster: reading and cleaning (readers.py,
 cleaning.py), dedup keys and contamination checks (dedup.py, decontam.py), encoding in an
-actor pool and packing. The driver holds one small index to decide which duplicates go, so
+actor pool and packing (packing.py). The driver holds one small index to decide which duplicates go, so
 the survivor of each cluster is the same on any cluster. Output, keyed by a fingerprint of
 the config sections and the input files (a rerun with the same inputs reuses it):
 
@@ -22,7 +22,6 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +29,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-from ray.data import SaveMode
-from ray.data.datasource import FilenameProvider
 from ray.data.expressions import col
 
 from . import grammar
+from .arrays import as_fixed_list, as_matrix
 from .cleaning import TRANSFORMS, assign_split, clean_batch
 from .config import DataSection, TokenizerSection, section_fingerprint
 from .data_report import READ_REASONS, build_report, write_report
 from .decontam import build_index, contaminating_sets
 from .dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
 from .errors import DataError
+from .packing import SPLITS, encode_and_pack, window_stats, write_split, write_train_documents
 from .readers import SNIPPET_CHARS, documents_of_file, file_format, list_files, source_name
-from .runtime import cluster_cpus
 from .tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
 
-SPLITS = ("train", "val", "test")
-PACK_ROWS = 1024  # documents per packing batch: each drops its last partial window
-TRAIN_DOCS = "train_docs"  # streaming mode: the kept train documents, packed while training
 STRICT_REASONS = (*READ_REASONS, "too_long")  # corrupt input; other drops are policy
 
 
@@ -86,13 +81,13 @@ def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> d
         train_bytes = sum(int(c["bytes_after"][-1]) for key, c in doc_counts.items() if key.endswith("\ttrain"))
         tok = get_tokenizer(docs, train_bytes, tok_cfg, out / "tokenizer.json")
     with clock("encode + pack") as seen:
-        windows = encode_and_pack(docs, sources, out / "tokenizer.json", data.seq_len)
+        windows = encode_and_pack(docs, [s.name for s in sources], out / "tokenizer.json", data.seq_len)
         stats = window_stats(windows, SPLITS, len(sources))
         seen["tokens"] = sum(int(st["source_tokens"].sum()) for st in stats.values())
     with clock("write"):
         for split in SPLITS:
             if split == "train" and data.streaming:
-                write_train_documents(docs, sources, out)
+                write_train_documents(docs, [s.name for s in sources], out)
             else:
                 write_split(windows, split, data.seq_len + 1, out)
 
@@ -213,18 +208,8 @@ def index_columns(batch: pa.Table, data: DataSection, index_ref) -> pa.Table:
     if index and len(kept):
         contaminated[kept] = contaminating_sets(texts, index, data.decontaminate.ngram_words)
     return (batch.append_column("exact_key", pa.array(exact))
-            .append_column("signature", _fixed(sig)).append_column("band_keys", _fixed(keys))
+            .append_column("signature", as_fixed_list(sig)).append_column("band_keys", as_fixed_list(keys))
             .append_column("contaminated", pa.array(contaminated, pa.string())))
-
-
-def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(matrix).ravel(), matrix.shape[1])
-
-
-def _matrix(column) -> np.ndarray:
-    """A fixed-size list column as a 2-D numpy array."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return column.flatten().to_numpy().reshape(len(column), -1)
 
 
 def refuse_bad_input(docs) -> None:
@@ -261,12 +246,12 @@ def judge(docs, data: DataSection, sources: list[Source]) -> Verdicts:
         reasons[first_of_each(table.column("exact_key").to_numpy())] = "exact_duplicate"
     if data.dedup.near:
         alive = np.flatnonzero(reasons == "")
-        bands, sigs = _matrix(table.column("band_keys"))[alive], _matrix(table.column("signature"))[alive]
+        bands, sigs = as_matrix(table.column("band_keys"))[alive], as_matrix(table.column("signature"))[alive]
         reasons[alive[near_duplicates(bands, sigs, data.dedup.threshold)]] = "near_duplicate"
     if data.decontaminate.drop:
         reasons[(reasons == "") & (contaminated != "")] = "contaminated"
     doc_sources = table.column("source").to_numpy(zero_copy_only=False)
-    keep = mixing_fractions(sources, doc_sources, _matrix(table.column("bytes_after"))[:, -1], reasons == "")
+    keep = mixing_fractions(sources, doc_sources, as_matrix(table.column("bytes_after"))[:, -1], reasons == "")
     ids = table.column("doc_id").to_numpy()
     order = np.argsort(ids)
     return Verdicts(ids[order], reasons[order], _count_contaminated(contaminated), keep)
@@ -331,7 +316,7 @@ def tally(docs) -> dict[str, dict]:
     after = [f"after_{i}" for i in range(len(TRANSFORMS))]
 
     def partial(batch: pa.Table) -> pa.Table:
-        sizes = _matrix(batch.column("bytes_after"))
+        sizes = as_matrix(batch.column("bytes_after"))
         table = pa.table({"source": batch.column("source"), "reason": batch.column("reason"), "split": batch.column("split"),
                           "raw_bytes": batch.column("raw_bytes"), **{a: sizes[:, i] for i, a in enumerate(after)}})
         sums = table.group_by(["source", "reason", "split"]).aggregate([("raw_bytes", "count"), ("raw_bytes", "sum"),
@@ -379,153 +364,6 @@ def get_tokenizer(docs, train_bytes: int, cfg: TokenizerSection, path: Path):
     if fraction < 1:
         batches = ([t for t in texts if _unit_hash(t, salt=b"bpe") < fraction] for texts in batches)
     return train_tokenizer(batches, cfg, path)
-
-
-class EncodeAndPack:
-    """Ray Data stateful UDF: the tokenizer is loaded once per actor (encode_batch runs in Rust
-    threads, so one actor keeps several cores busy). Per split, the batch's documents are
-    joined with EOS and cut into windows; each window records how many of its tokens and
-    bytes came from each source. The tail shorter than a window becomes a row with split
-    "<split>:tail" (padded with -1), so the token accounting stays complete."""
-
-    def __init__(self, tokenizer_path: str, width: int, n_sources: int):
-        tok = load_tokenizer(tokenizer_path)
-        self.tok, self.eos, self.width, self.n_sources = tok, eos_id(tok), width, n_sources
-        self.token_bytes = token_byte_lengths(tok)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # encode_batch_fast skips the character offsets raylm never uses: ~20% faster here.
-        encodings = self.tok.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
-        eos = np.array([self.eos], np.int32)
-        ids = np.concatenate([a for e in encodings for a in (np.array(e.ids, np.int32), eos)] or [np.zeros(0, np.int32)])
-        lengths = np.array([len(e.ids) + 1 for e in encodings])
-        doc_split = np.repeat(batch.column("split").to_numpy(zero_copy_only=False), lengths)
-        doc_source = np.repeat(batch.column("source_index").to_numpy(), lengths)
-        parts = [self._windows(ids[doc_split == s], doc_source[doc_split == s], s) for s in np.unique(doc_split)]
-        return pa.concat_tables(parts) if parts else self._table(np.zeros((0, self.width), np.int32), [], np.zeros(0), np.zeros(0))
-
-    def _windows(self, stream: np.ndarray, source: np.ndarray, split: str) -> pa.Table:
-        n = len(stream) // self.width
-        tail = np.full(self.width, -1, np.int32)
-        tail[: len(stream) - n * self.width] = stream[n * self.width :]
-        windows = np.vstack([stream[: n * self.width].reshape(n, self.width), tail[None, :]])
-        row = np.minimum(np.arange(len(stream)) // self.width, n)  # window of each token; n = tail
-        flat = row * self.n_sources + source
-        src_tokens = np.bincount(flat, minlength=(n + 1) * self.n_sources).reshape(n + 1, self.n_sources)
-        src_bytes = np.bincount(flat, weights=self.token_bytes[stream], minlength=(n + 1) * self.n_sources)
-        return self._table(windows, [split] * n + [f"{split}:tail"], src_tokens, src_bytes.reshape(n + 1, self.n_sources))
-
-    def _table(self, windows, splits, src_tokens, src_bytes) -> pa.Table:
-        return pa.table({"tokens": _fixed(windows), "split": pa.array(splits, pa.string()),
-                         "source_tokens": _fixed(np.asarray(src_tokens, np.int64).reshape(len(splits), -1)),
-                         "source_bytes": _fixed(np.asarray(src_bytes, np.int64).reshape(len(splits), -1))})
-
-
-def kept_documents(docs, sources: list[Source], splits: tuple[str, ...] = SPLITS):
-    """The surviving documents, split after split (train first), each split in input order,
-    with their source as an index into `sources`. Train leading means its packing blocks are
-    the same whether prepare packs all splits or streaming mode packs train alone."""
-    kept = docs.filter(expr=col("reason") == "").select_columns(["text", "source", "split"])
-    kept = kept.map_batches(_with_source_index, fn_kwargs={"names": [s.name for s in sources]}, batch_format="pyarrow")
-    parts = [kept.filter(expr=col("split") == split) for split in splits]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def pack_stream(kept, tokenizer_path: Path, seq_len: int, n_sources: int, actors: bool = True):
-    """Lazy windows of every split from kept documents. Blocks of exactly PACK_ROWS documents
-    make the windows independent of the cluster's block layout: any cluster packs the same.
-
-    actors=True (prepare): an actor pool, each actor loading the tokenizer once. Half the CPUs
-    go to encoders (each also runs Rust threads); the rest keep upstream tasks going (a pool
-    that takes every CPU starves its own input on 2 cores). actors=False (inside training,
-    which holds most CPUs): plain tasks, which a reserved actor cannot block; the tokenizer is
-    then loaded once per worker process."""
-    blocks = kept.repartition(target_num_rows_per_block=PACK_ROWS, strict=True)
-    packer = {"tokenizer_path": str(tokenizer_path), "width": seq_len + 1, "n_sources": n_sources}
-    if not actors:
-        return blocks.map_batches(_pack_task, fn_kwargs=packer, batch_size=PACK_ROWS, batch_format="pyarrow")
-    return blocks.map_batches(
-        EncodeAndPack, fn_constructor_kwargs=packer, batch_size=PACK_ROWS, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, int(cluster_cpus() // 2))), num_cpus=1,
-    )
-
-
-@lru_cache(maxsize=4)
-def _packer(tokenizer_path: str, width: int, n_sources: int) -> "EncodeAndPack":
-    return EncodeAndPack(tokenizer_path, width, n_sources)
-
-
-def _pack_task(batch: pa.Table, tokenizer_path: str, width: int, n_sources: int) -> pa.Table:
-    return _packer(tokenizer_path, width, n_sources)(batch)
-
-
-def encode_and_pack(docs, sources: list[Source], tokenizer_path: Path, seq_len: int):
-    return pack_stream(kept_documents(docs, sources), tokenizer_path, seq_len, len(sources)).materialize()
-
-
-def write_train_documents(docs, sources: list[Source], out: Path) -> None:
-    """Streaming mode keeps the cleaned train documents instead of their windows."""
-    train = kept_documents(docs, sources, splits=("train",))
-    train.write_parquet(str(out / TRAIN_DOCS), filename_provider=ShardNames("docs"), mode=SaveMode.OVERWRITE,
-                        min_rows_per_file=PACK_ROWS * 64)
-
-
-def stream_train_windows(manifest: dict):
-    """Streaming mode: the train windows, packed on the fly from the kept documents by Ray Data
-    (the same windows prepare would have written), for TorchTrainer's `datasets`."""
-    prepared = Path(manifest["path"])
-    docs = ray.data.read_parquet(str(prepared / TRAIN_DOCS))
-    n_sources = len(manifest["sources"])
-    windows = pack_stream(docs, prepared / manifest["tokenizer"], manifest["seq_len"], n_sources, actors=False)
-    return windows.filter(expr=col("split") == "train").select_columns(["tokens"])
-
-
-def _with_source_index(batch: pa.Table, names: list[str]) -> pa.Table:
-    index = {name: i for i, name in enumerate(names)}
-    return batch.append_column("source_index", pa.array([index[x] for x in batch.column("source").to_pylist()], pa.int32()))
-
-
-class ShardNames(FilenameProvider):
-    def __init__(self, split: str):
-        super().__init__(file_format="parquet")
-        self.split = split
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        # Sorted by name, the shards are in write-task order, which is the data order.
-        return f"{self.split}-{task_index:05d}.parquet"
-
-
-def write_split(windows, split: str, width: int, out: Path) -> None:
-    rows = windows.filter(expr=col("split") == split).select_columns(["tokens"])
-    # Shards of about 64 MiB: one write task per packing block would mean many small files.
-    # OVERWRITE: the directory is new (prepare clears it), and fixed names need this mode.
-    rows.write_parquet(str(out / split), filename_provider=ShardNames(split), mode=SaveMode.OVERWRITE,
-                       min_rows_per_file=max(1, 64 * 2**20 // (4 * width)))
-
-
-def window_stats(windows, splits: tuple[str, ...], n_sources: int) -> dict[str, dict]:
-    """Per split: windows, tokens, tail tokens dropped, a content hash of the windows in order,
-    target-token counts, and tokens and bytes per source (the achieved mix)."""
-    stats = {s: {"windows": 0, "tokens": 0, "tail_tokens_dropped": 0, "hash": hashlib.sha256(),
-                 "target_counts": np.zeros(0, np.int64), "source_tokens": np.zeros(n_sources, np.int64),
-                 "source_bytes": np.zeros(n_sources, np.int64)} for s in splits}
-    for batch in windows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        tokens, labels = _matrix(batch.column("tokens")), batch.column("split").to_numpy(zero_copy_only=False)
-        src_t, src_b = _matrix(batch.column("source_tokens")), _matrix(batch.column("source_bytes"))
-        for split in splits:
-            full, tail = labels == split, labels == f"{split}:tail"
-            st = stats[split]
-            st["windows"] += int(full.sum())
-            st["tokens"] += int(tokens[full].size)
-            st["tail_tokens_dropped"] += int((tokens[tail] >= 0).sum())
-            st["hash"].update(np.ascontiguousarray(tokens[full]).tobytes())
-            counts = np.bincount(tokens[full][:, 1:].ravel(), minlength=len(st["target_counts"]))
-            st["target_counts"] = counts + np.pad(st["target_counts"], (0, len(counts) - len(st["target_counts"])))
-            st["source_tokens"] += src_t[full | tail].sum(axis=0)
-            st["source_bytes"] += src_b[full | tail].sum(axis=0)
-    for st in stats.values():
-        st["content_hash"] = st.pop("hash").hexdigest()[:16]
-    return stats
 
 
 # -- manifest ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from raylm.models.io import load_config as load_model_config
 from .checkpoint import latest_checkpoint
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .errors import ConfigError, TrainingFailed
-from .prepare import stream_train_windows
+from .packing import stream_train_windows
 from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
 

@@ -141,7 +141,7 @@ def test_diverging_run_fails_with_one_line_and_keeps_only_good_checkpoints(ray_c
 
 
 def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_path):
-    from raylm.pipelines.prepare import stream_train_windows
+    from raylm.pipelines.packing import stream_train_windows
 
     overrides = tiny_overrides(tmp_path) + ["data.streaming=true", "train.max_steps=20", "train.eval_interval=20"]
     assert main(cli_args("run", overrides)) == 0
