@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import SaveMode
@@ -24,8 +25,9 @@ from .runtime import cluster_cpus
 from .tokenizer import eos_id, load_tokenizer, token_byte_lengths
 
 SPLITS = ("train", "val", "test")
-PACK_ROWS = 1024  # documents per packing batch: each split's last partial window per batch is counted, not kept
+PACK_ROWS = 4096  # documents per packing batch: each split's last partial window per batch is counted, not kept
 TRAIN_DOCS = "train_docs"  # streaming mode: the kept train documents, packed while training
+SHARD_BYTES = 64 * 2**20  # a shard file holds about this much token data
 
 
 class EncodeAndPack:
@@ -46,9 +48,12 @@ class EncodeAndPack:
         eos = np.array([self.eos], np.int32)
         ids = np.concatenate([a for e in encodings for a in (np.array(e.ids, np.int32), eos)] or [np.zeros(0, np.int32)])
         lengths = np.array([len(e.ids) + 1 for e in encodings])
-        doc_split = np.repeat(batch.column("split").to_numpy(zero_copy_only=False), lengths)
-        doc_source = np.repeat(batch.column("source_index").to_numpy(), lengths)
-        parts = [self._windows(ids[doc_split == s], doc_source[doc_split == s], s) for s in np.unique(doc_split)]
+        # Splits as small integer codes per token: np.unique over 4M token-level strings cost 2 s
+        # of the 6 s this call took on the benchmark corpus.
+        names, codes = np.unique(batch.column("split").to_numpy(zero_copy_only=False), return_inverse=True)
+        token_split = np.repeat(codes, lengths)
+        token_source = np.repeat(batch.column("source_index").to_numpy(), lengths)
+        parts = [self._windows(ids[token_split == i], token_source[token_split == i], s) for i, s in enumerate(names)]
         return pa.concat_tables(parts) if parts else self._table(np.zeros((0, self.width), np.int32), [], np.zeros(0), np.zeros(0))
 
     def _windows(self, stream: np.ndarray, source: np.ndarray, split: str) -> pa.Table:
@@ -106,8 +111,11 @@ def _pack_task(batch: pa.Table, tokenizer_path: str, width: int, n_sources: int)
     return _packer(tokenizer_path, width, n_sources)(batch)
 
 
-def encode_and_pack(docs, source_names: list[str], tokenizer_path: Path, seq_len: int):
-    return pack_stream(kept_documents(docs, source_names), tokenizer_path, seq_len, len(source_names)).materialize()
+def encode_and_pack(docs, source_names: list[str], tokenizer_path: Path, seq_len: int, out: Path, write: tuple[str, ...]) -> dict:
+    """Pack the kept documents and consume the windows in order on the driver: per-split
+    statistics for the manifest, and the splits named in `write` as shards under `out`."""
+    windows = pack_stream(kept_documents(docs, source_names), tokenizer_path, seq_len, len(source_names))
+    return collect_windows(windows, len(source_names), {s: ShardWriter(out / s) for s in write})
 
 
 def write_train_documents(docs, source_names: list[str], out: Path) -> None:
@@ -142,26 +150,48 @@ class ShardNames(FilenameProvider):
         return f"{self.split}-{task_index:05d}.parquet"
 
 
-def write_split(windows, split: str, width: int, out: Path) -> None:
-    rows = windows.filter(expr=col("split") == split).select_columns(["tokens"])
-    # Shards of about 64 MiB: one write task per packing block would mean many small files.
-    # OVERWRITE: the directory is new (prepare clears it), and fixed names need this mode.
-    rows.write_parquet(str(out / split), filename_provider=ShardNames(split), mode=SaveMode.OVERWRITE,
-                       min_rows_per_file=max(1, 64 * 2**20 // (4 * width)))
+class ShardWriter:
+    """One split's windows, in data order, as <split>/<split>-00000.parquet, ... of about
+    SHARD_BYTES each. The driver already streams every window for the ordered content hash,
+    so it writes them in the same pass: three Ray Data write_parquet passes (one per split)
+    took 5.0 s on the 17 MB benchmark output, this 0.25 s."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.index, self.bytes, self.writer = directory, 0, 0, None
+
+    def write(self, tokens: np.ndarray) -> None:
+        if not len(tokens):
+            return
+        table = pa.table({"tokens": as_fixed_list(tokens)})
+        if self.writer is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{self.directory.name}-{self.index:05d}.parquet"
+            self.writer = pq.ParquetWriter(path, table.schema)
+        self.writer.write_table(table)
+        self.bytes += tokens.nbytes
+        if self.bytes >= SHARD_BYTES:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.bytes, self.index = None, 0, self.index + 1
 
 
-def window_stats(windows, splits: tuple[str, ...], n_sources: int) -> dict[str, dict]:
+def collect_windows(windows, n_sources: int, writers: dict[str, ShardWriter]) -> dict[str, dict]:
     """Per split: windows, tokens, tail tokens dropped, a content hash of the windows in order,
-    target-token counts, and tokens and bytes per source (the achieved mix)."""
+    target-token counts, and tokens and bytes per source (the achieved mix). Splits with a
+    writer are written as they pass."""
     stats = {s: {"windows": 0, "tokens": 0, "tail_tokens_dropped": 0, "hash": hashlib.sha256(),
                  "target_counts": np.zeros(0, np.int64), "source_tokens": np.zeros(n_sources, np.int64),
-                 "source_bytes": np.zeros(n_sources, np.int64)} for s in splits}
+                 "source_bytes": np.zeros(n_sources, np.int64)} for s in SPLITS}
     for batch in windows.iter_batches(batch_size=None, batch_format="pyarrow"):
         tokens, labels = as_matrix(batch.column("tokens")), batch.column("split").to_numpy(zero_copy_only=False)
         src_t, src_b = as_matrix(batch.column("source_tokens")), as_matrix(batch.column("source_bytes"))
-        for split in splits:
+        for split, st in stats.items():
             full, tail = labels == split, labels == f"{split}:tail"
-            st = stats[split]
+            if split in writers:
+                writers[split].write(tokens[full])
             st["windows"] += int(full.sum())
             st["tokens"] += int(tokens[full].size)
             st["tail_tokens_dropped"] += int((tokens[tail] >= 0).sum())
@@ -170,6 +200,8 @@ def window_stats(windows, splits: tuple[str, ...], n_sources: int) -> dict[str, 
             st["target_counts"] = counts + np.pad(st["target_counts"], (0, len(counts) - len(st["target_counts"])))
             st["source_tokens"] += src_t[full | tail].sum(axis=0)
             st["source_bytes"] += src_b[full | tail].sum(axis=0)
+    for writer in writers.values():
+        writer.close()
     for st in stats.values():
         st["content_hash"] = st.pop("hash").hexdigest()[:16]
     return stats

@@ -26,6 +26,8 @@ PARQUET_SUFFIXES = {".parquet"}
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 READABLE = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
 SNIPPET_CHARS = 120
+DOCUMENT_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("path", pa.string()), ("line", pa.int64()),
+                             ("text", pa.string()), ("reason", pa.string()), ("snippet", pa.string()), ("raw_bytes", pa.int64())])
 
 # Project Gutenberg wraps each book in a licence header and footer, between these markers.
 PG_START = re.compile(rb"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^\n]*\n", re.M)
@@ -99,7 +101,7 @@ def file_format(path: str, configured: str) -> str:
 
 def documents_of_file(row: dict, source: str, fmt: str, text_field: str, doc_boundary: str,
                       strip_boilerplate: bool) -> list[dict]:
-    """Ray Data flat_map: one file's bytes -> document rows (rejected ones carry a reason)."""
+    """One file's bytes -> document rows (rejected ones carry a reason); prepare calls it per file."""
     path = row["path"]
     reader = Reader(source, path)
     data = reader.decompress(row["bytes"])
