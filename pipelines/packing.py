@@ -43,7 +43,8 @@ class EncodeAndPack:
         self.token_bytes = token_byte_lengths(tok)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # encode_batch_fast skips the character offsets raylm never uses: ~20% faster here.
+        # encode_batch_fast skips the character offsets raylm never uses: 4.7 vs 5.1 s (mean of 3)
+        # for the benchmark corpus in 4096-document batches; a small gain next to the noise.
         encodings = self.tok.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
         eos = np.array([self.eos], np.int32)
         ids = np.concatenate([a for e in encodings for a in (np.array(e.ids, np.int32), eos)] or [np.zeros(0, np.int32)])
