@@ -40,7 +40,7 @@ from .decontam import build_index, contaminating_sets
 from .dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
 from .errors import DataError
 from .packing import SPLITS, encode_and_pack, write_train_documents
-from .readers import DOCUMENT_SCHEMA, SNIPPET_CHARS, documents_of_file, file_format, list_files, source_name
+from .readers import DOCUMENT_SCHEMA, SNIPPET_CHARS, documents_of_file, file_format, list_source, source_name
 from .tokenizer import eos_id, load_tokenizer, token_byte_lengths, train_tokenizer
 
 STRICT_REASONS = (*READ_REASONS, "too_long")  # corrupt input; other drops are policy
@@ -122,7 +122,7 @@ def resolve_sources(data: DataSection, output_dir: Path, generate: bool = True) 
     for i, s in enumerate(data.sources):
         files, ignored, filesystem = [], [], None
         for pattern in s.paths:
-            matched, skipped, filesystem = _list(pattern, f"data.sources.{i}.paths")
+            matched, skipped, filesystem = list_source(pattern, f"data.sources.{i}.paths")
             files, ignored = files + matched, ignored + skipped
         sources.append(Source(source_name(s.paths, s.name), sorted(set(files)), filesystem, s.format,
                               s.text_field, s.doc_boundary, s.weight, sorted(set(ignored))))
@@ -130,16 +130,6 @@ def resolve_sources(data: DataSection, output_dir: Path, generate: bool = True) 
     if len(set(names)) != len(names):
         raise DataError(f"data.sources: names must be unique, got {names}; set `name` on each source")
     return sources, None
-
-
-def _list(pattern: str, key: str):
-    try:
-        files, ignored, filesystem = list_files(pattern)
-    except (OSError, ValueError, ImportError) as err:
-        raise DataError(f"{key}: cannot list {pattern!r}: {err}") from None
-    if not files:
-        raise DataError(f"{key}: {pattern!r} matches no readable files (.txt .md .jsonl .parquet, optionally .gz/.zst)")
-    return files, ignored, filesystem
 
 
 def _grammar_dir(data: DataSection, output_dir: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -60,6 +61,26 @@ def list_files(pattern: str) -> tuple[list[str], list[str], object]:
     candidates = path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
     found = sorted(str(p.resolve()) for p in candidates if p.is_file())
     return [f for f in found if _readable(f)], [f for f in found if not _readable(f)], None
+
+
+def list_source(pattern: str, key: str) -> tuple[list[str], list[str], object]:
+    """list_files for a config entry: a path that cannot be listed or matches nothing is a
+    DataError naming the key."""
+    try:
+        files, ignored, filesystem = list_files(pattern)
+    except (OSError, ValueError, ImportError) as err:
+        raise DataError(f"{key}: cannot list {pattern!r}: {err}") from None
+    if not files:
+        raise DataError(f"{key}: {pattern!r} matches no readable files (.txt .md .jsonl .parquet, optionally .gz/.zst)")
+    return files, ignored, filesystem
+
+
+def check_sources(sources) -> None:
+    """Every path of every configured source matches a file: run before Ray starts, so a typo
+    costs a fraction of a second instead of a cluster start (20 s here)."""
+    for i, source in enumerate(sources):
+        for pattern in source.paths:
+            list_source(pattern, f"data.sources.{i}.paths")
 
 
 def _list_remote(uri: str):

@@ -69,6 +69,10 @@ def resolve_config(args: argparse.Namespace) -> RaylmConfig:
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
+    if "prepare" in STAGES[args.command]:
+        from raylm.pipelines.readers import check_sources  # pyarrow only: no Ray yet
+
+        check_sources(cfg.data.sources)
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
     out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None))

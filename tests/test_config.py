@@ -115,3 +115,14 @@ def test_bad_config_fails_before_ray_or_torch_is_imported(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_missing_data_path_fails_before_ray_is_imported(tmp_path):
+    probe = (
+        "import sys; from raylm.cli import main; "
+        f"rc = main(['prepare', '--data', {str(tmp_path / 'typo.txt')!r}]); "
+        "assert rc == 2; assert 'ray' not in sys.modules, 'imported too early'"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "data.sources.0.paths" in proc.stderr and "typo.txt" in proc.stderr and "matches no readable files" in proc.stderr
