@@ -1,6 +1,21 @@
-"""Model family: plain single-device PyTorch. Imports torch and safetensors only, never Ray."""
+"""Model family: plain single-device PyTorch. Never imports Ray.
 
-from .gpt import GPT, ModelConfig
-from .io import load_model, save_model
+`raylm.models.config` (shapes, presets, parameter and FLOP counts) does not import torch
+either, so configs are checked and sized without it; the names below load torch on first use.
+"""
 
-__all__ = ["GPT", "ModelConfig", "load_model", "save_model"]
+from .config import PRESETS, ModelConfig, flops_per_token, param_counts
+
+__all__ = ["GPT", "ModelConfig", "PRESETS", "flops_per_token", "load_model", "param_counts", "save_model"]
+
+
+def __getattr__(name: str):
+    if name == "GPT":
+        from .gpt import GPT
+
+        return GPT
+    if name in ("load_model", "save_model"):
+        from . import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'raylm.models' has no attribute {name!r}")

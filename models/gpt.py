@@ -1,62 +1,20 @@
 """A decoder-only transformer as plain single-device PyTorch.
 
 Llama-style blocks: RoPE positions, RMSNorm, SwiGLU MLP and grouped-query attention through
-`scaled_dot_product_attention` (flash kernels on GPU). Nothing here knows about Ray or
-distribution: data parallelism is applied to this module from the outside (Ray Train's
-prepare_model, called in pipelines/train_loop.py).
+`scaled_dot_product_attention` (flash kernels on GPU), optional QK-norm, and a KV cache for
+decoding batches of left-padded prompts. Nothing here knows about Ray or distribution: data
+parallelism is applied to this module from the outside (pipelines/train_loop.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: = n_head (plain multi-head attention)
-    n_embd: int = 128
-    block_size: int = 128  # longest context the RoPE tables cover
-    ffn_hidden: int | None = None  # None: Llama's rule, see ffn_width()
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        self.n_kv_head = self.n_kv_head or self.n_head
-        checks = {
-            "vocab_size": self.vocab_size > 0,
-            "n_layer": self.n_layer > 0,
-            "n_embd": self.n_embd % self.n_head == 0,
-            "n_kv_head": self.n_head % self.n_kv_head == 0,
-            "block_size": self.block_size > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid model config ({', '.join(bad)}): {self}")
-        if self.head_dim % 2:
-            raise ValueError(f"head dim n_embd/n_head = {self.head_dim} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def ffn_width(self) -> int:
-        # Llama: 2/3 of 4d keeps SwiGLU's three matrices at the cost of a 4d GELU MLP's two;
-        # rounded up to a multiple of 64 so matmuls tile well.
-        hidden = self.ffn_hidden or int(2 * 4 * self.n_embd / 3)
-        return 64 * math.ceil(hidden / 64)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import ModelConfig
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,31 +26,58 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs); cos/sin (T, hs), or (B, 1, T, hs) when rows sit at different positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """Keys and values of every layer for `length` slots of a batch, filled as decoding goes.
+    Slots, not positions: a left-padded row's tokens sit at slot = position + its padding."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, length: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, length, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.filled = 0  # slots written by all layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nkv, T, hs) keys and values; return all of them so far."""
+        end = self.filled + k.shape[2]
+        self.k[layer, :, :, self.filled:end], self.v[layer, :, :, self.filled:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         # GQA: fewer key/value heads shrink the KV cache by n_head / n_kv_head at decode time.
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.dropout = cfg.dropout
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """mask (B, 1, T, S) of allowed keys, or None for plain causal attention (or, for a
+        single new token, attention to everything cached)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs), S = cached + T
         y = F.scaled_dot_product_attention(
             q, k, v,
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None and k.shape[2] == T,  # False only for one token after a cache
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
@@ -113,16 +98,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x, cos, sin, mask=None, cache=None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -132,7 +117,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -153,20 +138,41 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, pad: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean loss.
+        With a cache, idx continues the cached slots; pad (B,) is each row's left padding."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
+        start = cache.filled if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin, mask = self._positions(start, T, pad)
         x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.filled += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def _positions(self, start: int, T: int, pad: torch.Tensor | None):
+        """RoPE tables for slots start..start+T, and the attention mask (None: plain causal)."""
+        if pad is None:
+            mask = None
+            if start and T > 1:  # a chunk after cached tokens: causal, shifted by `start`
+                pad = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
+            else:
+                return self.rope_cos[start:start + T], self.rope_sin[start:start + T], mask
+        slots = torch.arange(start, start + T, device=pad.device)  # (T,)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        keys = torch.arange(start + T, device=pad.device)  # (S,)
+        # A key is visible if it is not later and not padding; a pad slot sees itself only,
+        # so no row is fully masked (that would put NaN into the cache).
+        mask = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))  # (B, T, S)
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import safetensors.torch
 
-from .gpt import GPT, ModelConfig
+from .config import ModelConfig
+from .gpt import GPT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raylm.models.config import PRESETS
+
 from .errors import ConfigError
 
 
@@ -133,6 +135,10 @@ class TokenizerSection(Section):
 
 
 class ModelSection(Section):
+    """A preset's shape (raylm.models.config.PRESETS), with any field given beside it winning:
+    `model: {preset: 124m, n_layer: 6}`. Without a preset, the fields' defaults below."""
+
+    preset: Literal[tuple(PRESETS)] | None = None
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(4, gt=0)
     n_kv_head: int | None = Field(None, gt=0)
@@ -143,6 +149,14 @@ class ModelSection(Section):
     tie_embeddings: bool = True
     rope_theta: float = Field(10_000.0, gt=0)
     vocab_size: int | None = Field(None, gt=0)  # None: the tokenizer's, padded to a multiple of 64
+    qk_norm: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_first(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data  # an unknown preset name fails on the field, listing the valid ones
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelSection":

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raylm.models import flops_per_token, param_counts
+
 from .checkpoint import latest_checkpoint
 from .config import RaylmConfig, section_fingerprint
 from .errors import DataError
@@ -100,7 +102,10 @@ def data_metrics(manifest: dict) -> dict[str, float]:
 
 def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker) -> Path:
     model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
-    tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size})
+    counts = param_counts(model_cfg)
+    tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size, "model.params_total": counts["total"],
+                        "model.params_non_embedding": counts["non_embedding"],
+                        "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"])})
     result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id})
     checkpoint = Path(result.checkpoint.path)
     tracker.log_artifact(checkpoint, "checkpoint")

@@ -22,7 +22,7 @@ def build_model_config(section: ModelSection, tokenizer_vocab: int) -> ModelConf
     vocab = section.vocab_size or 64 * math.ceil(tokenizer_vocab / 64)
     if vocab < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
-    fields = section.model_dump(exclude={"vocab_size"})
+    fields = section.model_dump(exclude={"vocab_size", "preset"})
     return ModelConfig(vocab_size=vocab, **fields)
 
 

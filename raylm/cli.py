@@ -23,6 +23,8 @@ HELP = {
     "pretrain": "train the model on prepared data (Ray Train, DDP workers)",
     "evaluate": "score a checkpoint on the validation split (Ray Data batch inference) and sample",
     "generate": "print text sampled from a checkpoint (runs in-process)",
+    "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
+    "import-hf": "turn a Hugging Face Llama-architecture directory (safetensors) into a raylm model directory",
 }
 
 
@@ -42,12 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help=HELP["generate"], description=HELP["generate"])
     _config_args(g)
     g.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
-    g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="text to continue; repeat for a batch (default: start a new document)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="at most this many (and within the model's context)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this mass")
+    g.add_argument("--stop", action="append", default=[], metavar="TOKEN",
+                   help="also stop at this one-token string (repeatable; EOS always stops)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("export-hf", help=HELP["export-hf"], description=HELP["export-hf"])
+    _config_args(e)
+    e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
+    e.add_argument("--out", type=Path, required=True, help="directory to write")
+    e.set_defaults(func=cmd_export_hf)
+    i = sub.add_parser("import-hf", help=HELP["import-hf"], description=HELP["import-hf"])
+    i.add_argument("source", type=Path, help="directory with config.json and model.safetensors (or shards)")
+    i.add_argument("--out", type=Path, required=True, help="raylm model directory to write")
+    i.set_defaults(func=cmd_import_hf)
     return parser
 
 
@@ -83,13 +98,47 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     from raylm.pipelines.jobs import find_checkpoint
-    from raylm.pipelines.sampling import sample_text
+    from raylm.pipelines.sampling import sample_texts
 
-    checkpoint = args.checkpoint or find_checkpoint(cfg)
-    if not (checkpoint / "model.safetensors").is_file():
-        raise RaylmError(f"--checkpoint: {checkpoint} holds no model.safetensors")
-    print(sample_text(checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed))
+    checkpoint = _model_dir(args.checkpoint or find_checkpoint(cfg), "--checkpoint")
+    texts = sample_texts(checkpoint, args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k or None,
+                         args.top_p, tuple(args.stop), args.seed)
+    print("\n\n".join(texts))
     return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    from raylm.models.hf import NotConvertible, export_hf
+    from raylm.pipelines.jobs import find_checkpoint
+
+    checkpoint = _model_dir(args.checkpoint or find_checkpoint(cfg), "--checkpoint")
+    try:
+        out = export_hf(checkpoint, args.out)
+    except NotConvertible as err:
+        raise RaylmError(str(err)) from None
+    print(f"exported {checkpoint} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from raylm.models import param_counts
+    from raylm.models.hf import NotConvertible, import_hf
+
+    if not (args.source / "config.json").is_file():
+        raise RaylmError(f"{args.source}: no config.json (expected a Hugging Face model directory)")
+    try:
+        model = import_hf(args.source, args.out)
+    except NotConvertible as err:
+        raise RaylmError(str(err)) from None
+    print(f"imported {args.source} -> {args.out} ({param_counts(model.config)['total']:,} parameters)")
+    return 0
+
+
+def _model_dir(path: Path, flag: str) -> Path:
+    if not (path / "model.safetensors").is_file():
+        raise RaylmError(f"{flag}: {path} holds no model.safetensors")
+    return path
 
 
 def print_summary(command: str, cfg: RaylmConfig, out) -> None:

@@ -163,3 +163,18 @@ def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_pat
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["final_val_loss"] < run.data.metrics["baseline_unigram_nats_per_token"]
+
+
+def test_exported_checkpoint_generates_the_same_greedy_text_in_transformers(quickstart, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    final = quickstart / "runs" / "train" / "quickstart" / "checkpoint_000060"
+    assert main(["export-hf", "--checkpoint", str(final), "--out", str(tmp_path / "hf")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = tok("The sailor", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.eos_token_id)
+    new = out[0, prompt.shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert tok.decode(prompt[0].tolist() + new) == sample_text(final, "The sailor", max_new_tokens=30, temperature=0)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from raylm.models import GPT, ModelConfig, load_model, save_model
-from raylm.models.generate import generate
+from raylm.models import GPT, PRESETS, ModelConfig, flops_per_token, load_model, param_counts, save_model
+from raylm.models.generate import generate, pick_next
+from raylm.models.gpt import KVCache
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -81,10 +82,87 @@ def test_overfits_one_batch():
 def test_greedy_generation_is_deterministic_and_stops():
     torch.manual_seed(0)
     model = GPT(tiny())
-    prompt = torch.tensor([[1, 2, 3]])
-    a = generate(model, prompt, max_new_tokens=20, temperature=0)
-    b = generate(model, prompt, max_new_tokens=20, temperature=0)
-    assert torch.equal(a, b) and a.shape == (1, 23)
-    first = int(a[0, 3])
-    stopped = generate(model, prompt, max_new_tokens=20, temperature=0, stop_token=first)
-    assert stopped.shape == (1, 4)
+    a = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)
+    b = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)
+    assert a == b and len(a[0]) == 13  # block_size 16 leaves room for 13 new tokens
+    stop = a[0][-1]
+    stopped = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0, stop_tokens=(stop,))
+    assert stopped == [a[0][:a[0].index(stop)]]  # everything before the first stop token
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 1}, {"qk_norm": True}])
+def test_kv_cache_logits_equal_full_forward(overrides):
+    torch.manual_seed(0)
+    model = GPT(tiny(**overrides)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    cache = KVCache(model.config, 2, 16)
+    with torch.no_grad():
+        full, _ = model(idx)
+        steps = [model(idx[:, :5], cache=cache)[0],  # prefill
+                 model(idx[:, 5:9], cache=cache)[0]]  # a chunk after cached tokens
+        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 16)]  # one token at a time
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_left_padded_batch_decodes_like_each_prompt_alone():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_kv_head=2))
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
+    batch = generate(model, prompts, max_new_tokens=8, temperature=0)
+    assert batch == [generate(model, [p], max_new_tokens=8, temperature=0)[0] for p in prompts]
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    greedy = generate(model, [[1, 2]], 10, temperature=0)
+    gen = torch.Generator().manual_seed(0)
+    assert generate(model, [[1, 2]], 10, temperature=1.0, top_k=1, generator=gen) == greedy
+    assert generate(model, [[1, 2]], 10, temperature=1.0, top_p=1e-6, generator=gen) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_over_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(pick_next(logits, 1.0, top_p=0.7, generator=gen)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: tokens 2 and 3 never come
+
+
+def test_prompt_filling_the_context_is_refused():
+    with pytest.raises(ValueError, match="no room"):
+        generate(GPT(tiny()), [list(range(16))], 5)
+
+
+# -- presets and accounting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}, {"tie_embeddings": False}, {"qk_norm": True},
+                                       {"ffn_hidden": 100}])
+def test_parameter_counts_without_torch_match_the_module(overrides):
+    cfg = tiny(**overrides)
+    model = GPT(cfg)
+    assert param_counts(cfg) == {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True)}
+
+
+@pytest.mark.parametrize("preset, vocab, published", [
+    ("llama-7b", 32000, 6_738_415_616),  # Llama 2 7B
+    ("llama-3b", 128256, 3_212_749_824),  # Llama 3.2 3B
+    ("llama-1b", 128256, 1_235_814_400),  # Llama 3.2 1B
+])
+def test_llama_presets_have_the_published_parameter_counts(preset, vocab, published):
+    assert param_counts(ModelConfig(vocab_size=vocab, **PRESETS[preset]))["total"] == published
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_a_valid_shape(preset):
+    cfg = ModelConfig(vocab_size=50304, **PRESETS[preset])
+    assert cfg.n_head % cfg.n_kv_head == 0 and cfg.head_dim % 2 == 0
+    if preset == "tiny":
+        assert GPT(cfg).num_params() == param_counts(cfg)["total"]
+
+
+def test_flops_per_token_by_hand():
+    cfg = tiny(n_kv_head=2)  # d=32, L=2, 4 heads of 8, kv width 16, ffn 128, V=97
+    matmuls = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128) + 97 * 32  # blocks + output head
+    norms = 2 * 2 * 32 + 32  # counted in N as in 6N
+    assert flops_per_token(cfg, seq_len=16) == 6 * (matmuls + norms) + 12 * 2 * 4 * 8 * 16

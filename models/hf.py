@@ -1,0 +1,163 @@
+"""Hugging Face interop: a raylm model directory <-> a `LlamaForCausalLM` directory.
+
+raylm's block is Llama's (RoPE in the rotate-half layout HF uses, RMSNorm, SwiGLU, GQA), so
+conversion renames tensors and translates the config; no weight is permuted. Files only:
+this module does not need `transformers`, and it reads weights from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from .config import ModelConfig
+from .gpt import GPT
+from .io import load_model, save_model
+
+TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+TOP_FROM_HF, LAYER_FROM_HF = {v: k for k, v in TOP.items()}, {v: k for k, v in LAYER.items()}
+
+
+class NotConvertible(ValueError):
+    """The model uses something the other side cannot express."""
+
+
+def hf_name(name: str) -> str:
+    if name.startswith("blocks."):
+        _, layer, rest = name.split(".", 2)  # blocks.<i>.<rest>
+        return f"model.layers.{layer}.{LAYER[rest]}"
+    return TOP[name]
+
+
+def raylm_name(name: str) -> str:
+    if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)  # model.layers.<i>.<rest>
+        return f"blocks.{layer}.{LAYER_FROM_HF[rest]}"
+    return TOP_FROM_HF[name]
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir` so that `AutoModelForCausalLM.from_pretrained(out_dir)` is this model
+    (and, if the directory has `tokenizer.json`, `AutoTokenizer` its tokenizer)."""
+    model, out = load_model(model_dir), Path(out_dir)
+    cfg = model.config
+    if cfg.qk_norm:
+        raise NotConvertible("model.qk_norm has no equivalent in LlamaForCausalLM; export refused")
+    tensors = {hf_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del tensors["lm_head.weight"]  # HF re-ties it from tie_word_embeddings
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    eos = _copy_tokenizer(Path(model_dir), out, cfg)
+    (out / "config.json").write_text(json.dumps(llama_config(cfg, eos), indent=2) + "\n")
+    return out
+
+
+def llama_config(cfg: ModelConfig, eos: int | None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.ffn_width(),
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers >= 5
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+    }
+
+
+def _copy_tokenizer(model_dir: Path, out: Path, cfg: ModelConfig) -> int | None:
+    """tokenizer.json plus the small config AutoTokenizer needs; returns the EOS id (the
+    first special token, raylm's end-of-document marker)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
+    added = json.loads((model_dir / "tokenizer.json").read_text()).get("added_tokens", [])
+    special = [t for t in added if t.get("special")]
+    if not special:
+        return None
+    eos = special[0]
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos["content"], "bos_token": eos["content"],
+        "model_max_length": cfg.block_size}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eos["id"], "eos_token_id": eos["id"]}) + "\n")
+    return eos["id"]
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> GPT:
+    """A Llama-architecture HF checkpoint (safetensors, one file or sharded) as a raylm model
+    directory in float32, ready to fine-tune; its tokenizer.json comes along."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    state = {raylm_name(k): v.float() for k, v in _read_weights(hf_dir).items() if "rotary_emb" not in k}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model = GPT(cfg)
+    model.load_state_dict(state, strict=True)
+    save_model(model, out)
+    if (hf_dir / "tokenizer.json").is_file():
+        shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
+    return model
+
+
+def model_config_from_hf(c: dict) -> ModelConfig:
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    checks = {
+        "model_type": (c.get("model_type") == "llama", "only Llama-architecture checkpoints"),
+        "hidden_act": (c.get("hidden_act", "silu") == "silu", "SwiGLU with SiLU only"),
+        "attention_bias": (not c.get("attention_bias"), "no attention biases"),
+        "mlp_bias": (not c.get("mlp_bias"), "no MLP biases"),
+        "rope": (rope.get("rope_type", rope.get("type", "default")) == "default", "plain RoPE, no rope scaling"),
+        "head_dim": (c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]),
+                     "head_dim = hidden_size / num_attention_heads"),
+    }
+    for key, (ok, what) in checks.items():
+        if not ok:
+            raise NotConvertible(f"config.json {key}: raylm imports {what}")
+    return ModelConfig(
+        vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+        n_kv_head=c.get("num_key_value_heads"), n_embd=c["hidden_size"], block_size=c["max_position_embeddings"],
+        ffn_hidden=c["intermediate_size"], tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), norm_eps=c.get("rms_norm_eps", 1e-6),
+    )
+
+
+def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if not (hf_dir / files[0]).is_file():
+        raise NotConvertible(f"{hf_dir}: no model.safetensors; raylm never unpickles pytorch_model.bin")
+    return {k: v for f in files for k, v in safetensors.torch.load_file(str(hf_dir / f)).items()}
