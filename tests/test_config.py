@@ -126,3 +126,21 @@ def test_missing_data_path_fails_before_ray_is_imported(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "data.sources.0.paths" in proc.stderr and "typo.txt" in proc.stderr and "matches no readable files" in proc.stderr
+
+
+def test_model_preset_with_overrides_beside_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {preset: 124m, n_layer: 6}\n")
+    model = load_config(f).model
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (6, 12, 768, 1024)
+    assert load_config(f, ["model.n_embd=384"]).model.n_embd == 384  # an override beats the preset too
+
+
+def test_unknown_model_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model\.preset: .*'124m'.*'llama-7b'.*\(got '125m'\)"):
+        load_config(None, ["model.preset=125m"])
+
+
+def test_preset_shapes_are_still_validated():
+    with pytest.raises(ConfigError, match="n_embd=770 must be divisible by n_head=12"):
+        load_config(None, ["model.preset=124m", "model.n_embd=770"])
