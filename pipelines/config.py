@@ -185,6 +185,10 @@ class TrainSection(Section):
     eval_windows: int = Field(64, gt=0)  # validation windows scored at each eval_interval
     checkpoint_interval: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # Budgets: training stops at the first one spent, with a final checkpoint (None: no limit).
+    max_tokens: int | None = Field(None, gt=0)
+    max_hours: float | None = Field(None, gt=0)
+    max_usd: float | None = Field(None, gt=0)  # priced by pipelines/cost.py, or scaling.price_per_hour
 
 
 class ScalingSection(Section):
@@ -192,6 +196,7 @@ class ScalingSection(Section):
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0)  # None: share the cluster's CPUs evenly
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
+    price_per_hour: float | None = Field(None, ge=0)  # USD per GPU (or CPU core) hour; None: pipelines/cost.py's table
 
 
 class TrackingSection(Section):

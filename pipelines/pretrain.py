@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from raylm.models import ModelConfig
+from raylm.models import ModelConfig, flops_per_token
 from raylm.models.io import load_config as load_model_config
 
 from .checkpoint import latest_checkpoint
@@ -42,15 +42,17 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
 
     refuse_other_model(run, model)
     streaming = bool(manifest.get("streaming"))
-    job = {"model": model, "train": train, "data_dir": manifest["path"], "seq_len": manifest["seq_len"],
-           "streaming": streaming, "seed": run.seed, "tracking": tracking}
+    cpus = worker_cpus(scaling, streaming)
+    job = {"model": model, "train": train, "scaling": scaling, "cpus_per_worker": cpus,
+           "flops_per_token": flops_per_token(model, manifest["seq_len"]), "data_dir": manifest["path"],
+           "seq_len": manifest["seq_len"], "streaming": streaming, "seed": run.seed, "tracking": tracking}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": worker_cpus(scaling, streaming)},
+            resources_per_worker={"CPU": cpus},
         ),
         datasets={"train": stream_train_windows(manifest)} if streaming else None,
         # In stream order, so a run sees the same windows in the same order every time.

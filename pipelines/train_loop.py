@@ -4,6 +4,7 @@ the pieces it calls (optimizer, loader, checkpoint, metrics) live in their own m
 from __future__ import annotations
 
 import logging
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from raylm.models import GPT
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cost import CostMeter, budget_reason, detect_hardware
 from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
 from .scoring import score_windows, summarize
@@ -26,7 +28,8 @@ from .tracking import MetricSink
 
 
 def train_loop_per_worker(job: dict) -> None:
-    """job: {"model": ModelConfig, "train": TrainSection, "data_dir": str, "seq_len": int,
+    """job: {"model": ModelConfig, "train": TrainSection, "scaling": ScalingSection,
+    "cpus_per_worker": float, "flops_per_token": int, "data_dir": str, "seq_len": int,
     "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}}, built by pretrain.py."""
     # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
     # its own progress lines, so keep worker logs to warnings.
@@ -40,28 +43,39 @@ def train_loop_per_worker(job: dict) -> None:
     model = GPT(job["model"]).to(device)
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(job, rank, world)
-    start_step = restore(model, optimizer, loader)
+    resumed = restore(model, optimizer, loader)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     tokens_per_step = cfg.batch_size * job["seq_len"]
-    log = StepLog(rank, job["tracking"], cfg, tokens_per_step, start_step)
+    scaling = job["scaling"]
+    hardware = detect_hardware(scaling.use_gpu, world, job["cpus_per_worker"], scaling.price_per_hour)
+    meter = CostMeter(hardware, job["flops_per_token"], tokens_per_step, cfg.max_steps)
+    if cfg.max_usd and hardware.price_per_hour is None:
+        raise ValueError(f"train.max_usd needs a price and none is known for {hardware.name}: set scaling.price_per_hour")
+    log = StepLog(rank, job["tracking"], cfg, meter, resumed)
 
     try:
-        for step in range(start_step, cfg.max_steps):
+        for step in range(resumed["step"], cfg.max_steps):
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
-            loss, grad_norm = train_step(ddp_model, optimizer, loader, accum, cfg.grad_clip, device)
+            loss, grad_norm, data_wait = train_step(ddp_model, optimizer, loader, accum, cfg.grad_clip, device)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; no checkpoint written for this state")
             done = step + 1
-            log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm})
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}, data_wait)
+            stop = spent_budget(cfg, done * tokens_per_step, log.elapsed(), meter, device)
+            last = done == cfg.max_steps or stop is not None
+            if done % cfg.eval_interval == 0 or last:
                 log.eval(done, validator.run(model))
                 log.reset_clock()
-            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
-                report_checkpoint(done, model, optimizer, loader, data_dir / "tokenizer.json", log.latest)
+            if done % cfg.checkpoint_interval == 0 or last:
+                state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed()}
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", log.latest)
                 log.reset_clock()
+            if stop:
+                log.note(f"stopped at step {done}: {stop}")
+                break
     finally:
         log.close()  # deliver the metrics of the last interval even when a step raised
 
@@ -75,11 +89,14 @@ def make_loader(job: dict, rank: int, world: int):
     return WindowLoader(read_windows(Path(job["data_dir"]) / "train"), micro, rank, world, job["seed"])
 
 
-def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[float, float]:
-    """One optimizer step over `accum` micro-batches; returns the global mean loss and grad norm."""
-    total = torch.zeros((), device=device)
+def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[float, float, float]:
+    """One optimizer step over `accum` micro-batches; returns the global mean loss, the grad
+    norm, and the seconds spent waiting for batches."""
+    total, waited = torch.zeros((), device=device), 0.0
     for micro in range(accum):
+        t0 = time.perf_counter()
         x, y = (t.to(device) for t in loader.next_batch())
+        waited += time.perf_counter() - t0
         # DDP all-reduces gradients on every backward unless told not to: only on the last one.
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync():
@@ -90,7 +107,18 @@ def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: fl
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _mean_over_ranks(total), float(grad_norm)
+    return _mean_over_ranks(total), float(grad_norm), waited
+
+
+def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter, device) -> str | None:
+    """The budget spent at this step, if any. Tokens are the same on every rank; time and
+    dollars are rank 0's to decide (clocks differ), broadcast so that all ranks stop together."""
+    reason = budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
+    if not (cfg.max_hours or cfg.max_usd) or not (dist.is_initialized() and dist.get_world_size() > 1):
+        return reason
+    flag = torch.tensor([reason is not None], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return (reason or "a time or cost budget was reached (rank 0)") if flag.item() else None
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -120,41 +148,49 @@ class Validator:
         return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
 
 
-def restore(model: GPT, optimizer, loader: WindowLoader) -> int:
-    """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch)."""
+def restore(model: GPT, optimizer, loader: WindowLoader) -> dict:
+    """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch);
+    returns the loop state: step and training seconds so far (zeros for a fresh run)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return {"step": 0, "train_seconds": 0.0}
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), model, optimizer)
     loader.load_state_dict(state["loader"])
     print(f"[train] resumed from {checkpoint.path} at step {state['step']}")
-    return int(state["step"])
+    return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
-def report_checkpoint(step: int, model: GPT, optimizer, loader: WindowLoader, tokenizer: Path, metrics: dict) -> None:
+def report_checkpoint(state: dict, model: GPT, optimizer, tokenizer: Path, metrics: dict) -> None:
     """Every rank reports (Ray Train's barrier); rank 0 alone writes, since DDP ranks are equal."""
     rank = ray.train.get_context().get_world_rank()
+    step = state["step"]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            state = {"step": step, "loader": loader.state_dict()}
             save_checkpoint(Path(tmp), model, optimizer, state, tokenizer)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 
 class StepLog:
-    """Rank 0: metrics to MLflow every step (sent in batches), one progress line per interval."""
+    """Rank 0: metrics to MLflow every step (sent in batches), one progress line per interval
+    with throughput, MFU and cost. Every rank keeps the clock (budgets need it)."""
 
-    def __init__(self, rank: int, tracking: dict, cfg, tokens_per_step: int, start_step: int):
-        self.active, self.cfg, self.tokens_per_step = rank == 0, cfg, tokens_per_step
+    def __init__(self, rank: int, tracking: dict, cfg, meter: CostMeter, resumed: dict):
+        self.active, self.cfg, self.meter = rank == 0, cfg, meter
         self.sink = MetricSink(tracking["uri"], tracking["run_id"]) if self.active and tracking else None
         self.latest: dict[str, float] = {}
-        self._clock, self._clock_step = time.perf_counter(), start_step
+        self._prior, self._started = resumed["train_seconds"], time.perf_counter()
+        self._clock, self._clock_step, self._waited = time.perf_counter(), resumed["step"], 0.0
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def elapsed(self) -> float:
+        """Wall seconds of training so far, earlier launches of this run included (for cost)."""
+        return self._prior + time.perf_counter() - self._started
+
+    def step(self, step: int, metrics: dict[str, float], data_wait: float) -> None:
         self._record(metrics, step)
+        self._waited += data_wait
         if self.active and (step % self.cfg.log_interval == 0 or step == self.cfg.max_steps):
             self._progress(step)
 
@@ -163,6 +199,10 @@ class StepLog:
         if self.active:
             print(f"[train] step {step} | val loss {metrics['val_loss']:.4f} | "
                   f"val bits/byte {metrics['val_bits_per_byte']:.4f}", flush=True)
+
+    def note(self, text: str) -> None:
+        if self.active:
+            print(f"[train] {text}", flush=True)
 
     def reset_clock(self) -> None:
         """Keep evaluation and checkpoint time out of the next interval's tokens/s."""
@@ -179,12 +219,28 @@ class StepLog:
 
     def _progress(self, step: int) -> None:
         now = time.perf_counter()
-        steps, elapsed = step - self._clock_step, max(now - self._clock, 1e-9)
-        tok_s = steps * self.tokens_per_step / elapsed
-        eta = (self.cfg.max_steps - step) * elapsed / max(steps, 1)
-        self._record({"tokens_per_s": tok_s, "tokens_seen": step * self.tokens_per_step}, step)
+        steps, seconds = max(step - self._clock_step, 1), max(now - self._clock, 1e-9)
+        tok_s = steps * self.meter.tokens_per_step / seconds
+        m = {"tokens_per_s": tok_s, "tokens_seen": step * self.meter.tokens_per_step, "step_time_s": seconds / steps,
+             "data_wait_s": self._waited / steps, "memory_gb": peak_memory_gb(),
+             **self.meter.metrics(step, self.elapsed(), tok_s)}
+        self._record(m, step)
         if self.sink:
             self.sink.flush()
+        eta = (self.cfg.max_steps - step) * seconds / steps
+        cost = f" | {usd(m['cost_usd'])} of ~{usd(m['projected_usd'])}" if "cost_usd" in m else ""
+        mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
         print(f"[train] step {step}/{self.cfg.max_steps} | loss {self.latest['train_loss']:.4f} | "
-              f"lr {self.latest['lr']:.2e} | {tok_s:,.0f} tok/s | eta {eta:.0f}s", flush=True)
-        self._clock, self._clock_step = now, step
+              f"lr {self.latest['lr']:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta:.0f}s{cost}", flush=True)
+        self._clock, self._clock_step, self._waited = now, step, 0.0
+
+
+def usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 0.01 else f"${amount:.5f}"  # a CPU test run costs fractions of a cent
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by torch, or this process' peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
