@@ -172,10 +172,16 @@ class ModelSection(Section):
 class TrainSection(Section):
     max_steps: int = Field(300, gt=0)
     batch_size: int = Field(32, gt=0)  # global sequences per optimizer step, all workers together
+    batch_tokens: int | None = Field(None, gt=0)  # or the global batch in tokens: batch_size = batch_tokens / data.seq_len
     micro_batch_size: int = Field(16, gt=0)  # sequences per worker per forward pass
     lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = Field(30, ge=0)
+    # cosine: decay from the end of warmup to max_steps. wsd (warmup-stable-decay): hold lr,
+    # then decay linearly over the last decay_fraction of the steps.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -228,6 +234,7 @@ class RaylmConfig(Section):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}"
             )
+        self._batch_from_tokens()
         per_step = self.train.micro_batch_size * self.scaling.num_workers
         if self.train.batch_size % per_step:
             raise ValueError(
@@ -235,6 +242,16 @@ class RaylmConfig(Section):
                 f"train.micro_batch_size x scaling.num_workers = {per_step}"
             )
         return self
+
+    def _batch_from_tokens(self) -> None:
+        tokens, seq_len = self.train.batch_tokens, self.data.seq_len
+        if tokens is None:
+            return
+        if "batch_size" in self.train.model_fields_set:
+            raise ValueError("give train.batch_size or train.batch_tokens, not both")
+        if tokens % seq_len:
+            raise ValueError(f"train.batch_tokens={tokens} must be a multiple of data.seq_len={seq_len}")
+        self.train.batch_size = tokens // seq_len
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -18,7 +18,7 @@ def score_windows(model: torch.nn.Module, windows: torch.Tensor, token_bytes: to
     nats = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")  # (B, T)
     return {
         "nats": nats.sum(dim=1).double(),
-        "tokens": torch.full((len(y),), y.shape[1], dtype=torch.float64),
+        "tokens": torch.full((len(y),), y.shape[1], dtype=torch.float64, device=y.device),
         "bytes": token_bytes[y].sum(dim=1).double(),
     }
 

@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cost import CostMeter, budget_reason, detect_hardware
 from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
+from .parallelize import autocast, parallelize
 from .scoring import score_windows, summarize
 from .tokenizer import load_tokenizer, token_byte_lengths
 from .tracking import MetricSink
@@ -44,7 +45,7 @@ def train_loop_per_worker(job: dict) -> None:
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(job, rank, world)
     resumed = restore(model, optimizer, loader)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    ddp_model = parallelize(model, cfg.activation_checkpointing)
     validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     tokens_per_step = cfg.batch_size * job["seq_len"]
@@ -100,7 +101,8 @@ def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: fl
         # DDP all-reduces gradients on every backward unless told not to: only on the last one.
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync():
-            _, loss = model(x, y)
+            with autocast(device):
+                _, loss = model(x, y)
             (loss / accum).backward()
         total += loss.detach() / accum
     max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -140,7 +142,8 @@ class Validator:
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.windows.device)
         for i in range(0, len(self.windows), batch):
-            s = score_windows(model, self.windows[i : i + batch], self.token_bytes)
+            with autocast(self.windows.device):
+                s = score_windows(model, self.windows[i : i + batch], self.token_bytes)
             totals += torch.stack([s["nats"].sum(), s["tokens"].sum(), s["bytes"].sum()])
         model.train()
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,0 +1,62 @@
+"""The training loop's parts without Ray: schedules, batch in tokens, optimizer groups,
+activation checkpointing."""
+
+import pytest
+import torch
+
+from raylm.models import GPT, ModelConfig
+from raylm.pipelines.config import load_config
+from raylm.pipelines.errors import ConfigError
+from raylm.pipelines.optim import lr_at, make_optimizer
+from raylm.pipelines.parallelize import checkpoint_activations
+
+
+def train(*overrides):
+    return load_config(None, ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0",
+                              "train.min_lr_ratio=0.1", *overrides]).train
+
+
+def test_cosine_schedule():
+    cfg = train()
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)  # halfway through the decay: the mean of 1 and 0.1
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_warmup_stable_decay_schedule():
+    cfg = train("train.schedule=wsd", "train.decay_fraction=0.2")
+    assert [lr_at(s, cfg) for s in (10, 50, 80)] == [1.0, 1.0, 1.0]  # stable until the last 20 steps
+    assert lr_at(90, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_batch_in_tokens():
+    cfg = load_config(None, ["train.batch_tokens=4096", "data.seq_len=128", "train.micro_batch_size=8"])
+    assert cfg.train.batch_size == 32
+    with pytest.raises(ConfigError, match="multiple of data.seq_len=128"):
+        load_config(None, ["train.batch_tokens=4000", "data.seq_len=128"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["train.batch_tokens=4096", "train.batch_size=32", "data.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"batch_size=40 must be a multiple of .* = 16"):
+        load_config(None, ["train.batch_tokens=5120", "data.seq_len=128", "train.micro_batch_size=8"])
+
+
+def test_weight_decay_skips_norm_gains():
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    decay, no_decay = make_optimizer(model, train()).param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8)
+    idx = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        if checkpointed:
+            checkpoint_activations(model)
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()  # parameter names (so checkpoints) unchanged
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-7) for n in grads[0])
