@@ -5,6 +5,11 @@
         tokenizer.json                  so the directory describes itself
         train_state.safetensors         AdamW moments and the RNG state, as named tensors
         train_state.json                step, data position, optimizer hyperparameters
+        COMMIT.json                     written last: every other file and its size
+
+A checkpoint counts only when COMMIT.json is there and every file it lists has its size: a
+copy cut short (a crash while Ray uploads it, a full disk) is skipped with a log line, and
+the previous checkpoint is used.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from raylm.models import GPT, save_model
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+COMMIT = "COMMIT.json"
 
 
 def save_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict, tokenizer: Path) -> None:
@@ -31,6 +37,43 @@ def save_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimize
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
     meta = {**state, "param_groups": opt["param_groups"]}
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    write_commit(directory)
+
+
+def write_commit(directory: Path) -> None:
+    # Sizes, not hashes: a torn copy is a short or missing file, and hashing a 7B model's
+    # 84 GB of weights and optimizer state would add a minute to every checkpoint.
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMMIT}
+    (directory / COMMIT).write_text(json.dumps(sizes, indent=2) + "\n")
+
+
+def torn_reason(directory: Path) -> str | None:
+    """Why this checkpoint directory is incomplete, or None if it is whole."""
+    if not (directory / COMMIT).is_file():
+        return f"no {COMMIT}"
+    try:
+        sizes = json.loads((directory / COMMIT).read_text())
+    except ValueError:
+        return f"{COMMIT} is unreadable"
+    for name, size in sizes.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def usable_checkpoint(directory: Path) -> Path | None:
+    """`directory` if whole, else the newest whole checkpoint before it in the same run
+    directory; each torn one is skipped with a log line."""
+    older = sorted((p for p in directory.parent.glob("checkpoint_*") if p.is_dir() and p.name < directory.name), reverse=True)
+    for candidate in [directory, *older]:
+        reason = torn_reason(candidate)
+        if reason is None:
+            return candidate
+        print(f"[checkpoint] skipping {candidate}: torn ({reason})", flush=True)
+    return None
 
 
 def load_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict:
@@ -50,6 +93,6 @@ def load_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimize
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run (the one with the highest step)."""
-    done = [p for p in run_dir.glob("checkpoint_*") if (p / STATE_JSON).exists()]
+    """The newest whole checkpoint directory of a run (the one with the highest step)."""
+    done = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and torn_reason(p) is None]
     return max(done, key=lambda p: p.name) if done else None

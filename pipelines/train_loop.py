@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from raylm.models import GPT
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, usable_checkpoint
 from .cost import CostMeter, budget_reason, detect_hardware
 from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
@@ -158,9 +158,13 @@ def restore(model: GPT, optimizer, loader: WindowLoader) -> dict:
     if checkpoint is None:
         return {"step": 0, "train_seconds": 0.0}
     with checkpoint.as_directory() as directory:
-        state = load_checkpoint(Path(directory), model, optimizer)
+        usable = usable_checkpoint(Path(directory))
+        if usable is None:
+            print(f"[train] no whole checkpoint at or before {checkpoint.path}: starting from step 0", flush=True)
+            return {"step": 0, "train_seconds": 0.0}
+        state = load_checkpoint(usable, model, optimizer)
     loader.load_state_dict(state["loader"])
-    print(f"[train] resumed from {checkpoint.path} at step {state['step']}")
+    print(f"[train] resumed from {usable} at step {state['step']}", flush=True)
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 

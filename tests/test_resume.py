@@ -1,6 +1,7 @@
-"""Exact resume on real Ray Train: a run stopped by its token budget and relaunched gives the
-same per-step losses as a run that never stopped."""
+"""Exact resume on real Ray Train: a run stopped by its token budget, or resumed past a torn
+checkpoint, gives the same per-step losses as a run that never stopped."""
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
@@ -8,32 +9,58 @@ from raylm.cli import main
 from .conftest import REPO, tiny_overrides
 
 STEPS, STOP = 16, 6
+TOKENS_PER_STEP = 16 * 64  # train.batch_size x data.seq_len of tiny_overrides
+
+
+def cli(command: str, tmp, overrides: list[str]) -> int:
+    args = [*tiny_overrides(tmp), *overrides]
+    return main([command, str(REPO / "configs" / "quickstart.yaml"), *[x for o in args for x in ("--set", o)]])
 
 
 def pretrain(tmp, name: str, extra: list[str] = ()) -> int:
-    overrides = [*tiny_overrides(tmp), f"run.name={name}", f"train.max_steps={STEPS}", "train.log_interval=1",
-                 "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3", *extra]
-    return main(["pretrain", str(REPO / "configs" / "quickstart.yaml"), *[x for o in overrides for x in ("--set", o)]])
+    return cli("pretrain", tmp, [f"run.name={name}", f"train.max_steps={STEPS}", "train.log_interval=1",
+                                 "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3", *extra])
 
 
-def losses(client: MlflowClient, run) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+def losses(tmp, run_name: str) -> list[dict[int, float]]:
+    """Per MLflow run of `pretrain-<run_name>`, oldest first: step -> train loss."""
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
+                              filter_string=f"tags.mlflow.runName = 'pretrain-{run_name}'", order_by=["start_time ASC"])
+    return [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_loss")} for r in runs]
 
 
-def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_one(ray_cluster, tmp_path):
-    prepare = [*tiny_overrides(tmp_path)]
-    assert main(["prepare", str(REPO / "configs" / "quickstart.yaml"), *[x for o in prepare for x in ("--set", o)]]) == 0
-    tokens_per_step = 16 * 64  # train.batch_size x data.seq_len of tiny_overrides
-    assert pretrain(tmp_path, "straight") == 0
-    assert pretrain(tmp_path, "stopped", [f"train.max_tokens={STOP * tokens_per_step}"]) == 0
-    run_dir = tmp_path / "runs" / "train" / "stopped"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [f"checkpoint_{STOP:06d}"]  # stopped cleanly
-    assert pretrain(tmp_path, "stopped") == 0  # the same run name resumes from that checkpoint
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tmp_path_factory):
+    """Prepared data and the losses of a run that was never interrupted."""
+    tmp = tmp_path_factory.mktemp("resume")
+    assert cli("prepare", tmp, []) == 0
+    assert pretrain(tmp, "straight") == 0
+    (reference,) = losses(tmp, "straight")
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    return tmp, reference
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], order_by=["start_time ASC"])
-    straight, first, second = (r for r in runs if r.info.run_name.startswith("pretrain-"))
-    assert sorted(losses(client, first)) == list(range(1, STOP + 1))
-    assert sorted(losses(client, second)) == list(range(STOP + 1, STEPS + 1))
-    assert {**losses(client, first), **losses(client, second)} == losses(client, straight)  # bit for bit
-    assert second.data.metrics["cost_usd"] > first.data.metrics["cost_usd"]  # training time accumulates
+
+def test_budget_stop_then_relaunch_continues_bit_for_bit(straight):
+    tmp, reference = straight
+    assert pretrain(tmp, "stopped", [f"train.max_tokens={STOP * TOKENS_PER_STEP}"]) == 0
+    run_dir = tmp / "runs" / "train" / "stopped"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [f"checkpoint_{STOP:06d}"]
+    assert pretrain(tmp, "stopped") == 0  # the same run name resumes from that checkpoint
+    first, second = losses(tmp, "stopped")
+    assert sorted(first) == list(range(1, STOP + 1)) and sorted(second) == list(range(STOP + 1, STEPS + 1))
+    assert {**first, **second} == reference
+
+
+def test_torn_checkpoint_is_skipped_for_the_previous_one(straight, capfd):
+    tmp, reference = straight
+    assert pretrain(tmp, "torn", ["train.checkpoint_interval=8"]) == 0
+    weights = tmp / "runs" / "train" / "torn" / "checkpoint_000016" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    capfd.readouterr()
+    assert pretrain(tmp, "torn") == 0
+    out = capfd.readouterr().out
+    assert "skipping" in out and "checkpoint_000016: torn (model.safetensors has 1000 bytes" in out
+    _, resumed = losses(tmp, "torn")
+    assert sorted(resumed) == list(range(9, STEPS + 1))  # from checkpoint_000008
+    assert resumed == {step: reference[step] for step in resumed}

@@ -60,3 +60,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()  # parameter names (so checkpoints) unchanged
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-7) for n in grads[0])
+
+
+def test_checkpoint_commit_marks_whole_directories(tmp_path):
+    from raylm.pipelines.checkpoint import latest_checkpoint, save_checkpoint, torn_reason, usable_checkpoint
+
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path / f"checkpoint_{step:06d}", model, make_optimizer(model, train()), {"step": step}, tokenizer)
+    assert torn_reason(tmp_path / "checkpoint_000030") is None
+    (tmp_path / "checkpoint_000030" / "COMMIT.json").unlink()  # died before the marker
+    state = tmp_path / "checkpoint_000020" / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:-1])  # one byte short
+    assert torn_reason(tmp_path / "checkpoint_000030") == "no COMMIT.json"
+    assert "train_state.safetensors has" in torn_reason(tmp_path / "checkpoint_000020")
+    assert usable_checkpoint(tmp_path / "checkpoint_000030") == tmp_path / "checkpoint_000010"
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_000010"
