@@ -64,3 +64,40 @@ def test_torn_checkpoint_is_skipped_for_the_previous_one(straight, capfd):
     _, resumed = losses(tmp, "torn")
     assert sorted(resumed) == list(range(9, STEPS + 1))  # from checkpoint_000008
     assert resumed == {step: reference[step] for step in resumed}
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(straight, capfd):
+    """SIGKILL one training worker mid-run: Ray Train (scaling.max_failures=1) restarts the
+    worker group from the last checkpoint, and every step's loss equals the uninterrupted run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    tmp, reference = straight
+    # A checkpoint every step slows the run enough (Ray's report per step) to kill it midway.
+    job = threading.Thread(target=lambda: results.append(
+        pretrain(tmp, "killed", ["train.checkpoint_interval=1", "scaling.max_failures=1"])))
+    results: list[int] = []
+    job.start()
+    marker = tmp / "runs" / "train" / "killed" / "checkpoint_000004" / "COMMIT.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    victim = max(w.pid for w in workers)
+    os.kill(victim, signal.SIGKILL)
+    print(f"[test] killed training worker pid {victim} after checkpoint_000004")
+    job.join(timeout=300)
+    assert results == [0]
+    out = capfd.readouterr().out
+    assert "resumed from" in out, "the worker group never restarted from a checkpoint"
+    (history,) = losses(tmp, "killed")  # steps after the last checkpoint appear twice: run, rerun
+    assert sorted(history) == list(range(1, STEPS + 1))
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
+                                filter_string="tags.mlflow.runName = 'pretrain-killed'")
+    every = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert all(value == reference[step] for step, value in every)
