@@ -49,7 +49,7 @@ def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
 
 
 def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...],
-                  checkpoint: Path | None = None) -> Outcome:
+                  checkpoint: Path | None = None, resume: Path | None = None) -> Outcome:
     """Run some of prepare -> pretrain -> evaluate in order, inside one MLflow run.
     Evaluate alone scores `checkpoint`, or else the run's latest one."""
     stage = stages[0] if len(stages) == 1 else "run"
@@ -64,7 +64,7 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
             out.manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
         if "pretrain" in stages:
             with out.timed("pretrain"):
-                out.checkpoint = do_pretrain(cfg, out.manifest, tracker)
+                out.checkpoint = do_pretrain(cfg, out.manifest, tracker, resume)
         if "evaluate" in stages:
             with out.timed("evaluate"):
                 out.checkpoint = out.checkpoint or find_checkpoint(cfg)
@@ -100,13 +100,14 @@ def data_metrics(manifest: dict) -> dict[str, float]:
     return metrics
 
 
-def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker) -> Path:
+def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path | None = None) -> Path:
     model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
     counts = param_counts(model_cfg)
     tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size, "model.params_total": counts["total"],
                         "model.params_non_embedding": counts["non_embedding"],
                         "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"])})
-    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id})
+    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id},
+                      resume)
     checkpoint = Path(result.checkpoint.path)
     tracker.log_artifact(checkpoint, "checkpoint")
     return checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 from raylm.models import ModelConfig, flops_per_token
 from raylm.models.io import load_config as load_model_config
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .errors import ConfigError, TrainingFailed
 from .packing import stream_train_windows
@@ -32,20 +32,24 @@ def train_storage(run: RunSection) -> Path:
 
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
-             manifest: dict, tracking: dict | None):
+             manifest: dict, tracking: dict | None, resume: Path | None = None):
     """Train on the prepared data (or, in streaming mode, on windows packed on the fly) and
-    return Ray Train's Result (its .checkpoint is the last one reported)."""
+    return Ray Train's Result (its .checkpoint is the last one reported). `resume` starts a
+    run with no checkpoints of its own from a given checkpoint directory."""
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
     from ray.train.torch import TorchTrainer
 
     refuse_other_model(run, model)
+    start = checked_resume(resume, model) if resume else None
     streaming = bool(manifest.get("streaming"))
     cpus = worker_cpus(scaling, streaming)
     job = {"model": model, "train": train, "scaling": scaling, "cpus_per_worker": cpus,
            "flops_per_token": flops_per_token(model, manifest["seq_len"]), "data_dir": manifest["path"],
-           "seq_len": manifest["seq_len"], "streaming": streaming, "seed": run.seed, "tracking": tracking}
+           "seq_len": manifest["seq_len"], "streaming": streaming, "seed": run.seed, "tracking": tracking,
+           # Train V2 dropped resume_from_checkpoint: the loop loads it when Ray has none of the run's own.
+           "resume": str(start) if start else None}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -90,6 +94,16 @@ def refuse_other_model(run: RunSection, model: ModelConfig) -> None:
             f"run.name={run.name!r} already has checkpoints of a different model ({previous}); "
             "use the same model section to resume it, or a new run.name"
         )
+
+
+def checked_resume(path: Path, model: ModelConfig) -> Path:
+    """--resume: a whole checkpoint of this model (the run's own checkpoints, if any, win)."""
+    path = Path(path).resolve()
+    if not path.is_dir() or torn_reason(path):
+        raise ConfigError(f"--resume: {path} is not a whole checkpoint ({torn_reason(path) if path.is_dir() else 'no such directory'})")
+    if load_model_config(path) != model:
+        raise ConfigError(f"--resume: {path} holds a different model than the model section describes")
+    return path
 
 
 def worker_cpus(scaling: ScalingSection, streaming: bool = False) -> float:

@@ -31,7 +31,8 @@ from .tracking import MetricSink
 def train_loop_per_worker(job: dict) -> None:
     """job: {"model": ModelConfig, "train": TrainSection, "scaling": ScalingSection,
     "cpus_per_worker": float, "flops_per_token": int, "data_dir": str, "seq_len": int,
-    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}}, built by pretrain.py."""
+    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}, "resume": str | None},
+    built by pretrain.py."""
     # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
     # its own progress lines, so keep worker logs to warnings.
     logging.getLogger().setLevel(logging.WARNING)
@@ -44,7 +45,7 @@ def train_loop_per_worker(job: dict) -> None:
     model = GPT(job["model"]).to(device)
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(job, rank, world)
-    resumed = restore(model, optimizer, loader)
+    resumed = restore(model, optimizer, loader, job.get("resume"))
     ddp_model = parallelize(model, cfg.activation_checkpointing)
     validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
@@ -151,10 +152,10 @@ class Validator:
         return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
 
 
-def restore(model: GPT, optimizer, loader: WindowLoader) -> dict:
-    """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch);
-    returns the loop state: step and training seconds so far (zeros for a fresh run)."""
-    checkpoint = ray.train.get_checkpoint()
+def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None) -> dict:
+    """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
+    from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(resume) if resume else None)
     if checkpoint is None:
         return {"step": 0, "train_seconds": 0.0}
     with checkpoint.as_directory() as directory:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
+        if name in ("run", "pretrain"):
+            p.add_argument("--resume", type=Path, metavar="PATH",
+                           help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
         p.set_defaults(func=cmd_stages)
     g = sub.add_parser("generate", help=HELP["generate"], description=HELP["generate"])
     _config_args(g)
@@ -90,7 +93,8 @@ def cmd_stages(args: argparse.Namespace) -> int:
         check_sources(cfg.data.sources)
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
-    out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None))
+    out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None),
+                        getattr(args, "resume", None))
     print_summary(args.command, cfg, out)
     return 0
 

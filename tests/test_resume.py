@@ -101,3 +101,17 @@ def test_killed_worker_restarts_from_the_last_checkpoint(straight, capfd):
                                 filter_string="tags.mlflow.runName = 'pretrain-killed'")
     every = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert all(value == reference[step] for step, value in every)
+
+
+def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, capsys):
+    tmp, _ = straight
+    source = tmp / "runs" / "train" / "straight" / f"checkpoint_{STEPS:06d}"
+    args = ["pretrain", str(REPO / "configs" / "quickstart.yaml"), "--resume", str(source)]
+    overrides = [*tiny_overrides(tmp), "run.name=branch", "train.max_steps=20", "train.log_interval=1",
+                 "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3"]
+    assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0
+    (continued,) = losses(tmp, "branch")
+    assert sorted(continued) == [17, 18, 19, 20]  # on from the other run's step 16
+    bigger = [*overrides, "model.n_embd=128", "run.name=other"]
+    assert main([*args, *[x for o in bigger for x in ("--set", o)]]) == 2
+    assert "--resume" in capsys.readouterr().err
