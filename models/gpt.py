@@ -160,12 +160,10 @@ class GPT(nn.Module):
 
     def _positions(self, start: int, T: int, pad: torch.Tensor | None):
         """RoPE tables for slots start..start+T, and the attention mask (None: plain causal)."""
-        if pad is None:
-            mask = None
-            if start and T > 1:  # a chunk after cached tokens: causal, shifted by `start`
-                pad = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
-            else:
-                return self.rope_cos[start:start + T], self.rope_sin[start:start + T], mask
+        if pad is None and (start == 0 or T == 1):  # training, prefill, or one token after the cache
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T], None
+        if pad is None:  # a chunk after cached tokens: causal, shifted by `start`
+            pad = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
         slots = torch.arange(start, start + T, device=pad.device)  # (T,)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         keys = torch.arange(start + T, device=pad.device)  # (S,)
