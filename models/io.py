@@ -9,20 +9,36 @@ import json
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from .config import ModelConfig
 from .gpt import GPT
 
 WEIGHTS_FILE = "model.safetensors"
+TIED_ALIAS = "tok_emb.weight"  # with tie_embeddings, the same tensor as lm_head.weight
 CONFIG_FILE = "model.json"
 
 
 def save_model(model: GPT, directory: str | Path) -> None:
+    save_weights(model.config, model.state_dict(), directory)
+
+
+def save_weights(config: ModelConfig, weights: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Write a model directory from a state dict (e.g. one gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    # save_model (not save_file) drops the tied lm_head alias instead of refusing shared storage.
-    safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if config.tie_embeddings:  # one tensor under two names: safetensors stores it once, as the head
+        weights = {k: v for k, v in weights.items() if k != TIED_ALIAS}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
+
+
+def read_weights(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every parameter by name, on the CPU, the tied alias included (what load_state_dict wants)."""
+    weights = safetensors.torch.load_file(str(Path(directory) / WEIGHTS_FILE))
+    if config.tie_embeddings:
+        weights[TIED_ALIAS] = weights["lm_head.weight"]
+    return weights
 
 
 def load_config(directory: str | Path) -> ModelConfig:

@@ -3,7 +3,7 @@
     checkpoint_000300/
         model.safetensors, model.json   models.io format: evaluate/generate load just these
         tokenizer.json                  so the directory describes itself
-        train_state.safetensors         AdamW moments and the RNG state, as named tensors
+        train_state.safetensors         AdamW moments by parameter name, and the RNG state
         train_state.json                step, data position, optimizer hyperparameters
         COMMIT.json                     written last: every other file and its size
 
@@ -20,22 +20,40 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from raylm.models import GPT, save_model
+from raylm.models import ModelConfig
+from raylm.models.io import read_weights, save_weights
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 COMMIT = "COMMIT.json"
 
 
-def save_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict, tokenizer: Path) -> None:
-    save_model(model, directory)
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    tokenizer: Path) -> None:
+    """Single-process form of gather_state + write_checkpoint."""
+    weights, optim = gather_state(model, optimizer)
+    write_checkpoint(directory, model.config, weights, optim, state, tokenizer)
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Whole weights and optimizer state, keyed by parameter name, on the CPU. Under FSDP each
+    rank holds a shard and this all-gathers: every rank calls it and rank 0 gets the result.
+    Names instead of shard layouts make the files the same under DDP, FSDP and any worker count."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def write_checkpoint(directory: Path, config: ModelConfig, weights: dict, optim: dict, state: dict,
+                     tokenizer: Path) -> None:
+    save_weights(config, weights, directory)
     shutil.copyfile(tokenizer, directory / "tokenizer.json")
-    opt = optimizer.state_dict()
-    tensors = {f"optim.{idx}.{name}": t for idx, s in opt["state"].items() for name, t in s.items()}
+    tensors = {f"optim.{name}.{key}": t for name, s in optim["state"].items() for key, t in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
-    meta = {**state, "param_groups": opt["param_groups"]}
+    meta = {**state, "param_groups": optim["param_groups"]}
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     write_commit(directory)
 
@@ -76,19 +94,21 @@ def usable_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict:
-    """Load weights, optimizer and RNG state in place; returns the loop state (step, loader)."""
-    device = next(model.parameters()).device
-    safetensors.torch.load_model(model, str(directory / "model.safetensors"), device=str(device))
+def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load weights, optimizer and RNG state in place (each rank takes its shard of the whole
+    tensors under FSDP); returns the loop state (step, data position)."""
+    weights = read_weights(directory, model.config)
     meta = json.loads((directory / STATE_JSON).read_text())
     tensors = safetensors.torch.load_file(str(directory / STATE_TENSORS))
     torch.set_rng_state(tensors.pop("rng.torch"))
-    per_param: dict[int, dict] = {}
+    per_param: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        _, idx, name = key.split(".", 2)
-        # AdamW keeps its `step` counter on the CPU; moments live with the parameters.
-        per_param.setdefault(int(idx), {})[name] = tensor if name == "step" else tensor.to(device)
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta.pop("param_groups")})
+        name, _, field = key.removeprefix("optim.").rpartition(".")  # parameter names contain dots
+        per_param.setdefault(name, {})[field] = tensor
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    optim = {"state": per_param, "param_groups": meta.pop("param_groups")}
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
     return meta
 
 

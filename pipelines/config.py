@@ -182,6 +182,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile each block: fused kernels; the first steps pay the compile time
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -198,7 +199,14 @@ class TrainSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0)  # with min_workers: the most workers an elastic run uses
+    # Elastic: start with as many workers as the cluster can place, at least min_workers, and
+    # grow back towards num_workers after a failure. The data position is global, so a run that
+    # changes worker count neither repeats nor skips sequences.
+    min_workers: int | None = Field(None, gt=0)
+    # ddp: every worker holds the whole model. fsdp: FSDP2 shards weights, gradients and
+    # optimizer state across workers, for models that do not fit one device.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0)  # None: share the cluster's CPUs evenly
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
@@ -235,13 +243,22 @@ class RaylmConfig(Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}"
             )
         self._batch_from_tokens()
-        per_step = self.train.micro_batch_size * self.scaling.num_workers
-        if self.train.batch_size % per_step:
-            raise ValueError(
-                f"train.batch_size={self.train.batch_size} must be a multiple of "
-                f"train.micro_batch_size x scaling.num_workers = {per_step}"
-            )
+        self._batch_divides()
         return self
+
+    def _batch_divides(self) -> None:
+        """Every worker count the run may use must split the global batch into whole micro-batches."""
+        s = self.scaling
+        if s.min_workers and s.min_workers > s.num_workers:
+            raise ValueError(f"scaling.min_workers={s.min_workers} exceeds scaling.num_workers={s.num_workers}")
+        for workers in range(s.min_workers or s.num_workers, s.num_workers + 1):
+            per_step = self.train.micro_batch_size * workers
+            if self.train.batch_size % per_step:
+                raise ValueError(
+                    f"train.batch_size={self.train.batch_size} must be a multiple of "
+                    f"train.micro_batch_size x scaling.num_workers = {per_step}"
+                    + (f" (with {workers} of the elastic {s.min_workers}-{s.num_workers} workers)" if s.min_workers else "")
+                )
 
     def _batch_from_tokens(self) -> None:
         tokens, seq_len = self.train.batch_tokens, self.data.seq_len

@@ -20,3 +20,9 @@ class TrainingFailed(RaylmError):
     """The training workers raised (e.g. a NaN loss); Ray has printed their traceback."""
 
     exit_code = 1
+
+
+class Interrupted(RaylmError):
+    """A SIGTERM stopped the run early, after a final checkpoint."""
+
+    exit_code = 143  # 128 + SIGTERM, what the shell reports for a process the signal ended

@@ -12,7 +12,7 @@ from raylm.models import flops_per_token, param_counts
 
 from .checkpoint import latest_checkpoint
 from .config import RaylmConfig, section_fingerprint
-from .errors import DataError
+from .errors import DataError, Interrupted
 from .evaluate import evaluate
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
@@ -106,9 +106,11 @@ def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path
     tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size, "model.params_total": counts["total"],
                         "model.params_non_embedding": counts["non_embedding"],
                         "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"])})
-    result = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id},
-                      resume)
+    result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
+                               {"uri": tracker.uri, "run_id": tracker.run_id}, resume)
     checkpoint = Path(result.checkpoint.path)
+    if stopped:  # the run ends KILLED; relaunching the same command resumes from this checkpoint
+        raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
     tracker.log_artifact(checkpoint, "checkpoint")
     return checkpoint
 

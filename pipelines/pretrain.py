@@ -1,9 +1,11 @@
-"""`raylm pretrain`: run the training loop on Ray Train workers (TorchTrainer, DDP)."""
+"""`raylm pretrain`: run the training loop on Ray Train workers (TorchTrainer; DDP or FSDP2)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import ray
 
 from raylm.models import ModelConfig, flops_per_token
 from raylm.models.io import load_config as load_model_config
@@ -11,6 +13,7 @@ from raylm.models.io import load_config as load_model_config
 from .checkpoint import latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .errors import ConfigError, TrainingFailed
+from .interrupt import StopRequest, stop_on_sigterm
 from .packing import stream_train_windows
 from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
@@ -33,9 +36,10 @@ def train_storage(run: RunSection) -> Path:
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
              manifest: dict, tracking: dict | None, resume: Path | None = None):
-    """Train on the prepared data (or, in streaming mode, on windows packed on the fly) and
-    return Ray Train's Result (its .checkpoint is the last one reported). `resume` starts a
-    run with no checkpoints of its own from a given checkpoint directory."""
+    """Train on the prepared data (or, in streaming mode, on windows packed on the fly).
+    Returns Ray Train's Result (its .checkpoint is the last one reported) and, if a SIGTERM
+    stopped the run early, why. `resume` starts a run with no checkpoints of its own from a
+    given checkpoint directory."""
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
@@ -49,12 +53,12 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
            "flops_per_token": flops_per_token(model, manifest["seq_len"]), "data_dir": manifest["path"],
            "seq_len": manifest["seq_len"], "streaming": streaming, "seed": run.seed, "tracking": tracking,
            # Train V2 dropped resume_from_checkpoint: the loop loads it when Ray has none of the run's own.
-           "resume": str(start) if start else None}
+           "resume": str(start) if start else None, "stop": StopRequest.remote()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": cpus},
         ),
@@ -72,9 +76,11 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
         ),
     )
     try:
-        return trainer.fit()
+        with stop_on_sigterm(job["stop"]):
+            result = trainer.fit()
     except TrainingFailedError as err:
         raise TrainingFailed(f"training failed: {_root_cause(err)}") from err
+    return result, ray.get(job["stop"].reason.remote())
 
 
 def _root_cause(err: Exception) -> str:

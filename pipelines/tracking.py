@@ -14,6 +14,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from .errors import Interrupted
+
 
 class Tracker:
     """Driver side. Use as a context manager: the run ends FINISHED, FAILED or KILLED."""
@@ -32,7 +34,7 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             status = RunStatus.FINISHED
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, (KeyboardInterrupt, Interrupted)):
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED

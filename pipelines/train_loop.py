@@ -7,7 +7,6 @@ import logging
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,12 @@ import torch.distributed as dist
 
 from raylm.models import GPT
 
-from .checkpoint import load_checkpoint, save_checkpoint, usable_checkpoint
+from .checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
 from .cost import CostMeter, budget_reason, detect_hardware
 from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
-from .parallelize import autocast, parallelize
+from .interrupt import StopWatch
+from .parallelize import autocast, gradient_sync, parallelize
 from .scoring import score_windows, summarize
 from .tokenizer import load_tokenizer, token_byte_lengths
 from .tracking import MetricSink
@@ -31,52 +31,59 @@ from .tracking import MetricSink
 def train_loop_per_worker(job: dict) -> None:
     """job: {"model": ModelConfig, "train": TrainSection, "scaling": ScalingSection,
     "cpus_per_worker": float, "flops_per_token": int, "data_dir": str, "seq_len": int,
-    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}, "resume": str | None},
-    built by pretrain.py."""
+    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}, "resume": str | None,
+    "stop": StopRequest actor | None}, built by pretrain.py."""
     # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
     # its own progress lines, so keep worker logs to warnings.
     logging.getLogger().setLevel(logging.WARNING)
-    cfg, data_dir = job["train"], Path(job["data_dir"])
+    cfg, scaling, data_dir = job["train"], job["scaling"], Path(job["data_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
     torch.manual_seed(job["seed"])  # identical initial weights on every rank
     model = GPT(job["model"]).to(device)
+    trained = parallelize(model, scaling.strategy, cfg.activation_checkpointing, cfg.compile)
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(job, rank, world)
-    resumed = restore(model, optimizer, loader, job.get("resume"))
-    ddp_model = parallelize(model, cfg.activation_checkpointing)
+    resumed = restore(model, optimizer, loader, job.get("resume"), world)
     validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     tokens_per_step = cfg.batch_size * job["seq_len"]
-    scaling = job["scaling"]
     hardware = detect_hardware(scaling.use_gpu, world, job["cpus_per_worker"], scaling.price_per_hour)
     meter = CostMeter(hardware, job["flops_per_token"], tokens_per_step, cfg.max_steps)
     if cfg.max_usd and hardware.price_per_hour is None:
         raise ValueError(f"train.max_usd needs a price and none is known for {hardware.name}: set scaling.price_per_hour")
     log = StepLog(rank, job["tracking"], cfg, meter, resumed)
+    watch = StopWatch(job.get("stop") if rank == 0 else None)
 
+    # A relaunch of a run whose budget is already spent (the same on every rank: the step and
+    # the seconds come from the checkpoint) trains nothing more.
+    spent = budget_reason(resumed["step"] * tokens_per_step, resumed["train_seconds"], meter.usd(resumed["train_seconds"]),
+                          cfg.max_tokens, cfg.max_hours, cfg.max_usd) if resumed["step"] else None
+    if spent:
+        log.note(f"nothing to train: {spent} at step {resumed['step']}")
     try:
-        for step in range(resumed["step"], cfg.max_steps):
+        for step in range(resumed["step"], cfg.max_steps if not spent else 0):
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
-            loss, grad_norm, data_wait = train_step(ddp_model, optimizer, loader, accum, cfg.grad_clip, device)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}; no checkpoint written for this state")
+            local_loss, grad_norm, data_wait = train_step(trained, optimizer, loader, accum, cfg.grad_clip, device)
             done = step + 1
+            wanted = watch.requested() or spent_budget(cfg, done * tokens_per_step, log.elapsed(), meter)
+            loss, stop = reduce_step(local_loss, wanted is not None)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {done}; no checkpoint written for this state")
             log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}, data_wait)
-            stop = spent_budget(cfg, done * tokens_per_step, log.elapsed(), meter, device)
-            last = done == cfg.max_steps or stop is not None
+            last = done == cfg.max_steps or stop
             if done % cfg.eval_interval == 0 or last:
                 log.eval(done, validator.run(model))
                 log.reset_clock()
             if done % cfg.checkpoint_interval == 0 or last:
-                state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed()}
+                state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
                 report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", log.latest)
                 log.reset_clock()
             if stop:
-                log.note(f"stopped at step {done}: {stop}")
+                log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
                 break
     finally:
         log.close()  # deliver the metrics of the last interval even when a step raised
@@ -91,17 +98,15 @@ def make_loader(job: dict, rank: int, world: int):
     return WindowLoader(read_windows(Path(job["data_dir"]) / "train"), micro, rank, world, job["seed"])
 
 
-def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[float, float, float]:
-    """One optimizer step over `accum` micro-batches; returns the global mean loss, the grad
-    norm, and the seconds spent waiting for batches."""
+def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step over `accum` micro-batches; returns this rank's mean loss (a tensor,
+    reduced by the caller), the grad norm, and the seconds spent waiting for batches."""
     total, waited = torch.zeros((), device=device), 0.0
     for micro in range(accum):
         t0 = time.perf_counter()
         x, y = (t.to(device) for t in loader.next_batch())
         waited += time.perf_counter() - t0
-        # DDP all-reduces gradients on every backward unless told not to: only on the last one.
-        sync = micro == accum - 1 or not hasattr(model, "no_sync")
-        with nullcontext() if sync else model.no_sync():
+        with gradient_sync(model, enabled=micro == accum - 1):
             with autocast(device):
                 _, loss = model(x, y)
             (loss / accum).backward()
@@ -110,25 +115,23 @@ def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: fl
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _mean_over_ranks(total), float(grad_norm), waited
+    return total, float(grad_norm), waited
 
 
-def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter, device) -> str | None:
-    """The budget spent at this step, if any. Tokens are the same on every rank; time and
-    dollars are rank 0's to decide (clocks differ), broadcast so that all ranks stop together."""
-    reason = budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
-    if not (cfg.max_hours or cfg.max_usd) or not (dist.is_initialized() and dist.get_world_size() > 1):
-        return reason
-    flag = torch.tensor([reason is not None], dtype=torch.int32, device=device)
-    dist.broadcast(flag, src=0)
-    return (reason or "a time or cost budget was reached (rank 0)") if flag.item() else None
+def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter) -> str | None:
+    """The budget spent at this step, if any. Tokens agree on every rank; clocks differ a
+    little, so a time or dollar budget stops all ranks as soon as one of them sees it spent."""
+    return budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return float(value)
+def reduce_step(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """One all-reduce per step carries both the loss (averaged over ranks, for logging) and
+    whether any rank must stop (a SIGTERM, a budget), so that all ranks stop at the same step."""
+    packed = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(packed)
+    return float(packed[0]) / world, bool(packed[1] > 0)
 
 
 class Validator:
@@ -152,7 +155,7 @@ class Validator:
         return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
 
 
-def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None) -> dict:
+def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None, world: int) -> dict:
     """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
     from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
     checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(resume) if resume else None)
@@ -165,18 +168,22 @@ def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None) -> 
             return {"step": 0, "train_seconds": 0.0}
         state = load_checkpoint(usable, model, optimizer)
     loader.load_state_dict(state["loader"])
-    print(f"[train] resumed from {usable} at step {state['step']}", flush=True)
+    # The data position is global: another worker count picks up at the same sequence.
+    was = f" (saved by {state['workers']})" if state.get("workers", world) != world else ""
+    print(f"[train] resumed from {usable} at step {state['step']} with {world} workers{was}", flush=True)
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
-def report_checkpoint(state: dict, model: GPT, optimizer, tokenizer: Path, metrics: dict) -> None:
-    """Every rank reports (Ray Train's barrier); rank 0 alone writes, since DDP ranks are equal."""
+def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: dict) -> None:
+    """Every rank gathers (FSDP all-gathers its shards) and reports (Ray Train's barrier);
+    rank 0 alone writes the whole state."""
     rank = ray.train.get_context().get_world_rank()
+    weights, optim = gather_state(model, optimizer)
     step = state["step"]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(Path(tmp), model, optimizer, state, tokenizer)
+            write_checkpoint(Path(tmp), model.config, weights, optim, state, tokenizer)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
 

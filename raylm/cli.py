@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from raylm.pipelines.config import RaylmConfig, load_config
-from raylm.pipelines.errors import ConfigError, RaylmError
+from raylm.pipelines.errors import ConfigError, Interrupted, RaylmError
 
 STAGES = {
     "run": ("prepare", "pretrain", "evaluate"),
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as err:
+        print(f"raylm: {err}", file=sys.stderr)
+        return err.exit_code
     except RaylmError as err:
         print(f"raylm: error: {err}", file=sys.stderr)
         return err.exit_code
