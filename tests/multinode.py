@@ -1,5 +1,6 @@
-"""Runs `prepare` on a fake 3-node cluster (head with 0 CPUs + 2 nodes x 1 CPU, all on this
-machine) and prints, as JSON, the manifest and the nodes that ran its data tasks.
+"""Runs `prepare`, then `pretrain` with 2 workers, on a fake 3-node cluster (head with 0 CPUs +
+2 nodes x 1 CPU, all on this machine) and prints, as JSON, the manifest, the nodes that ran
+its data tasks, the nodes of the training workers and the final checkpoint.
 
 A separate process because the test session already holds its own local Ray instance.
 Usage: python -m tests.multinode CORPUS_DIR OUTPUT_DIR
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_tasks
+from ray.util.state import list_actors, list_tasks
 
 from raylm.pipelines.config import load_config
 from raylm.pipelines.prepare import prepare
+from raylm.pipelines.pretrain import build_model_config, pretrain
 from raylm.pipelines.runtime import quiet_ray_data
 
 
@@ -41,7 +43,13 @@ def main(corpus: str, out: str, overrides: list[str]) -> None:
                            limit=10_000, raise_on_missing_output=False)
         nodes = sorted({t.node_id for t in tasks if t.node_id and "_parse_file" in t.name})
         workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-        print("RESULT " + json.dumps({"manifest": manifest, "parse_nodes": nodes, "cpu_nodes": sorted(workers)}))
+        result, _ = pretrain(build_model_config(cfg.model, manifest["vocab_size"]), cfg.train, cfg.scaling, cfg.run,
+                             manifest, tracking=None)
+        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                             raise_on_missing_output=False)
+        print("RESULT " + json.dumps({"manifest": manifest, "parse_nodes": nodes, "cpu_nodes": sorted(workers),
+                                      "train_nodes": sorted(a.node_id for a in actors),
+                                      "checkpoint": result.checkpoint.path, "metrics": result.metrics}))
     finally:
         ray.shutdown()
         cluster.shutdown()

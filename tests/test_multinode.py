@@ -1,5 +1,5 @@
-"""prepare on a 3-node cluster spreads its work over the nodes and writes the same windows
-and tokenizer as on one node."""
+"""On a 3-node cluster, prepare spreads its work over the nodes and writes the same windows
+and tokenizer as on one node, and a 2-worker training job runs one worker on each node."""
 
 import json
 import subprocess
@@ -14,9 +14,12 @@ from raylm.pipelines.prepare import prepare
 from .conftest import REPO
 
 OVERRIDES = ["data.seq_len=32", "tokenizer.vocab_size=400"]
+TRAIN = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.max_steps=4",
+         "train.batch_size=8", "train.micro_batch_size=4", "train.eval_windows=8", "scaling.num_workers=2",
+         "scaling.cpus_per_worker=1"]
 
 
-def test_multinode_prepare_spreads_and_matches_single_node(ray_cluster, tmp_path):
+def test_multinode_prepare_and_train_spread_over_the_nodes(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -26,7 +29,9 @@ def test_multinode_prepare_spreads_and_matches_single_node(ray_cluster, tmp_path
     cfg = load_config(None, [f"data.sources=[{{paths: ['{corpus}']}}]", *OVERRIDES])
     single = prepare(cfg.data, cfg.tokenizer, tmp_path / "single")
 
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(corpus), str(tmp_path / "multi"), *OVERRIDES],
+    multi_out = tmp_path / "multi"
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(corpus), str(multi_out), *OVERRIDES, *TRAIN,
+                           f"run.output_dir={multi_out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -38,3 +43,6 @@ def test_multinode_prepare_spreads_and_matches_single_node(ray_cluster, tmp_path
     assert multi["sources"] == single["sources"]
     tokenizer = lambda m: (Path(m["path"]) / "tokenizer.json").read_bytes()  # noqa: E731
     assert tokenizer(multi) == tokenizer(single)
+    # Training: one worker per node (each has 1 CPU), and the run finished its 4 steps.
+    assert len(result["train_nodes"]) == 2 and set(result["train_nodes"]) == set(result["cpu_nodes"])
+    assert result["metrics"]["step"] == 4 and Path(result["checkpoint"]).name == "checkpoint_000004"
