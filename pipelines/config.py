@@ -49,6 +49,9 @@ class SourceSection(Section):
     # Share of the output relative to the other sources' weights; unset on every source: keep
     # the natural proportions. Sources are subsampled (never repeated) to reach the shares.
     weight: float | None = Field(None, gt=0)
+    # auto: each document goes to train/val/test by a hash of its text (data.val_fraction,
+    # data.test_fraction). train/val/test: the whole source goes there, e.g. a held-out file.
+    split: Literal["auto", "train", "val", "test"] = "auto"
 
 
 class QualitySection(Section):

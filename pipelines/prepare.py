@@ -272,12 +272,13 @@ def mixing_fractions(sources: list[Source], doc_sources: np.ndarray, doc_bytes: 
 
 
 def finalize(docs, verdicts: Verdicts, data: DataSection):
-    kwargs = {"verdicts": ray.put(verdicts), "val": data.val_fraction, "test": data.test_fraction}
+    fixed = {source_name(s.paths, s.name): s.split for s in data.sources if s.split != "auto"}
+    kwargs = {"verdicts": ray.put(verdicts), "val": data.val_fraction, "test": data.test_fraction, "fixed": fixed}
     drop = ["exact_key", "band_keys", "signature"]
     return docs.map_batches(_apply_verdicts, fn_kwargs=kwargs, batch_format="pyarrow").drop_columns(drop).materialize()
 
 
-def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float) -> pa.Table:
+def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float, fixed: dict[str, str]) -> pa.Table:
     v: Verdicts = ray.get(verdicts)
     reasons = batch.column("reason").to_numpy(zero_copy_only=False).astype(object)
     kept = np.flatnonzero(reasons == "")
@@ -288,7 +289,7 @@ def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float) -> pa.Ta
         if _unit_hash(texts[i], salt=b"mix") >= v.keep_fraction[sources[i]]:
             reasons[i] = "mix_sampled_out"
         else:
-            splits[i] = assign_split(texts[i], val, test)
+            splits[i] = fixed.get(sources[i]) or assign_split(texts[i], val, test)
     dropped = pa.array((reasons != "") & (batch.column("reason").to_numpy(zero_copy_only=False) == ""))
     text = batch.column("text").combine_chunks()
     snippet = pc.if_else(dropped, pc.utf8_slice_codeunits(text, 0, SNIPPET_CHARS), batch.column("snippet").combine_chunks())

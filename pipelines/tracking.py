@@ -8,6 +8,7 @@ instead of mlflow's global "active run" let a worker in another process join the
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,38 +62,73 @@ class Tracker:
 
 
 class MetricSink:
-    """Worker side: buffers step metrics and sends them in batches. A tracking server that is
-    down must not stop training, so a failed send keeps the metrics (up to a cap) for the next
-    flush and reports what was dropped."""
+    """Worker side: buffers step metrics and sends them in batches from a background thread,
+    so the training loop never waits on the tracking server (a remote server's round trip, or
+    an outage with MLflow's HTTP retries, would otherwise stall every flush). A failed send
+    keeps the metrics (up to a cap) for the next try; close() reports what never arrived."""
 
     MAX_BUFFERED = 100_000
+    RETRY_SECONDS = 5.0
+    CLOSE_SECONDS = 30.0  # at the end, how long to keep trying to deliver the rest
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(uri), run_id
         self.buffer: list[Metric] = []
-        self.dropped = 0
+        self.dropped = 0  # oldest metrics discarded past MAX_BUFFERED
+        self._lock, self._wake, self._closing = threading.Lock(), threading.Event(), False
         self._warned = False
+        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="raylm-mlflow-sink")
+        self._sender.start()
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        overflow = len(self.buffer) - self.MAX_BUFFERED
-        if overflow > 0:
-            self.dropped += overflow
-            del self.buffer[:overflow]
+        with self._lock:
+            self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            overflow = len(self.buffer) - self.MAX_BUFFERED
+            if overflow > 0:
+                self.dropped += overflow
+                del self.buffer[:overflow]
 
     def flush(self) -> None:
+        """Ask the sender to deliver what is buffered; returns at once."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._sender.join(timeout=self.CLOSE_SECONDS)
+        with self._lock:
+            lost = self.dropped + len(self.buffer)
+        if lost:
+            print(f"[mlflow] {lost} metric values could not be delivered", file=sys.stderr)
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._send_some():
+                pass
+            with self._lock:
+                pending = bool(self.buffer)
+            if self._closing and not pending:
+                return
+            if pending:  # the server is unreachable: try again later (or once more at close)
+                self._wake.wait(timeout=self.RETRY_SECONDS)
+                self._wake.set()
+
+    def _send_some(self) -> bool:
+        """Send up to 1000 metrics (log_batch's limit); True if something was sent."""
+        with self._lock:
+            batch, dropped_before = self.buffer[:1000], self.dropped
+        if not batch:
+            return False
         try:
-            while self.buffer:  # log_batch takes 1000 metrics per call; drop each once sent
-                self.client.log_batch(self.run_id, metrics=self.buffer[:1000])
-                del self.buffer[:1000]
+            self.client.log_batch(self.run_id, metrics=batch)
         except Exception as err:  # noqa: BLE001 - any tracking failure is survivable here
             if not self._warned:
                 print(f"[mlflow] could not log metrics ({err.__class__.__name__}); will retry", file=sys.stderr)
                 self._warned = True
-
-    def close(self) -> None:
-        self.flush()
-        lost = self.dropped + len(self.buffer)
-        if lost:
-            print(f"[mlflow] {lost} metric values could not be delivered", file=sys.stderr)
+            return False
+        with self._lock:  # add() appends, and trims the front only past MAX_BUFFERED
+            del self.buffer[: max(0, len(batch) - (self.dropped - dropped_before))]
+        return True

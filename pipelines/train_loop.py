@@ -210,7 +210,7 @@ class StepLog:
             self._progress(step)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
-        self._record(metrics, step)
+        self._record({**metrics, "train_seconds": self.elapsed()}, step)  # loss against wall time
         if self.active:
             print(f"[train] step {step} | val loss {metrics['val_loss']:.4f} | "
                   f"val bits/byte {metrics['val_bits_per_byte']:.4f}", flush=True)

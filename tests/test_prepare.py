@@ -129,6 +129,23 @@ def test_mixing_weights_reach_the_asked_shares(ray_cluster, tmp_path):
     check_funnel_adds_up(big)
 
 
+def test_a_source_can_be_the_whole_validation_split(ray_cluster, tmp_path):
+    """split: val holds out a whole file (the last 10% of a book, a new domain), and a
+    source with split: train gives none of its documents to validation."""
+    rng = np.random.default_rng(2)
+    for name, n in (("main", 300), ("held", 60)):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(
+            " ".join(rng.choice([f"{name}{i}" for i in range(50)], 30)) for _ in range(n)))
+    sources = [{"paths": [str(tmp_path / "main.txt")], "split": "train"},
+               {"paths": [str(tmp_path / "held.txt")], "split": "val"}]
+    manifest, _ = run_prepare(tmp_path, sources, "data.dedup.near=false")
+    tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
+    words = {split: set(tok.decode(read_windows(Path(manifest["path"]) / split).ravel().tolist()).split())
+             for split in ("train", "val")}
+    assert words["val"] and not any("main" in w for w in words["val"])
+    assert words["train"] and not any("held" in w for w in words["train"])
+
+
 def test_strict_mode_fails_naming_file_and_line(ray_cluster, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
