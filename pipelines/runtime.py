@@ -23,6 +23,9 @@ def start_ray(address: str | None = None) -> dict:
             # "local" forces a new instance: a bare init() may join a stale `ray start` cluster.
             # The dashboard stays on: Ray Train's cleanup polls the state API it serves.
             ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+            # One machine has no nodes to drain: Ray Train's preemption watcher (an actor polling
+            # the GCS every 5 s) would only take CPU from the training workers.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_ray_data()
     return ray.cluster_resources()
 

@@ -20,7 +20,7 @@ STAGES = {
 HELP = {
     "run": "the whole lifecycle: prepare -> pretrain -> evaluate, in one MLflow run",
     "prepare": "clean the corpus, train the BPE tokenizer, pack token windows (Ray Data)",
-    "pretrain": "train the model on prepared data (Ray Train, DDP workers)",
+    "pretrain": "train the model on prepared data (Ray Train workers, DDP or FSDP2)",
     "evaluate": "score a checkpoint on the validation split (Ray Data batch inference) and sample",
     "generate": "print text sampled from a checkpoint (runs in-process)",
     "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
