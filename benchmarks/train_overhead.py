@@ -104,8 +104,9 @@ class CpuSampler:
                 snapshot[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
             self.samples.append((time.monotonic(), snapshot))
 
-    def group_of(self, cmd: str) -> str | None:
-        for name, needles in self.GROUPS:
+    @classmethod
+    def group_of(cls, cmd: str) -> str | None:
+        for name, needles in cls.GROUPS:
             if any(n in cmd for n in needles):
                 return name
         return None
@@ -125,11 +126,30 @@ class CpuSampler:
         for _, snap in window:
             for pid, (cmd, cpu) in snap.items():
                 first.setdefault(pid, cpu if snap is window[0][1] else 0.0)
-                last[pid] = (cmd, cpu)
+                # An exiting process reads as an empty cmdline: keep the name it had.
+                last[pid] = (cmd or last.get(pid, ("", 0.0))[0], cpu)
         used: dict[str, float] = {}
         for pid, (cmd, cpu) in last.items():
             used[by(cmd)] = used.get(by(cmd), 0.0) + cpu - first[pid]
         return {key: seconds / (window[-1][0] - window[0][0]) for key, seconds in used.items()}
+
+
+def wait_for_quiet(timeout: float = 60.0) -> None:
+    """Start each run only once the last one's processes (Ray's take seconds to exit) are gone,
+    so that neither side pays for the other's shutdown."""
+    needles = ("raylet", "gcs_server", "ray::", "ddp_baseline.py", "dashboard")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            alive = alive or any(n in cmd for n in needles)
+        if not alive:
+            return
+        time.sleep(0.5)
 
 
 def interval_median(step_seconds: list[float]) -> float:
@@ -149,13 +169,19 @@ def main() -> None:
     cli("prepare", work, args.steps, "overhead")
     rows = []
     for r in range(args.rounds):
+        wait_for_quiet()
         with CpuSampler() as base_cpu:
             base = interval_median(torchrun_step_seconds(work, args.steps))
+        wait_for_quiet()
         with CpuSampler() as ours_cpu:
             cli("pretrain", work, args.steps, f"overhead-{r}")
         ours = statistics.median(raylm_step_seconds(work, f"overhead-{r}")[1:])  # one value per 10 steps
         rows.append((base, ours, base_cpu.breakdown(), ours_cpu.breakdown()))
-        processes = ours_cpu.breakdown(by=lambda cmd: cmd.split(" ")[0][:40])
+        def name(cmd: str) -> str:
+            training = CpuSampler.group_of(cmd) == "training workers"
+            return "training workers" if training else " ".join(cmd.split(" ")[:2])[-48:]
+
+        processes = {"(b)": base_cpu.breakdown(by=name), "(a)": ours_cpu.breakdown(by=name)}
     print(f"\nquickstart model, 2 CPU workers, {args.steps} steps; median over 10-step intervals of steps "
           f"{WARMUP + 1}-{args.steps}; rounds alternate (b), (a)")
     print(f"{'round':>5} {'(b) torchrun s':>15} {'(a) raylm s':>12} {'ratio':>7}")
@@ -169,9 +195,11 @@ def main() -> None:
         b = statistics.mean(row[2].get(g, 0.0) for row in rows)
         o = statistics.mean(row[3].get(g, 0.0) for row in rows)
         print(f"{g:45} {b:13.2f} {o:10.2f}")
-    print("\nbusiest processes beside the training workers, raylm's last round (cores):")
-    for name, cores in sorted(((n, c) for n, c in processes.items() if "RayTrainWorker" not in n), key=lambda kv: -kv[1])[:8]:
-        print(f"  {name:42} {cores:.3f}")
+    for side, used in processes.items():
+        print(f"\nbusiest processes beside the training workers, {side}, last round (cores):")
+        others = [(n, c) for n, c in used.items() if n != "training workers"]
+        for name, cores in sorted(others, key=lambda kv: -kv[1])[:6]:
+            print(f"  {name:48} {cores:.3f}")
 
 
 if __name__ == "__main__":
