@@ -227,6 +227,17 @@ class EvalSection(Section):
     sample_tokens: int = Field(120, ge=0)
     temperature: float = Field(0.8, ge=0)
     top_k: int | None = Field(50, gt=0)
+    # Tasks (pipelines/tasks.py): YAML files such as configs/tasks/arc_easy.yaml, over JSONL
+    # files under task_data_dir (e.g. ../shared/data); scored after the validation split.
+    tasks: list[str] = []
+    task_data_dir: str | None = None
+    task_limit: int | None = Field(None, gt=0)  # the first N examples of each task (quick checks)
+
+    @model_validator(mode="after")
+    def _tasks_have_data(self) -> "EvalSection":
+        if self.tasks and not self.task_data_dir:
+            raise ValueError("eval.tasks needs eval.task_data_dir (or --data-dir): the folder their paths are under")
+        return self
 
 
 class RaylmConfig(Section):

@@ -1,4 +1,5 @@
-"""`raylm evaluate`: score a checkpoint on a prepared split with Ray Data batch inference.
+"""`raylm evaluate`: score a checkpoint on a prepared split, and on tasks (pipelines/tasks.py),
+with Ray Data batch inference.
 
 Model replicas live in an actor pool (each loads the checkpoint once), so evaluation runs on
 whatever CPUs/GPUs the cluster gives it, off the training workers.
@@ -6,6 +7,8 @@ whatever CPUs/GPUs the cluster gives it, off the training workers.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from raylm.models import load_model
 from .loader import token_matrix
 from .runtime import cluster_cpus
 from .scoring import score_windows, summarize
+from .tasks import Example, TaskSpec, aggregate, read_examples, score_rows
 from .tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -57,3 +61,51 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
         windows += len(batch["nats"])
     metrics = summarize(*totals)
     return {**metrics, "windows": windows, "tokens": totals[1]}
+
+
+class ScoreTaskExamples:
+    """Ray Data stateful UDF: a batch of task examples -> their per-example results, from one
+    model replica that loads the checkpoint once."""
+
+    def __init__(self, checkpoint_dir: str, specs: dict[str, dict]):
+        torch.set_num_threads(1)  # one replica per CPU
+        self.model = load_model(checkpoint_dir).eval()
+        self.tokenizer = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+        self.specs = {name: TaskSpec.model_validate(spec) for name, spec in specs.items()}
+
+    def __call__(self, batch: dict) -> dict:
+        by_task: dict[str, list[tuple[int, Example]]] = {}
+        for k, (task, example) in enumerate(zip(batch["task"], batch["example"])):
+            by_task.setdefault(task, []).append((k, Example(**json.loads(example))))
+        results = [""] * len(batch["task"])
+        for task, items in by_task.items():  # one batched call per task
+            for (k, _), row in zip(items, score_rows(self.model, self.tokenizer, self.specs[task], [ex for _, ex in items])):
+                results[k] = json.dumps(row)
+        return {"task": batch["task"], "index": batch["index"], "result": np.array(results, dtype=object)}
+
+
+def evaluate_tasks(checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path) -> dict[str, tuple[dict, list[dict]]]:
+    """Score a checkpoint on tasks with Ray Data batch inference over model replicas, on
+    whatever CPUs (or GPUs) the cluster gives them, off the training workers. Returns, per
+    task, its metrics and its per-example rows in file order."""
+    import ray.data
+
+    items = [{"task": spec.name, "index": i, "example": json.dumps(dataclasses.asdict(ex))}
+             for spec in specs for i, ex in enumerate(read_examples(spec, data_dir))]
+    scored = ray.data.from_items(items).map_batches(
+        ScoreTaskExamples,
+        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "specs": {s.name: s.model_dump() for s in specs}},
+        batch_size=8,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1)),
+        num_cpus=1,
+    )
+    rows: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for task, index, result in zip(batch["task"], batch["index"], batch["result"]):
+            rows[task][int(index)] = json.loads(result)
+    out = {}
+    for spec in specs:
+        ordered = [rows[spec.name][i] for i in sorted(rows[spec.name])]
+        out[spec.name] = (aggregate(spec, ordered), ordered)
+    return out

@@ -13,11 +13,12 @@ from raylm.models import flops_per_token, param_counts
 from .checkpoint import latest_checkpoint
 from .config import RaylmConfig, section_fingerprint
 from .errors import DataError, Interrupted
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_tasks
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
 from .runtime import start_ray, tracking_uri
 from .sampling import sample_text
+from .tasks import load_task
 from .tracking import Tracker
 
 
@@ -30,6 +31,7 @@ class Outcome:
     checkpoint: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> its metrics
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -69,6 +71,7 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
             with out.timed("evaluate"):
                 out.checkpoint = out.checkpoint or find_checkpoint(cfg)
                 out.metrics, out.sample = do_evaluate(cfg, out.manifest, out.checkpoint, tracker)
+                out.tasks = do_tasks(cfg, out.checkpoint, tracker)
         out.seconds["total"] = time.perf_counter() - started
         tracker.log_metrics({f"{k}_seconds": v for k, v in out.seconds.items()})
     return out
@@ -123,6 +126,25 @@ def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tra
     sample = sample_text(checkpoint, e.sample_prompt, e.sample_tokens, e.temperature, e.top_k, cfg.run.seed)
     tracker.log_text(f"# Sample from {checkpoint.name}\n\nPrompt: `{e.sample_prompt!r}`\n\n```\n{sample}\n```\n", "samples.md")
     return metrics, sample
+
+
+def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, dict[str, float]]:
+    """Score eval.tasks; metrics as task/<name>/<metric>, each task's per-example table as
+    eval/<name>.json (the MLflow UI's artifact view shows it as a table)."""
+    if not cfg.eval.tasks:
+        return {}
+    specs = [load_task(path) for path in cfg.eval.tasks]
+    for spec in specs:
+        spec.limit = cfg.eval.task_limit or spec.limit
+    started = time.perf_counter()
+    results = evaluate_tasks(checkpoint, specs, Path(cfg.eval.task_data_dir))
+    seconds = time.perf_counter() - started
+    examples = sum(m["examples"] for m, _ in results.values())
+    tracker.log_metrics({f"task/{name}/{k}": v for name, (m, _) in results.items() for k, v in m.items()}
+                        | {"task/examples_per_s": examples / seconds})
+    for name, (_, rows) in results.items():
+        tracker.log_table(rows, f"eval/{name}.json")
+    return {name: m for name, (m, _) in results.items()}
 
 
 def find_checkpoint(cfg: RaylmConfig) -> Path:

@@ -7,6 +7,7 @@ instead of mlflow's global "active run" let a worker in another process join the
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -59,6 +60,12 @@ class Tracker:
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """Rows as an MLflow table artifact; list values (options, references) as JSON text."""
+        columns = sorted({k for row in rows for k in row})
+        data = {c: [json.dumps(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for r in rows] for c in columns}
+        self.client.log_table(self.run_id, data=data, artifact_file=name)
 
 
 class MetricSink:

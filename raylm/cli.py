@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
+        if name in ("run", "evaluate"):
+            p.add_argument("--task", action="append", metavar="YAML",
+                           help="also score a task (configs/tasks/*.yaml); repeatable (replaces eval.tasks)")
+            p.add_argument("--data-dir", metavar="DIR", help="the folder task files' paths are under (eval.task_data_dir)")
+            p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task")
         if name in ("run", "pretrain"):
             p.add_argument("--resume", type=Path, metavar="PATH",
                            help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
@@ -82,6 +87,12 @@ def resolve_config(args: argparse.Namespace) -> RaylmConfig:
     overrides = list(args.overrides)
     if getattr(args, "data", None):  # one source per --data, in the order given
         overrides.append(f"data.sources={json.dumps([{'paths': [p]} for p in args.data])}")
+    if getattr(args, "task", None):
+        overrides.append(f"eval.tasks={json.dumps(args.task)}")
+    if getattr(args, "data_dir", None):
+        overrides.append(f"eval.task_data_dir={json.dumps(args.data_dir)}")
+    if getattr(args, "limit", None):
+        overrides.append(f"eval.task_limit={args.limit}")
     return load_config(args.config or args.config_flag, overrides)
 
 
@@ -159,6 +170,9 @@ def print_summary(command: str, cfg: RaylmConfig, out) -> None:
         lines.append(f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
                      f"{m['final_val_bits_per_byte']:.4f} bits/byte")
         lines.append(f"  baselines   {_baselines(out.manifest)}")
+    for task, scores in out.tasks.items():
+        shown = " | ".join(f"{k} {v:.4f}" if k != "examples" else f"{v:.0f} examples" for k, v in scores.items())
+        lines.append(f"  task        {task}: {shown}")
     if out.sample is not None:
         lines.append(f"  sample      {out.sample[:200]!r}")
     lines.append(f"  MLflow      run {t.run_id} in experiment '{cfg.tracking.experiment}' at {t.uri}")

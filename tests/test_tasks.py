@@ -1,0 +1,120 @@
+"""YAML task definitions over the shared eval sets, and multiple-choice / cloze scoring with
+a model whose answers are known."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from raylm.pipelines.errors import ConfigError, DataError
+from raylm.pipelines.tasks import load_task, read_examples, score
+
+from .conftest import REPO, SHARED_DATA
+from .test_task_metrics import bigram_model
+
+ROWS = {"hellaswag": 5021, "arc_easy": 1188, "arc_challenge": 586, "piqa": 919, "winogrande": 634, "lambada": 2577,
+        "gsm8k": 660, "svamp": 500, "nq_open": 1805, "xquad_en": 594, "multi30k_en_de": 500, "xquad_en_es": 594}
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_shipped_task_reads_every_row_of_its_set(name):
+    spec = load_task(REPO / "configs" / "tasks" / f"{name}.yaml")
+    examples = read_examples(spec, SHARED_DATA)
+    assert len(examples) == ROWS[name]
+    for ex in examples:
+        if spec.kind == "generate":
+            assert ex.references and all(ex.references) and ex.pairs[0][0].endswith(":")
+        else:
+            assert 0 <= ex.gold < len(ex.pairs) and all(ctx and cont.startswith(" ") for ctx, cont in ex.pairs)
+    if spec.fewshot:  # k solved train examples lead every prompt
+        assert examples[0].pairs[0][0].count("####") == spec.fewshot
+
+
+def test_winogrande_fills_the_blank_and_scores_the_rest():
+    spec = load_task(REPO / "configs" / "tasks" / "winogrande.yaml")
+    from raylm.pipelines.tasks import make_example
+
+    ex = make_example(spec, {"sentence": "Sarah beat Maria so _ got the prize.", "option1": "Sarah",
+                             "option2": "Maria", "answer": 1})
+    assert ex.pairs == [("Sarah beat Maria so Sarah", " got the prize."), ("Sarah beat Maria so Maria", " got the prize.")]
+    assert ex.gold == 0
+
+
+def word_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2, "d": 3}, unk_token="d"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def test_scores_match_a_model_whose_answers_are_known(tmp_path):
+    # Bigram model: after "a" -> b 0.6, c 0.2; after "b" -> c 0.4; after "c" -> a 0.7.
+    model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
+    rows = [{"q": "a", "options": ["b", "c"], "label": 0},   # right: b is likelier
+            {"q": "a", "options": ["b", "c"], "label": 1},   # wrong answer key: the model says b
+            {"q": "b", "options": ["a", "c a b"], "label": 1}]  # p 0.25 vs 0.4 * 0.7 * 0.6 = 0.168
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\n"
+                                     "choices: '{options}'\nanswer: '{label}'\n")
+    spec = load_task(tmp_path / "t.yaml")
+    metrics, table = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
+    assert [r["pred"] for r in table] == [0, 0, 0]
+    assert metrics["acc"] == pytest.approx(1 / 3) and metrics["examples"] == 3
+    # Per byte, " c a b" (ln 0.168 / 6 = -0.30) beats " a" (ln 0.25 / 2 = -0.69): row 3 flips.
+    assert [r["pred_norm"] for r in table] == [0, 0, 1] and metrics["acc_norm"] == pytest.approx(2 / 3)
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "c a b"}) + "\n" + json.dumps({"text": "a c"}) + "\n")
+    (tmp_path / "c.yaml").write_text("name: c\nkind: cloze\npath: c.jsonl\npreprocess: lambada\n")
+    spec = load_task(tmp_path / "c.yaml")
+    metrics, _ = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
+    assert metrics["acc"] == 0.5  # after "a" greedy says b (right), not c (wrong)
+
+
+def test_bad_task_file_and_bad_row_are_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: x\nkind: multiple_choise\npath: x.jsonl\n")
+    with pytest.raises(ConfigError, match="kind"):
+        load_task(tmp_path / "bad.yaml")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"q": "a", "options": ["b"], "label": 0}) + "\n{not json\n")
+    (tmp_path / "x.yaml").write_text("name: x\nkind: multiple_choice\npath: x.jsonl\ncontext: '{q}'\n"
+                                     "choices: '{options}'\nanswer: '{label}'\n")
+    with pytest.raises(DataError, match=r"x.jsonl:2: JSONDecodeError"):
+        read_examples(load_task(tmp_path / "x.yaml"), tmp_path)
+
+
+def test_generated_answers_are_cut_at_stops_and_scored(tmp_path):
+    model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
+    rows = [{"q": "a", "ref": ["b c", "x"]}, {"q": "c", "ref": ["a c"]}]
+    (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\npath: g.jsonl\ncontext: '{q}'\nreference: '{ref}'\n"
+                                     "max_new_tokens: 3\nstop: [' a']\n")
+    spec = load_task(tmp_path / "g.yaml")
+    metrics, table = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
+    # Greedy: a -> b c a (cut at " a": "b c"); c -> a b c. SQuAD normalization drops the article
+    # "a": "b c" vs "c" has EM 0 and F1 2/3 (P 1/2, R 1); the first answer is exact.
+    assert [r["answer"] for r in table] == ["b c", "a b c"]
+    assert metrics["exact_match"] == 0.5 and metrics["f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_ray_data_replicas_score_like_one_process(ray_cluster, tmp_path):
+    """The evaluation job: examples of two tasks sharded over Ray Data model replicas give the
+    same per-example rows and metrics as scoring them in this process."""
+    from raylm.models import save_model
+    from raylm.pipelines.evaluate import evaluate_tasks
+
+    model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
+    save_model(model, tmp_path / "ckpt")
+    word_tokenizer().save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    letters = "abcd"
+    rows = [{"q": letters[i % 4], "options": [letters[(i + 1) % 4], letters[(i + 2) % 4]], "label": i % 2} for i in range(21)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\n"
+                                     "choices: '{options}'\nanswer: '{label}'\n")
+    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\npath: t.jsonl\ncontext: '{q}'\nreference: '{options}'\n"
+                                     "max_new_tokens: 2\n")
+    specs = [load_task(tmp_path / "t.yaml"), load_task(tmp_path / "g.yaml")]
+    results = evaluate_tasks(tmp_path / "ckpt", specs, tmp_path)
+    for spec in specs:
+        metrics, table = results[spec.name]
+        local_metrics, local_table = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
+        assert json.loads(json.dumps(local_table)) == table and metrics == pytest.approx(local_metrics)
+        assert metrics["examples"] == 21
