@@ -16,6 +16,7 @@ log-likelihood (`scoring.continuation_logliks`), as lm-evaluation-harness does.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ class TaskSpec(Section):
     name: str = Field(min_length=1)
     # multiple_choice / cloze: options scored by log-likelihood; generate: greedy decoding
     # of an answer, scored against references by `metric`.
-    kind: Literal["multiple_choice", "cloze", "generate"]
+    # counterfactual: two sentences that differ only in a demographic term, scored whole (the
+    # bias probe); `answer` names the stereotypical one where the pair set says so.
+    kind: Literal["multiple_choice", "cloze", "generate", "counterfactual"]
     path: str  # JSONL, relative to the data directory
     context: str = ""  # str.format template over the row's fields
     choices: str | list[str] = []  # "{list_field}" or one template per option
@@ -47,6 +50,7 @@ class TaskSpec(Section):
     max_new_tokens: int = Field(64, gt=0)
     stop: list[str] = ["\n"]  # a generated answer ends before the first of these
     target_delimiter: str = " "  # between the context and an option or answer, as lm-eval
+    attribute: str = ""  # counterfactual: the attribute a pair probes (gender, age, ...), a template
     preprocess: Literal["winogrande", "lambada"] | None = None
     fewshot: int = Field(0, ge=0)  # solved examples put before each prompt (k-shot)
     fewshot_path: str | None = None  # where they come from (their first rows); required if fewshot > 0
@@ -59,8 +63,9 @@ class Example:
     a generate task one prompt (a single pair with no continuation) and its references."""
 
     pairs: list[tuple[str, str]]
-    gold: int
+    gold: int  # -1: a counterfactual pair with no stereotypical side
     references: list[str] | None = None
+    attribute: str | None = None
 
     def solved(self) -> str:
         """The example with its answer, as a k-shot demonstration."""
@@ -75,9 +80,12 @@ def load_task(path: str | Path) -> TaskSpec:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"task file {path}: {err}".replace("\n", " ")) from None
     try:
-        return TaskSpec.model_validate(raw)
+        spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err, source=str(path))) from None
+    if (path.parent / spec.path).is_file():  # a data file shipped beside the task file
+        spec.path = str((path.parent / spec.path).resolve())
+    return spec
 
 
 def read_examples(spec: TaskSpec, data_dir: Path) -> list[Example]:
@@ -98,17 +106,28 @@ def _read_rows(spec: TaskSpec, path: Path, limit: int | None) -> list[Example]:
     if not path.is_file():
         raise DataError(f"task {spec.name}: {path} not found (pass the data directory that holds it)")
     examples = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open(newline="") as f:
+        for number, row in _rows(path, f):
             if limit and len(examples) == limit:
                 break
-            if not line.strip():
-                continue
             try:
-                examples.append(make_example(spec, json.loads(line)))
+                examples.append(make_example(spec, row() if callable(row) else row))
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 raise DataError(f"task {spec.name}: {path}:{number}: {err.__class__.__name__}: {err}") from None
     return examples
+
+
+def _rows(path: Path, f):
+    """(line number, row) from JSONL, or from CSV with a header (CrowS-Pairs' format). A JSONL
+    row is parsed lazily, so that a malformed line fails with its number."""
+    if path.suffix == ".csv":
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield reader.line_num, row
+        return
+    for number, line in enumerate(f, 1):
+        if line.strip():
+            yield number, lambda line=line: json.loads(line)
 
 
 def make_example(spec: TaskSpec, row: dict) -> Example:
@@ -116,6 +135,8 @@ def make_example(spec: TaskSpec, row: dict) -> Example:
         return winogrande_example(row)
     if spec.preprocess == "lambada":
         return lambada_example(row)
+    if spec.kind == "counterfactual":
+        return counterfactual_example(spec, row)
     context = spec.context.format(**row)
     if spec.kind == "generate":
         return Example([(context, "")], 0, _options(spec.reference, row))
@@ -138,6 +159,16 @@ def _options(template: str | list[str], row: dict) -> list[str]:
     if not values:
         raise ValueError(f"{field} is an empty list")
     return [str(v) for v in values]
+
+
+def counterfactual_example(spec: TaskSpec, row: dict) -> Example:
+    """Each sentence is scored whole (no context): the pair differs only in the swapped term."""
+    sentences = _options(spec.choices, row)
+    if len(sentences) != 2:
+        raise ValueError(f"a counterfactual pair has 2 sentences, got {len(sentences)}")
+    label = spec.answer.format(**row).strip() if spec.answer else ""
+    gold = int(label) - spec.answer_offset if label else -1
+    return Example([("", s) for s in sentences], gold, attribute=spec.attribute.format(**row) or "all")
 
 
 def winogrande_example(row: dict) -> Example:
@@ -170,7 +201,16 @@ def score_rows(model, tokenizer, spec: TaskSpec, examples: list[Example], batch:
     different model replicas and their rows concatenated (evaluate.py does, with Ray Data)."""
     if spec.kind == "generate":
         return generation_rows(model, tokenizer, spec, examples, batch)
-    return choice_rows(model, tokenizer, examples, batch)
+    rows = choice_rows(model, tokenizer, examples, batch)
+    if spec.kind == "counterfactual":
+        return [counterfactual_row(ex, row) for ex, row in zip(examples, rows)]
+    return rows
+
+
+def counterfactual_row(ex: Example, row: dict) -> dict:
+    first, second = row["logliks"]
+    return {"attribute": ex.attribute, "sentences": [cont for _, cont in ex.pairs], "logliks": row["logliks"],
+            "preferred": row["pred"], "stereotype": ex.gold, "gap_nats": first - second}
 
 
 def choice_rows(model, tokenizer, examples: list[Example], batch: int = 16) -> list[dict]:
@@ -181,7 +221,10 @@ def choice_rows(model, tokenizer, examples: list[Example], batch: int = 16) -> l
     from .task_metrics import choose
 
     encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
-    pairs = [(encode(ctx), encode(cont)) for ex in examples for ctx, cont in ex.pairs]
+    start = tokenizer.token_to_id("<|endoftext|>")  # what an empty context means: a document starts
+    pairs = [(encode(ctx) or [start], encode(cont)) for ex in examples for ctx, cont in ex.pairs]
+    if any(ctx == [None] for ctx, _ in pairs):
+        raise ValueError("an empty context needs the tokenizer's <|endoftext|> token")
     scored = iter(continuation_logliks(model, pairs, batch))
     rows = []
     for ex in examples:
@@ -215,6 +258,8 @@ def generation_rows(model, tokenizer, spec: TaskSpec, examples: list[Example], b
 def aggregate(spec: TaskSpec, rows: list[dict]) -> dict[str, float]:
     """The task's metrics over all its rows (BLEU and chrF are corpus-level, not averages)."""
     n, mean = len(rows), lambda key: sum(r[key] for r in rows) / max(1, len(rows))  # noqa: E731
+    if spec.kind == "counterfactual":
+        return bias_metrics(rows)
     if spec.kind != "generate":
         return {"acc": mean("correct"), **({"acc_norm": mean("correct_norm")} if spec.kind == "multiple_choice" else {}),
                 "examples": n}
@@ -243,3 +288,20 @@ def generate_answers(model, tokenizer, prompts: list[str], spec: TaskSpec, batch
 def _cut(text: str, stops: list[str]) -> str:
     ends = [text.find(s) for s in stops if s and s in text]
     return text[: min(ends)] if ends else text
+
+
+def bias_metrics(rows: list[dict]) -> dict[str, float]:
+    """Over all pairs and per attribute: the mean |log-likelihood gap| between the two
+    sentences (0: the swapped term changes nothing), the share of pairs where the first one is
+    preferred (0.5: no side favoured), and where pairs name a stereotypical side, the share in
+    which the model prefers it (0.5: no stereotype preference; CrowS-Pairs' metric)."""
+    metrics: dict[str, float] = {"pairs": len(rows)}
+    for attribute in ["all", *sorted({r["attribute"] for r in rows} - {"all"})]:
+        group = rows if attribute == "all" else [r for r in rows if r["attribute"] == attribute]
+        suffix = "" if attribute == "all" else f"/{attribute}"
+        metrics[f"mean_abs_gap_nats{suffix}"] = sum(abs(r["gap_nats"]) for r in group) / len(group)
+        metrics[f"first_preferred{suffix}"] = sum(r["preferred"] == 0 for r in group) / len(group)
+        labeled = [r for r in group if r["stereotype"] >= 0]
+        if labeled:
+            metrics[f"stereotype_rate{suffix}"] = sum(r["preferred"] == r["stereotype"] for r in labeled) / len(labeled)
+    return metrics
