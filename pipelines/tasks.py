@@ -295,7 +295,7 @@ def bias_metrics(rows: list[dict]) -> dict[str, float]:
     sentences (0: the swapped term changes nothing), the share of pairs where the first one is
     preferred (0.5: no side favoured), and where pairs name a stereotypical side, the share in
     which the model prefers it (0.5: no stereotype preference; CrowS-Pairs' metric)."""
-    metrics: dict[str, float] = {"pairs": len(rows)}
+    metrics: dict[str, float] = {"examples": len(rows)}
     for attribute in ["all", *sorted({r["attribute"] for r in rows} - {"all"})]:
         group = rows if attribute == "all" else [r for r in rows if r["attribute"] == attribute]
         suffix = "" if attribute == "all" else f"/{attribute}"

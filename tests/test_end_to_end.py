@@ -184,7 +184,7 @@ def test_exported_checkpoint_generates_the_same_greedy_text_in_transformers(quic
 def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     """`raylm evaluate --task ...` on the run's checkpoint: a multiple-choice and a generative
     task from ../shared/data, metrics and per-example tables in a new MLflow run."""
-    tasks = [x for name in ("arc_easy", "svamp") for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))]
+    tasks = [x for name in ("arc_easy", "svamp", "bias_pairs") for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))]
     store = f"sqlite:///{quickstart / 'tasks.db'}"  # its own store: other tests count the runs in mlflow.db
     overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"]
     args = [*cli_args("evaluate", overrides), *tasks, "--data-dir", str(SHARED_DATA), "--limit", "6"]
@@ -195,5 +195,6 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     m = run.data.metrics
     assert m["task/arc_easy/examples"] == 6 and 0 <= m["task/arc_easy/acc_norm"] <= 1
     assert m["task/svamp/examples"] == 6 and m["task/svamp/accuracy"] >= 0
+    assert m["task/bias_pairs/examples"] == 6 and "task/bias_pairs/mean_abs_gap_nats/gender" in m
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/arc_easy.json", str(quickstart))).read_text())
     assert len(table["data"]) == 6 and "pred_norm" in table["columns"]

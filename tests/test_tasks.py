@@ -138,7 +138,7 @@ def test_bias_probe_on_a_model_with_known_sentence_likelihoods(tmp_path):
     assert [r["gap_nats"] for r in table] == pytest.approx([math.log(3), math.log(2.8)], abs=1e-4)
     assert metrics["first_preferred"] == 1.0 and metrics["stereotype_rate"] == 1.0  # only pair 1 is labelled
     assert metrics["mean_abs_gap_nats/y"] == pytest.approx(math.log(2.8), abs=1e-4)
-    assert "stereotype_rate/y" not in metrics and metrics["pairs"] == 2
+    assert "stereotype_rate/y" not in metrics and metrics["examples"] == 2
 
 
 def test_bias_pair_sets_read(tmp_path):
