@@ -49,9 +49,7 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},
         batch_size=32,
         batch_format="pyarrow",
-        # One CPU stays free for the read tasks that feed the pool (a pool holding every CPU
-        # starves its own input on a 2-core machine).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1)),
+        compute=replica_pool(),
         num_cpus=1,
     )
     totals = np.zeros(3)
@@ -61,6 +59,14 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
         windows += len(batch["nats"])
     metrics = summarize(*totals)
     return {**metrics, "windows": windows, "tokens": totals[1]}
+
+
+def replica_pool():
+    """Model replicas of 1 CPU each. One CPU stays free for the read tasks that feed the pool
+    (a pool holding every CPU starves its own input on a 2-core machine)."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1))
 
 
 class ScoreTaskExamples:
@@ -97,7 +103,7 @@ def evaluate_tasks(checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path) 
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "specs": {s.name: s.model_dump() for s in specs}},
         batch_size=8,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1)),
+        compute=replica_pool(),
         num_cpus=1,
     )
     rows: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}

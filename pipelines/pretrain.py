@@ -105,8 +105,9 @@ def refuse_other_model(run: RunSection, model: ModelConfig) -> None:
 def checked_resume(path: Path, model: ModelConfig) -> Path:
     """--resume: a whole checkpoint of this model (the run's own checkpoints, if any, win)."""
     path = Path(path).resolve()
-    if not path.is_dir() or torn_reason(path):
-        raise ConfigError(f"--resume: {path} is not a whole checkpoint ({torn_reason(path) if path.is_dir() else 'no such directory'})")
+    reason = torn_reason(path) if path.is_dir() else "no such directory"
+    if reason:
+        raise ConfigError(f"--resume: {path} is not a whole checkpoint ({reason})")
     if load_model_config(path) != model:
         raise ConfigError(f"--resume: {path} holds a different model than the model section describes")
     return path

@@ -111,15 +111,15 @@ def _read_rows(spec: TaskSpec, path: Path, limit: int | None) -> list[Example]:
             if limit and len(examples) == limit:
                 break
             try:
-                examples.append(make_example(spec, row() if callable(row) else row))
+                examples.append(make_example(spec, json.loads(row) if isinstance(row, str) else row))
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 raise DataError(f"task {spec.name}: {path}:{number}: {err.__class__.__name__}: {err}") from None
     return examples
 
 
 def _rows(path: Path, f):
-    """(line number, row) from JSONL, or from CSV with a header (CrowS-Pairs' format). A JSONL
-    row is parsed lazily, so that a malformed line fails with its number."""
+    """(line number, row) from CSV with a header (CrowS-Pairs' format), or (line number, line)
+    from JSONL, parsed by the caller so that a malformed line fails with its number."""
     if path.suffix == ".csv":
         reader = csv.DictReader(f)
         for row in reader:
@@ -127,7 +127,7 @@ def _rows(path: Path, f):
         return
     for number, line in enumerate(f, 1):
         if line.strip():
-            yield number, lambda line=line: json.loads(line)
+            yield number, line
 
 
 def make_example(spec: TaskSpec, row: dict) -> Example:

@@ -59,12 +59,13 @@ def train_loop_per_worker(job: dict) -> None:
 
     # A relaunch of a run whose budget is already spent (the same on every rank: the step and
     # the seconds come from the checkpoint) trains nothing more.
-    spent = budget_reason(resumed["step"] * tokens_per_step, resumed["train_seconds"], meter.usd(resumed["train_seconds"]),
-                          cfg.max_tokens, cfg.max_hours, cfg.max_usd) if resumed["step"] else None
+    spent = spent_budget(cfg, resumed["step"] * tokens_per_step, resumed["train_seconds"], meter) if resumed["step"] else None
     if spent:
         log.note(f"nothing to train: {spent} at step {resumed['step']}")
+        log.close()
+        return
     try:
-        for step in range(resumed["step"], cfg.max_steps if not spent else 0):
+        for step in range(resumed["step"], cfg.max_steps):
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             local_loss, grad_norm, data_wait = train_step(trained, optimizer, loader, accum, cfg.grad_clip, device)
