@@ -139,14 +139,17 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, pad: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean loss.
-        With a cache, idx continues the cached slots; pad (B,) is each row's left padding."""
+                cache: KVCache | None = None, pad: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean loss over
+        targets other than -100 (fine-tuning masks prompts that way).
+        With a cache, idx continues the cached slots; pad (B,) is each row's left padding.
+        segments (B, T): packed examples, one id per example; a token attends only to earlier
+        tokens of its own example, and positions restart at each example's first token."""
         T = idx.shape[1]
         start = cache.filled if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        cos, sin, mask = self._positions(start, T, pad)
+        cos, sin, mask = self._segments(segments) if segments is not None else self._positions(start, T, pad)
         x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
@@ -170,6 +173,18 @@ class GPT(nn.Module):
         # A key is visible if it is not later and not padding; a pad slot sees itself only,
         # so no row is fully masked (that would put NaN into the cache).
         mask = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))  # (B, T, S)
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
+
+    def _segments(self, segments: torch.Tensor):
+        """RoPE tables and mask for packed examples: causal within each run of equal ids."""
+        B, T = segments.shape
+        index = torch.arange(T, device=segments.device)
+        first = torch.ones_like(segments, dtype=torch.bool)
+        first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # an example's first token
+        starts = torch.where(first, index, 0).cummax(dim=1).values  # (B, T): where each token's example began
+        positions = index - starts  # (B, T)
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        mask = same & (index[None, :] <= index[:, None])  # causal within the example
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -2,6 +2,7 @@
 
     checkpoint_000300/
         model.safetensors, model.json   models.io format: evaluate/generate load just these
+        lora.json                       LoRA fine-tuning only: rank, alpha, targets (models/lora.py)
         tokenizer.json                  so the directory describes itself
         train_state.safetensors         AdamW moments by parameter name, and the RNG state
         train_state.json                step, data position, optimizer hyperparameters
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from raylm.models import ModelConfig
 from raylm.models.io import read_weights, save_weights
+from raylm.models.lora import LoraConfig
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -47,8 +49,8 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 
 def write_checkpoint(directory: Path, config: ModelConfig, weights: dict, optim: dict, state: dict,
-                     tokenizer: Path) -> None:
-    save_weights(config, weights, directory)
+                     tokenizer: Path, lora: LoraConfig | None = None) -> None:
+    save_weights(config, weights, directory, lora)
     shutil.copyfile(tokenizer, directory / "tokenizer.json")
     tensors = {f"optim.{name}.{key}": t for name, s in optim["state"].items() for key, t in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()

@@ -240,6 +240,68 @@ class EvalSection(Section):
         return self
 
 
+class SftSourceSection(Section):
+    """JSONL instruction data. auto: by the row's keys (messages; question/answer = GSM8K;
+    instances = self-instruct; instruction/response or /output = Dolly, Alpaca); else the
+    prompt_field/response_field pair."""
+
+    paths: list[str] = Field(min_length=1)
+    name: str | None = None
+    format: Literal["auto", "prompt_response", "messages", "gsm8k", "dolly", "self_instruct"] = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    limit: int | None = Field(None, gt=0)  # the first N examples
+
+
+class TemplateSection(Section):
+    """How turns become text. The loss counts only the assistant's text (and the EOS after
+    it); a plain-text template needs no new tokens, so any base tokenizer works."""
+
+    system: str = "{content}\n\n"
+    user: str = "### Instruction:\n{content}\n\n"
+    assistant: str = "### Response:\n{content}"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "TemplateSection":
+        for role in ("system", "user", "assistant"):
+            if getattr(self, role).count("{content}") != 1:
+                raise ValueError(f"{role} must contain {{content}} exactly once")
+        return self
+
+
+class SftSection(Section):
+    sources: list[SftSourceSection] = []
+    template: TemplateSection = TemplateSection()
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # validation loss on held-out responses
+    pack: bool = True  # several examples per window, each attending only to itself
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(["wq", "wv"], min_length=1)
+
+
+class FinetuneSection(Section):
+    # A raylm checkpoint or model directory (model.json), or a Hugging Face Llama directory
+    # (config.json + safetensors), which is imported first. The model section is not used:
+    # the shape is the base's.
+    base: str | None = None
+    # sft: instruction data from sft.sources. cpt: continued pretraining on the data section's
+    # corpus, tokenized with the base model's tokenizer.
+    mode: Literal["sft", "cpt"] = "sft"
+    sft: SftSection = SftSection()
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "FinetuneSection":
+        if self.mode == "sft" and self.base and not self.sft.sources:
+            raise ValueError("mode sft needs finetune.sft.sources (JSONL instruction data), or use mode cpt")
+        return self
+
+
 class RaylmConfig(Section):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
@@ -249,6 +311,7 @@ class RaylmConfig(Section):
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
+    finetune: FinetuneSection = FinetuneSection()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "RaylmConfig":
@@ -328,9 +391,14 @@ def _apply_override(raw: dict, item: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = raw
     for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):  # data.sources.0.weight
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parents[:i])} is not a section")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {'.'.join(parents)} is not a section")
     node[leaf] = _parse_value(text)
 
 

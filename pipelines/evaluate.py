@@ -16,7 +16,7 @@ import torch
 
 from raylm.models import load_model
 
-from .loader import token_matrix
+from .loader import windows_of
 from .runtime import cluster_cpus
 from .scoring import score_windows, summarize
 from .tasks import Example, TaskSpec, aggregate, read_examples, score_rows
@@ -33,7 +33,7 @@ class ScoreWindows:
         self.token_bytes = torch.from_numpy(token_byte_lengths(tok))
 
     def __call__(self, batch) -> dict:
-        windows = torch.from_numpy(token_matrix(batch.column("tokens")).astype(np.int64))
+        windows = torch.from_numpy(windows_of(batch).astype(np.int64))
         return {k: v.numpy() for k, v in score_windows(self.model, windows, self.token_bytes).items()}
 
 

@@ -8,12 +8,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raylm.models import flops_per_token, param_counts
+import torch
+
+from raylm.models import GPT, flops_per_token, param_counts
+from raylm.models.lora import apply_lora, trainable_counts
 
 from .checkpoint import latest_checkpoint
 from .config import RaylmConfig, section_fingerprint
 from .errors import DataError, Interrupted
 from .evaluate import evaluate, evaluate_tasks
+from .finetune import check_fits, finetune_windows, load_base_config, lora_config, merge_checkpoint, resolve_base
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
 from .runtime import start_ray, tracking_uri
@@ -59,7 +63,10 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
     start_ray(address)
     with open_tracker(cfg, stage) as tracker:
         out = Outcome(tracker, checkpoint=checkpoint)
-        if "prepare" in stages:
+        if "finetune" in stages:
+            with out.timed("finetune"):
+                out.manifest, out.checkpoint = do_finetune(cfg, tracker, resume)
+        elif "prepare" in stages:
             with out.timed("prepare"):
                 out.manifest = do_prepare(cfg, tracker)
         else:
@@ -118,11 +125,40 @@ def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path
     return checkpoint
 
 
-def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tracker) -> tuple[dict, str]:
+def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) -> tuple[dict, Path]:
+    """Prepare the fine-tuning windows, train from the base on the pretraining engine, and for
+    LoRA also write the merged model; returns the windows' manifest and the last checkpoint."""
+    base = resolve_base(cfg.finetune.base, Path(cfg.run.output_dir).resolve())
+    manifest = finetune_windows(cfg, base)
+    model_cfg = load_base_config(base, manifest["vocab_size"])
+    check_fits(cfg, base, model_cfg)
+    lora = lora_config(cfg)
+    with torch.device("meta"):  # shapes only: a 7B base would otherwise take 28 GB here
+        trainable, total = trainable_counts(apply_lora(GPT(model_cfg), lora) if lora else GPT(model_cfg))
+    tracker.log_params({"finetune.base_resolved": str(base), "model.params_total": total, "model.params_trainable": trainable})
+    tracker.log_metrics({f"data/{split}/{k}": v for split, st in manifest["splits"].items() for k, v in st.items()
+                         if isinstance(v, (int, float))})
+    print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
+    result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
+                               {"uri": tracker.uri, "run_id": tracker.run_id}, resume, init=base, lora=lora)
+    checkpoint = Path(result.checkpoint.path)
+    if stopped:
+        raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
+    if lora:  # the adapters folded in: a plain model directory, and its Hugging Face form
+        merged = merge_checkpoint(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
+        tracker.log_artifact(merged, "merged")
+        print(f"[finetune] merged LoRA adapters into {merged}", flush=True)
+    tracker.log_artifact(checkpoint, "checkpoint")
+    return manifest, checkpoint
+
+
+def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tracker) -> tuple[dict, str | None]:
     scores = evaluate(checkpoint, Path(manifest["path"]) / "val", cfg.eval.max_windows)
     metrics = {f"final_val_{k}": v for k, v in scores.items()}
     tracker.log_metrics(metrics)
     e = cfg.eval
+    if not e.sample_tokens:
+        return metrics, None
     sample = sample_text(checkpoint, e.sample_prompt, e.sample_tokens, e.temperature, e.top_k, cfg.run.seed)
     tracker.log_text(f"# Sample from {checkpoint.name}\n\nPrompt: `{e.sample_prompt!r}`\n\n```\n{sample}\n```\n", "samples.md")
     return metrics, sample

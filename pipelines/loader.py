@@ -17,10 +17,33 @@ import torch
 from .arrays import as_matrix
 
 
+SFT_COLUMNS = ("tokens", "loss_mask", "segments")  # written by sft.py
+
+
 def read_windows(split_dir: str | Path) -> np.ndarray:
-    """All windows of a split as one (N, seq_len + 1) int32 array, in file order."""
+    """All windows of a split, in file order: (N, seq_len + 1) int32 token ids, or for
+    fine-tuning data (N, 3, seq_len + 1): tokens, loss mask and example ids stacked."""
     files = sorted(Path(split_dir).glob("*.parquet"))
-    return token_matrix(pq.ParquetDataset(files).read(columns=["tokens"]).column("tokens"))
+    return windows_of(pq.ParquetDataset(files).read())
+
+
+def windows_of(table) -> np.ndarray:
+    """A table (or Ray Data batch) of windows as read_windows returns them."""
+    if "loss_mask" not in table.column_names:
+        return token_matrix(table.column("tokens"))
+    return np.stack([token_matrix(table.column(c)) for c in SFT_COLUMNS], axis=1)
+
+
+def as_batch(rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Windows -> model inputs and next-token targets, each (B, seq_len); fine-tuning windows
+    also give segments (B, seq_len), and targets of -100 where the loss does not count: prompt
+    tokens, padding, and an example's first token (nothing in its own example predicts it)."""
+    batch = torch.as_tensor(rows).long()  # stays on the tensor's device
+    if batch.dim() == 2:
+        return batch[:, :-1], batch[:, 1:]
+    tokens, mask, segments = batch.unbind(1)
+    counted = mask[:, 1:].bool() & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    return tokens[:, :-1], torch.where(counted, tokens[:, 1:], -100), segments[:, :-1]
 
 
 def token_matrix(column) -> np.ndarray:
@@ -34,13 +57,13 @@ class WindowLoader:
         self.position = 0  # windows consumed by all ranks together
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch: inputs and next-token targets, each (micro_batch, seq_len)."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This rank's micro-batch: inputs and next-token targets, each (micro_batch, seq_len)
+        (and segments, for fine-tuning windows: see as_batch)."""
         start = self.position + self.rank * self.micro_batch
         rows = self.windows[[self._window_at(p) for p in range(start, start + self.micro_batch)]]
         self.position += self.micro_batch * self.world
-        batch = torch.from_numpy(rows.astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        return as_batch(rows)
 
     def _window_at(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.windows))
@@ -70,8 +93,7 @@ class StreamLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._next_rows()
         self.position += self.micro_batch * self.world
-        batch = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        return as_batch(rows)
 
     def _next_rows(self) -> np.ndarray:
         for fresh in (False, True):

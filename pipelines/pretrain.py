@@ -9,6 +9,7 @@ import ray
 
 from raylm.models import ModelConfig, flops_per_token
 from raylm.models.io import load_config as load_model_config
+from raylm.models.lora import LoraConfig
 
 from .checkpoint import latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
@@ -35,11 +36,13 @@ def train_storage(run: RunSection) -> Path:
 
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
-             manifest: dict, tracking: dict | None, resume: Path | None = None):
+             manifest: dict, tracking: dict | None, resume: Path | None = None,
+             init: Path | None = None, lora: LoraConfig | None = None):
     """Train on the prepared data (or, in streaming mode, on windows packed on the fly).
     Returns Ray Train's Result (its .checkpoint is the last one reported) and, if a SIGTERM
     stopped the run early, why. `resume` starts a run with no checkpoints of its own from a
-    given checkpoint directory."""
+    given checkpoint directory. Fine-tuning passes `init`, the base model directory whose
+    weights the workers start from, and `lora` to train adapters instead of every weight."""
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
@@ -53,7 +56,8 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
            "flops_per_token": flops_per_token(model, manifest["seq_len"]), "data_dir": manifest["path"],
            "seq_len": manifest["seq_len"], "streaming": streaming, "seed": run.seed, "tracking": tracking,
            # Train V2 dropped resume_from_checkpoint: the loop loads it when Ray has none of the run's own.
-           "resume": str(start) if start else None, "stop": StopRequest.remote()}
+           "resume": str(start) if start else None, "stop": StopRequest.remote(),
+           "init": str(init) if init else None, "lora": lora}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,

@@ -75,12 +75,12 @@ def list_source(pattern: str, key: str) -> tuple[list[str], list[str], object]:
     return files, ignored, filesystem
 
 
-def check_sources(sources) -> None:
+def check_sources(sources, key: str = "data.sources") -> None:
     """Every path of every configured source matches a file: run before Ray starts, so a typo
     costs a fraction of a second instead of a cluster start (20 s here)."""
     for i, source in enumerate(sources):
         for pattern in source.paths:
-            list_source(pattern, f"data.sources.{i}.paths")
+            list_source(pattern, f"{key}.{i}.paths")
 
 
 def _list_remote(uri: str):

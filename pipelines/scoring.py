@@ -9,17 +9,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .loader import as_batch
+
 
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, windows: torch.Tensor, token_bytes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """windows (B, seq_len + 1) -> per-window nats, target tokens and target bytes, each (B,)."""
-    x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and next-token targets
-    logits, _ = model(x)  # (B, T, V)
-    nats = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")  # (B, T)
+    """windows (B, seq_len + 1), or fine-tuning windows (B, 3, seq_len + 1) -> per-window nats,
+    target tokens and target bytes, each (B,). Fine-tuning windows count response tokens only."""
+    x, y, *segments = as_batch(windows)  # (B, T) inputs and next-token targets
+    logits, _ = model(x, segments=segments[0] if segments else None)  # (B, T, V)
+    nats = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")  # (B, T); 0 where y = -100
+    counted = y != -100
     return {
         "nats": nats.sum(dim=1).double(),
-        "tokens": torch.full((len(y),), y.shape[1], dtype=torch.float64, device=y.device),
-        "bytes": token_bytes[y].sum(dim=1).double(),
+        "tokens": counted.sum(dim=1).double(),
+        "bytes": torch.where(counted, token_bytes[y.clamp(min=0)], 0).sum(dim=1).double(),
     }
 
 

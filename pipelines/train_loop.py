@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from raylm.models import GPT
+from raylm.models.io import read_weights
+from raylm.models.lora import LoraConfig, apply_lora
 
 from .checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
 from .cost import CostMeter, budget_reason, detect_hardware
@@ -42,7 +44,7 @@ def train_loop_per_worker(job: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(job["seed"])  # identical initial weights on every rank
-    model = GPT(job["model"]).to(device)
+    model = build_model(job).to(device)
     trained = parallelize(model, scaling.strategy, cfg.activation_checkpointing, cfg.compile)
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(job, rank, world)
@@ -81,13 +83,24 @@ def train_loop_per_worker(job: dict) -> None:
                 log.reset_clock()
             if done % cfg.checkpoint_interval == 0 or last:
                 state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
-                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", log.latest)
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", log.latest, job.get("lora"))
                 log.reset_clock()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
                 break
     finally:
         log.close()  # deliver the metrics of the last interval even when a step raised
+
+
+def build_model(job: dict) -> GPT:
+    """A fresh model, or for fine-tuning the base model's weights; LoRA adapters, if configured,
+    wrap its linear layers and freeze the rest (before parallelize, which sees a plain module)."""
+    model = GPT(job["model"])
+    if job.get("init"):
+        model.load_state_dict(read_weights(job["init"], model.config))
+    if job.get("lora"):
+        apply_lora(model, job["lora"])
+    return model
 
 
 def make_loader(job: dict, rank: int, world: int):
@@ -105,11 +118,11 @@ def train_step(model, optimizer, loader: WindowLoader, accum: int, grad_clip: fl
     total, waited = torch.zeros((), device=device), 0.0
     for micro in range(accum):
         t0 = time.perf_counter()
-        x, y = (t.to(device) for t in loader.next_batch())
+        x, y, *segments = (t.to(device) for t in loader.next_batch())  # segments: fine-tuning only
         waited += time.perf_counter() - t0
         with gradient_sync(model, enabled=micro == accum - 1):
             with autocast(device):
-                _, loss = model(x, y)
+                _, loss = model(x, y, segments=segments[0] if segments else None)
             (loss / accum).backward()
         total += loss.detach() / accum
     max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -175,7 +188,7 @@ def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None, wor
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
-def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: dict) -> None:
+def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: dict, lora: LoraConfig | None = None) -> None:
     """Every rank gathers (FSDP all-gathers its shards) and reports (Ray Train's barrier);
     rank 0 alone writes the whole state."""
     rank = ray.train.get_context().get_world_rank()
@@ -184,7 +197,7 @@ def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: d
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            write_checkpoint(Path(tmp), model.config, weights, optim, state, tokenizer)
+            write_checkpoint(Path(tmp), model.config, weights, optim, state, tokenizer, lora)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
 

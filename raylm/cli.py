@@ -16,12 +16,14 @@ STAGES = {
     "prepare": ("prepare",),
     "pretrain": ("pretrain",),
     "evaluate": ("evaluate",),
+    "finetune": ("finetune", "evaluate"),
 }
 HELP = {
     "run": "the whole lifecycle: prepare -> pretrain -> evaluate, in one MLflow run",
     "prepare": "clean the corpus, train the BPE tokenizer, pack token windows (Ray Data)",
     "pretrain": "train the model on prepared data (Ray Train workers, DDP or FSDP2)",
     "evaluate": "score a checkpoint on the validation split (Ray Data batch inference) and sample",
+    "finetune": "continued pretraining, instruction SFT or LoRA from a checkpoint or HF model, then evaluate",
     "generate": "print text sampled from a checkpoint (runs in-process)",
     "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
     "import-hf": "turn a Hugging Face Llama-architecture directory (safetensors) into a raylm model directory",
@@ -40,12 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
-        if name in ("run", "evaluate"):
+        if name == "finetune":
+            p.add_argument("--base", metavar="PATH",
+                           help="checkpoint, raylm model directory or Hugging Face Llama directory (finetune.base)")
+            p.add_argument("--sft", action="append", metavar="JSONL",
+                           help="instruction data; each --sft is one source, format detected (replaces finetune.sft.sources)")
+            p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (finetune.lora.enabled)")
+        if name in ("run", "evaluate", "finetune"):
             p.add_argument("--task", action="append", metavar="YAML",
                            help="also score a task (configs/tasks/*.yaml); repeatable (replaces eval.tasks)")
             p.add_argument("--data-dir", metavar="DIR", help="the folder task files' paths are under (eval.task_data_dir)")
             p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task")
-        if name in ("run", "pretrain"):
+        if name in ("run", "pretrain", "finetune"):
             p.add_argument("--resume", type=Path, metavar="PATH",
                            help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
         p.set_defaults(func=cmd_stages)
@@ -84,24 +92,34 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> RaylmConfig:
     if args.config and args.config_flag:
         raise ConfigError("give the config either as CONFIG or as --config, not both")
-    overrides = list(args.overrides)
+    overrides = []  # the flags below first, so that a --set can refine what they give
     if getattr(args, "data", None):  # one source per --data, in the order given
         overrides.append(f"data.sources={json.dumps([{'paths': [p]} for p in args.data])}")
+    if getattr(args, "base", None):
+        overrides.append(f"finetune.base={json.dumps(str(Path(args.base).resolve()))}")
+    if getattr(args, "sft", None):
+        overrides.append(f"finetune.sft.sources={json.dumps([{'paths': [p]} for p in args.sft])}")
+    if getattr(args, "lora", False):
+        overrides.append("finetune.lora.enabled=true")
     if getattr(args, "task", None):
         overrides.append(f"eval.tasks={json.dumps(args.task)}")
     if getattr(args, "data_dir", None):
         overrides.append(f"eval.task_data_dir={json.dumps(args.data_dir)}")
     if getattr(args, "limit", None):
         overrides.append(f"eval.task_limit={args.limit}")
-    return load_config(args.config or args.config_flag, overrides)
+    return load_config(args.config or args.config_flag, overrides + list(args.overrides))
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    if "prepare" in STAGES[args.command]:
-        from raylm.pipelines.readers import check_sources  # pyarrow only: no Ray yet
+    if args.command == "finetune" and not cfg.finetune.base:
+        raise ConfigError("finetune.base: give the model to start from (--base PATH or finetune.base in the config)")
+    from raylm.pipelines.readers import check_sources  # pyarrow only: no Ray yet
 
+    if "prepare" in STAGES[args.command] or (args.command == "finetune" and cfg.finetune.mode == "cpt"):
         check_sources(cfg.data.sources)
+    if args.command == "finetune" and cfg.finetune.mode == "sft":
+        check_sources(cfg.finetune.sft.sources, "finetune.sft.sources")
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
     out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None),
@@ -162,14 +180,16 @@ def print_summary(command: str, cfg: RaylmConfig, out) -> None:
              f"({', '.join(f'{k} {v:.0f} s' for k, v in out.seconds.items() if k != 'total')})"]
     if out.manifest:
         tr = out.manifest["splits"]["train"]
-        lines.append(f"  data        {out.manifest['path']} ({tr['tokens']:,} train tokens, vocab {out.manifest['vocab_size']})")
+        examples = f"{tr['examples']:,} examples, {tr['trained_tokens']:,} trained tokens, " if "examples" in tr else ""
+        lines.append(f"  data        {out.manifest['path']} ({examples}{tr['tokens']:,} train tokens, vocab {out.manifest['vocab_size']})")
     if out.checkpoint:
         lines.append(f"  checkpoint  {out.checkpoint}")
     if out.metrics:
         m = out.metrics
         lines.append(f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
                      f"{m['final_val_bits_per_byte']:.4f} bits/byte")
-        lines.append(f"  baselines   {_baselines(out.manifest)}")
+        if "unigram_baseline" in out.manifest:
+            lines.append(f"  baselines   {_baselines(out.manifest)}")
     for task, scores in out.tasks.items():
         shown = " | ".join(f"{k} {v:.4f}" if k != "examples" else f"{v:.0f} examples" for k, v in scores.items())
         lines.append(f"  task        {task}: {shown}")
