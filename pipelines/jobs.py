@@ -3,6 +3,7 @@ section, and records what happened in one MLflow run."""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -181,6 +182,24 @@ def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, 
     for name, (_, rows) in results.items():
         tracker.log_table(rows, f"eval/{name}.json")
     return {name: m for name, (m, _) in results.items()}
+
+
+def lm_eval_job(cfg: RaylmConfig, checkpoint: Path, tasks: list[str], include_path: str | None, limit: int | None,
+                num_fewshot: int | None) -> tuple[dict[str, dict[str, float]], Tracker]:
+    """lm-eval tasks on a checkpoint, in this process; metrics as lm_eval/<task>/<metric> and
+    lm-eval's whole results as eval/lm_eval.json, in an MLflow run of stage lm-eval."""
+    from .lm_eval_adapter import run_lm_eval
+
+    with open_tracker(cfg, "lm-eval") as tracker:
+        tracker.log_params({"lm_eval.checkpoint": str(checkpoint), "lm_eval.tasks": ",".join(tasks)})
+        results = run_lm_eval(checkpoint, tasks, include_path, limit, num_fewshot)
+        scores = {task: {k.split(",")[0]: float(v) for k, v in m.items()
+                         if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"}
+                  | {"examples": float(m.get("sample_len", 0))} for task, m in results["results"].items()}
+        tracker.log_metrics({f"lm_eval/{t}/{k}": v for t, m in scores.items() for k, v in m.items()})
+        tracker.log_text(json.dumps({k: results[k] for k in ("results", "configs", "n-samples") if k in results},
+                                    indent=2, default=str), "eval/lm_eval.json")
+    return scores, tracker
 
 
 def find_checkpoint(cfg: RaylmConfig) -> Path:

@@ -24,6 +24,7 @@ HELP = {
     "pretrain": "train the model on prepared data (Ray Train workers, DDP or FSDP2)",
     "evaluate": "score a checkpoint on the validation split (Ray Data batch inference) and sample",
     "finetune": "continued pretraining, instruction SFT or LoRA from a checkpoint or HF model, then evaluate",
+    "lm-eval": "run lm-evaluation-harness tasks on a checkpoint (needs the lm-eval extra); results to MLflow",
     "generate": "print text sampled from a checkpoint (runs in-process)",
     "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
     "import-hf": "turn a Hugging Face Llama-architecture directory (safetensors) into a raylm model directory",
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", type=Path, metavar="PATH",
                            help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
         p.set_defaults(func=cmd_stages)
+    le = sub.add_parser("lm-eval", help=HELP["lm-eval"], description=HELP["lm-eval"])
+    _config_args(le)
+    le.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    le.add_argument("--include-path", metavar="DIR", help="a folder of extra lm-eval task YAMLs, e.g. configs/lm_eval")
+    le.add_argument("--limit", type=int, metavar="N", help="the first N examples of each task")
+    le.add_argument("--num-fewshot", type=int, metavar="K", help="k-shot (default: each task's own)")
+    le.set_defaults(func=cmd_lm_eval)
     g = sub.add_parser("generate", help=HELP["generate"], description=HELP["generate"])
     _config_args(g)
     g.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
@@ -137,6 +146,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = sample_texts(checkpoint, args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k or None,
                          args.top_p, tuple(args.stop), args.seed)
     print("\n\n".join(texts))
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise RaylmError("lm-eval is not installed: pip install 'raylm[lm-eval]'") from None
+    from raylm.pipelines.jobs import find_checkpoint, lm_eval_job
+
+    checkpoint = _model_dir(args.checkpoint or find_checkpoint(cfg), "--checkpoint")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    scores, tracker = lm_eval_job(cfg, checkpoint, tasks, args.include_path, args.limit, args.num_fewshot)
+    for task, metrics in scores.items():
+        print(f"  lm-eval     {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {tracker.uri}")
     return 0
 
 

@@ -20,6 +20,7 @@ from raylm.pipelines.loader import read_windows, token_matrix
 from raylm.pipelines.optim import make_optimizer
 from raylm.pipelines.sampling import sample_text
 from raylm.pipelines.scoring import score_windows, summarize
+from raylm.pipelines.tasks import load_task, read_examples, score
 from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths
 
 from .conftest import REPO, SHARED_DATA, tiny_overrides
@@ -198,3 +199,26 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     assert m["task/bias_pairs/examples"] == 6 and "task/bias_pairs/mean_abs_gap_nats/gender" in m
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/arc_easy.json", str(quickstart))).read_text())
     assert len(table["data"]) == 6 and "pred_norm" in table["columns"]
+
+
+def test_lm_eval_task_agrees_with_raylm_scorer(quickstart, monkeypatch, capsys):
+    """The same 40 ARC-Easy questions through lm-evaluation-harness (its task YAML, its metric
+    code, raylm's adapter) and through raylm's own task: the same accuracies, well within the
+    1 point the issue allows. `raylm lm-eval` logs them to MLflow."""
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(quickstart / "hf"))  # the datasets cache stays in the test's folder
+    checkpoint = quickstart / "runs" / "train" / "quickstart" / f"checkpoint_{STEPS:06d}"
+    store = f"sqlite:///{quickstart / 'lm_eval.db'}"
+    args = ["lm-eval", *[x for o in [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"] for x in ("--set", o)],
+            "--checkpoint", str(checkpoint), "--tasks", "arc_easy_shared", "--include-path", "configs/lm_eval", "--limit", "40"]
+    assert main(args) == 0
+    assert "lm-eval     arc_easy_shared: acc " in capsys.readouterr().out
+    _, run = only_run(store)
+    harness = {k: run.data.metrics[f"lm_eval/arc_easy_shared/{k}"] for k in ("acc", "acc_norm")}
+    spec = load_task(REPO / "configs" / "tasks" / "arc_easy.yaml")
+    spec.limit = 40
+    ours, _ = score(load_model(checkpoint).eval(), load_tokenizer(checkpoint / "tokenizer.json"), spec, read_examples(spec, SHARED_DATA))
+    print(f"[test] ARC-Easy (40): lm-eval acc {harness['acc']:.3f} acc_norm {harness['acc_norm']:.3f}; "
+          f"raylm acc {ours['acc']:.3f} acc_norm {ours['acc_norm']:.3f}")
+    assert abs(harness["acc"] - ours["acc"]) <= 0.01 and abs(harness["acc_norm"] - ours["acc_norm"]) <= 0.01
