@@ -4,6 +4,7 @@ so a bad config fails in about a second, before any worker starts."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -151,10 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise RaylmError("lm-eval is not installed: pip install 'raylm[lm-eval]'") from None
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RaylmError("lm-eval is not installed: pip install 'raylm[lm-eval]'")
     from raylm.pipelines.jobs import find_checkpoint, lm_eval_job
 
     checkpoint = _model_dir(args.checkpoint or find_checkpoint(cfg), "--checkpoint")
