@@ -232,6 +232,7 @@ class EvalSection(Section):
     tasks: list[str] = []
     task_data_dir: str | None = None
     task_limit: int | None = Field(None, gt=0)  # the first N examples of each task (quick checks)
+    texts: list[str] = []  # UTF-8 text files also scored for loss, perplexity and bits per byte
 
     @model_validator(mode="after")
     def _tasks_have_data(self) -> "EvalSection":

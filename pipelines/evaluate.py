@@ -14,13 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pyarrow as pa
+
 from raylm.models import load_model
+from raylm.models.io import load_config
+
+from .arrays import as_fixed_list
+from .errors import DataError
 
 from .loader import windows_of
 from .runtime import cluster_cpus
 from .scoring import score_windows, summarize
 from .tasks import Example, TaskSpec, aggregate, read_examples, score_rows
-from .tokenizer import load_tokenizer, token_byte_lengths
+from .tokenizer import eos_id, load_tokenizer, token_byte_lengths
 
 
 class ScoreWindows:
@@ -42,8 +48,28 @@ def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = No
     import ray.data
 
     ds = ray.data.read_parquet(str(split_dir))
-    if max_windows:
-        ds = ds.limit(max_windows)
+    return score_dataset(checkpoint_dir, ds.limit(max_windows) if max_windows else ds)
+
+
+def evaluate_text(checkpoint_dir: Path, path: Path) -> dict[str, float]:
+    """The same scores on any UTF-8 text file: paragraphs (split at blank lines) are documents,
+    joined with EOS as in training, cut into windows of the model's context."""
+    import ray.data
+
+    tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+    docs = [d.strip() for d in Path(path).read_text(encoding="utf-8", errors="replace").split("\n\n") if d.strip()]
+    eos = eos_id(tok)
+    stream = np.array([i for e in tok.encode_batch_fast(docs, add_special_tokens=False) for i in [*e.ids, eos]], np.int32)
+    width = load_config(checkpoint_dir).block_size + 1
+    n = len(stream) // width
+    if n == 0:
+        raise DataError(f"{path}: {len(stream)} tokens, fewer than one window of {width}")
+    windows = stream[: n * width].reshape(n, width)  # the tail shorter than a window is not scored
+    return score_dataset(checkpoint_dir, ray.data.from_arrow(pa.table({"tokens": as_fixed_list(windows)})))
+
+
+def score_dataset(checkpoint_dir: Path, ds) -> dict[str, float]:
+    """Windows (a Ray Data dataset with a `tokens` column) scored on a pool of model replicas."""
     scored = ds.map_batches(
         ScoreWindows,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},

@@ -14,10 +14,10 @@ import torch
 from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, torn_reason
 from .config import RaylmConfig, section_fingerprint
 from .errors import DataError, Interrupted
-from .evaluate import evaluate, evaluate_tasks
+from .evaluate import evaluate, evaluate_tasks, evaluate_text
 from .finetune import check_fits, finetune_windows, load_base_config, lora_config, merge_checkpoint, resolve_base
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
@@ -37,6 +37,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> its metrics
+    texts: dict[str, dict[str, float]] = field(default_factory=dict)  # eval.texts file -> its scores
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -79,6 +80,7 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
             with out.timed("evaluate"):
                 out.checkpoint = out.checkpoint or find_checkpoint(cfg)
                 out.metrics, out.sample = do_evaluate(cfg, out.manifest, out.checkpoint, tracker)
+                out.texts = do_texts(cfg, out.checkpoint, tracker)
                 out.tasks = do_tasks(cfg, out.checkpoint, tracker)
         out.seconds["total"] = time.perf_counter() - started
         tracker.log_metrics({f"{k}_seconds": v for k, v in out.seconds.items()})
@@ -165,9 +167,17 @@ def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tra
     return metrics, sample
 
 
-def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, dict[str, float]]:
+def do_texts(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, dict[str, float]]:
+    """Loss, perplexity and bits per byte on each eval.texts file, as text/<file stem>/<metric>."""
+    scores = {Path(p).stem: evaluate_text(checkpoint, Path(p)) for p in cfg.eval.texts}
+    tracker.log_metrics({f"text/{name}/{k}": v for name, m in scores.items() for k, v in m.items()})
+    return scores
+
+
+def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker, step: int | None = None) -> dict[str, dict[str, float]]:
     """Score eval.tasks; metrics as task/<name>/<metric>, each task's per-example table as
-    eval/<name>.json (the MLflow UI's artifact view shows it as a table)."""
+    eval/<name>.json (the MLflow UI's artifact view shows it as a table); with a step (one
+    checkpoint of several), metrics at that step and tables as eval/step_<step>/<name>.json."""
     if not cfg.eval.tasks:
         return {}
     specs = [load_task(path) for path in cfg.eval.tasks]
@@ -178,10 +188,57 @@ def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, 
     seconds = time.perf_counter() - started
     examples = sum(m["examples"] for m, _ in results.values())
     tracker.log_metrics({f"task/{name}/{k}": v for name, (m, _) in results.items() for k, v in m.items()}
-                        | {"task/examples_per_s": examples / seconds})
+                        | {"task/examples_per_s": examples / seconds}, step)
+    folder = "eval" if step is None else f"eval/step_{step:06d}"
     for name, (_, rows) in results.items():
-        tracker.log_table(rows, f"eval/{name}.json")
+        tracker.log_table(rows, f"{folder}/{name}.json")
     return {name: m for name, (m, _) in results.items()}
+
+
+def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_seconds: float = 10.0) -> Tracker:
+    """Evaluate each new whole checkpoint of cfg.run.name as training writes it (validation
+    loss and eval.tasks, at the checkpoint's step), on Ray Data replicas beside the training
+    workers. Ends after the checkpoint of train.max_steps, or after idle_minutes with none new."""
+    start_ray(address)
+    run_dir = train_storage(cfg.run) / cfg.run.name
+    manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
+    seen: set[str] = set()
+    with open_tracker(cfg, "evaluate") as tracker:
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < idle_minutes * 60:
+            fresh = new_checkpoints(run_dir, seen)
+            for checkpoint in fresh:
+                seen.add(checkpoint.name)
+                step = int(checkpoint.name.split("_")[-1])
+                if evaluate_at_step(cfg, manifest, checkpoint, step, tracker) and step >= cfg.train.max_steps:
+                    return tracker
+            idle_since = time.monotonic() if fresh else idle_since
+            time.sleep(0 if fresh else poll_seconds)
+        print(f"[evaluate] no new checkpoint of {cfg.run.name!r} for {idle_minutes:g} min: stopping", flush=True)
+    return tracker
+
+
+def new_checkpoints(run_dir: Path, seen: set[str]) -> list[Path]:
+    """Whole checkpoints not evaluated yet, oldest first (a half-written one is left for later)."""
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in seen and torn_reason(p) is None]
+    return sorted(found, key=lambda p: p.name)
+
+
+def evaluate_at_step(cfg: RaylmConfig, manifest: dict, checkpoint: Path, step: int, tracker: Tracker) -> bool:
+    """Score one checkpoint; False if the run deleted it meanwhile (train.keep_checkpoints)."""
+    try:
+        scores = evaluate(checkpoint, Path(manifest["path"]) / "val", cfg.eval.max_windows)
+        tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step)
+        tasks = do_tasks(cfg, checkpoint, tracker, step)
+    except Exception:
+        if checkpoint.exists():
+            raise
+        print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
+        return False
+    shown = " | ".join(f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in tasks.items())
+    print(f"[evaluate] {checkpoint.name}: val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"
+          + (f" | {shown}" if shown else ""), flush=True)
+    return True
 
 
 def lm_eval_job(cfg: RaylmConfig, checkpoint: Path, tasks: list[str], include_path: str | None, limit: int | None,

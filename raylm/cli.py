@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
+            p.add_argument("--follow", action="store_true",
+                           help="score each new checkpoint of the run as training writes it, until the last step")
+            p.add_argument("--idle-minutes", type=float, default=30.0, metavar="M",
+                           help="with --follow: stop after M minutes without a new checkpoint (default 30)")
         if name == "finetune":
             p.add_argument("--base", metavar="PATH",
                            help="checkpoint, raylm model directory or Hugging Face Llama directory (finetune.base)")
@@ -55,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also score a task (configs/tasks/*.yaml); repeatable (replaces eval.tasks)")
             p.add_argument("--data-dir", metavar="DIR", help="the folder task files' paths are under (eval.task_data_dir)")
             p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task")
+            p.add_argument("--text", action="append", metavar="FILE",
+                           help="also score loss, perplexity and bits per byte on a text file (repeatable; eval.texts)")
         if name in ("run", "pretrain", "finetune"):
             p.add_argument("--resume", type=Path, metavar="PATH",
                            help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
@@ -115,6 +121,8 @@ def resolve_config(args: argparse.Namespace) -> RaylmConfig:
         overrides.append(f"eval.tasks={json.dumps(args.task)}")
     if getattr(args, "data_dir", None):
         overrides.append(f"eval.task_data_dir={json.dumps(args.data_dir)}")
+    if getattr(args, "text", None):
+        overrides.append(f"eval.texts={json.dumps([str(Path(t).resolve()) for t in args.text])}")
     if getattr(args, "limit", None):
         overrides.append(f"eval.task_limit={args.limit}")
     return load_config(args.config or args.config_flag, overrides + list(args.overrides))
@@ -130,6 +138,12 @@ def cmd_stages(args: argparse.Namespace) -> int:
         check_sources(cfg.data.sources)
     if args.command == "finetune" and cfg.finetune.mode == "sft":
         check_sources(cfg.finetune.sft.sources, "finetune.sft.sources")
+    if getattr(args, "follow", False):
+        from raylm.pipelines.jobs import follow_run
+
+        tracker = follow_run(cfg, args.address, args.idle_minutes)
+        print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {tracker.uri}")
+        return 0
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
     out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None),
@@ -215,6 +229,9 @@ def print_summary(command: str, cfg: RaylmConfig, out) -> None:
                      f"{m['final_val_bits_per_byte']:.4f} bits/byte")
         if "unigram_baseline" in out.manifest:
             lines.append(f"  baselines   {_baselines(out.manifest)}")
+    for name, m in out.texts.items():
+        lines.append(f"  text        {name}: loss {m['loss']:.4f} nats/token | perplexity {m['perplexity']:.2f} | "
+                     f"{m['bits_per_byte']:.4f} bits/byte ({m['windows']} windows)")
     for task, scores in out.tasks.items():
         shown = " | ".join(f"{k} {v:.4f}" if k != "examples" else f"{v:.0f} examples" for k, v in scores.items())
         lines.append(f"  task        {task}: {shown}")

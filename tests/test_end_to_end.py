@@ -188,12 +188,17 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     tasks = [x for name in ("arc_easy", "svamp", "bias_pairs") for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))]
     store = f"sqlite:///{quickstart / 'tasks.db'}"  # its own store: other tests count the runs in mlflow.db
     overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"]
-    args = [*cli_args("evaluate", overrides), *tasks, "--data-dir", str(SHARED_DATA), "--limit", "6"]
+    text = quickstart / "alice.txt"  # any text file: intrinsic scores beside the tasks
+    text.write_text((SHARED_DATA / "gutenberg" / "pg11_alice_in_wonderland.txt").read_text()[:20_000])
+    args = [*cli_args("evaluate", overrides), *tasks, "--data-dir", str(SHARED_DATA), "--limit", "6", "--text", str(text)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "task        arc_easy: acc " in out and "task        svamp: accuracy " in out
+    assert "text        alice: loss " in out
     client, run = only_run(store)
     m = run.data.metrics
+    # Out-of-domain English for a grammar model: worse than its own validation split, but scored.
+    assert m["text/alice/bits_per_byte"] > m["final_val_bits_per_byte"] and m["text/alice/windows"] > 10
     assert m["task/arc_easy/examples"] == 6 and 0 <= m["task/arc_easy/acc_norm"] <= 1
     assert m["task/svamp/examples"] == 6 and m["task/svamp/accuracy"] >= 0
     assert m["task/bias_pairs/examples"] == 6 and "task/bias_pairs/mean_abs_gap_nats/gender" in m
@@ -222,3 +227,20 @@ def test_lm_eval_task_agrees_with_raylm_scorer(quickstart, monkeypatch, capsys):
     print(f"[test] ARC-Easy (40): lm-eval acc {harness['acc']:.3f} acc_norm {harness['acc_norm']:.3f}; "
           f"raylm acc {ours['acc']:.3f} acc_norm {ours['acc_norm']:.3f}")
     assert abs(harness["acc"] - ours["acc"]) <= 0.01 and abs(harness["acc_norm"] - ours["acc_norm"]) <= 0.01
+
+
+def test_evaluate_follow_scores_every_checkpoint_of_the_run(quickstart, capsys):
+    """`raylm evaluate --follow` scores each whole checkpoint once, at its step, and stops at the
+    checkpoint of train.max_steps (here the run has finished, so both are already there)."""
+    store = f"sqlite:///{quickstart / 'follow.db'}"
+    overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}", f"train.max_steps={STEPS}"]
+    args = [*cli_args("evaluate", overrides), "--follow", "--idle-minutes", "1",
+            "--task", str(REPO / "configs" / "tasks" / "arc_easy.yaml"), "--data-dir", str(SHARED_DATA), "--limit", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[evaluate] checkpoint_000030: val loss" in out and "[evaluate] checkpoint_000060: val loss" in out
+    client, run = only_run(store)
+    for metric in ("val_loss", "task/arc_easy/acc_norm"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [30, 60]
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_000030")}
+    assert tables == {"eval/step_000030/arc_easy.json"}
