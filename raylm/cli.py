@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from raylm.pipelines.config import RaylmConfig, load_config
-from raylm.pipelines.errors import ConfigError, Interrupted, RaylmError
+from raylm.pipelines.errors import ConfigError, DataError, Interrupted, RaylmError
 
 STAGES = {
     "run": ("prepare", "pretrain", "evaluate"),
@@ -138,6 +138,8 @@ def cmd_stages(args: argparse.Namespace) -> int:
         check_sources(cfg.data.sources)
     if args.command == "finetune" and cfg.finetune.mode == "sft":
         check_sources(cfg.finetune.sft.sources, "finetune.sft.sources")
+    if args.command == "finetune":
+        _check_base(Path(cfg.finetune.base))
     if getattr(args, "follow", False):
         from raylm.pipelines.jobs import follow_run
 
@@ -205,6 +207,12 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         raise RaylmError(str(err)) from None
     print(f"imported {args.source} -> {args.out} ({param_counts(model.config)['total']:,} parameters)")
     return 0
+
+
+def _check_base(path: Path) -> None:
+    if not ((path / "model.json").is_file() or (path / "config.json").is_file()):
+        raise DataError(f"finetune.base: {path} is neither a raylm model directory (model.json) "
+                        "nor a Hugging Face one (config.json)")
 
 
 def _model_dir(path: Path, flag: str) -> Path:

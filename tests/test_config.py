@@ -144,3 +144,25 @@ def test_unknown_model_preset_lists_the_valid_ones():
 def test_preset_shapes_are_still_validated():
     with pytest.raises(ConfigError, match="n_embd=770 must be divisible by n_head=12"):
         load_config(None, ["model.preset=124m", "model.n_embd=770"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["finetune", "--sft", "x.jsonl"], "finetune.base: give the model to start from"),
+    (["finetune", "--base", "b", "--sft", "typo.jsonl"], "finetune.sft.sources.0.paths"),
+    (["finetune", "--base", "b"], "mode sft needs finetune.sft.sources"),
+    (["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.lora.targets=[wz]"], "finetune.lora.targets.0"),
+    (["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.sft.template.user=no placeholder"],
+     "finetune.sft.template: user must contain {content} exactly once"),
+    (["finetune", "--base", "nowhere", "--sft", str(REPO / "pyproject.toml")], "nowhere is neither a raylm model directory"),
+])
+def test_bad_finetune_input_fails_before_ray_is_imported(tmp_path, args, expected):
+    probe = (f"import sys; from raylm.cli import main; rc = main({args!r}); "
+             "assert rc == 2; assert 'ray' not in sys.modules, 'imported too early'")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stderr, proc.stderr
+
+
+def test_set_reaches_into_a_list_of_sections():
+    cfg = load_config(None, ['data.sources=[{paths: [a.txt]}, {paths: [b.txt]}]', "data.sources.1.split=val"])
+    assert cfg.data.sources[1].split == "val" and cfg.data.sources[0].split == "auto"
