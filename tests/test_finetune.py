@@ -19,7 +19,7 @@ from raylm.models.lora import LoraConfig, apply_lora, merge_lora, trainable_coun
 from raylm.pipelines.config import SftSourceSection, TemplateSection, TokenizerSection
 from raylm.pipelines.errors import DataError
 from raylm.pipelines.loader import as_batch
-from raylm.pipelines.sft import encode_examples, pack, read_source, render, turns_of
+from raylm.pipelines.sft import encode_examples, pack, prompt_text, read_source, render, turns_of
 from raylm.pipelines.tasks import TaskSpec, read_examples, score
 from raylm.pipelines.tokenizer import load_tokenizer, train_tokenizer
 
@@ -159,8 +159,7 @@ def base(tmp_path_factory):
 
 
 def lookup_task(name: str, question: str) -> TaskSpec:
-    prompt = TEMPLATE.user.replace("{content}", question) + TEMPLATE.assistant.split("{content}")[0]
-    return TaskSpec(name=name, kind="generate", path=f"{name}.jsonl", context=prompt, reference="{answer}",
+    return TaskSpec(name=name, kind="generate", path=f"{name}.jsonl", context=prompt_text(question, TEMPLATE), reference="{answer}",
                     metric="exact_match_f1", max_new_tokens=8, stop=["\n", "#"])
 
 
