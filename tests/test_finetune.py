@@ -257,3 +257,17 @@ def token_losses(model_dir: Path, tmp: Path) -> tuple[float, float]:
             for trained in (False, True):
                 sums[trained] += nats[torch.from_numpy(mask[1:] == trained)].tolist()
     return float(np.mean(sums[False])), float(np.mean(sums[True]))
+
+
+def test_a_hugging_face_base_is_imported_once_and_starts_as_the_same_model(base, tmp_path):
+    from raylm.models.hf import export_hf
+    from raylm.pipelines.finetune import resolve_base
+
+    hf = export_hf(base / "base", tmp_path / "hf")
+    imported = resolve_base(str(hf), tmp_path / "runs")
+    assert (imported / "model.json").is_file() and (imported / "tokenizer.json").is_file()
+    assert resolve_base(str(hf), tmp_path / "runs") == imported  # reused, not imported again
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(load_model(imported)(x)[0], load_model(base / "base")(x)[0])
+    with pytest.raises(DataError, match="neither a raylm model directory"):
+        resolve_base(str(tmp_path), tmp_path / "runs")
