@@ -274,7 +274,7 @@ def aggregate(spec: TaskSpec, rows: list[dict]) -> dict[str, float]:
 def generate_answers(model, tokenizer, prompts: list[str], spec: TaskSpec, batch: int = 8) -> list[str]:
     from raylm.models.generate import generate
 
-    from .tokenizer import eos_id
+    from .tokenizer import eos_stop
 
     # A small model's context holds at most half new tokens; a long prompt keeps its end.
     max_new = min(spec.max_new_tokens, model.config.block_size // 2)
@@ -282,7 +282,7 @@ def generate_answers(model, tokenizer, prompts: list[str], spec: TaskSpec, batch
     answers = []
     for i in range(0, len(prompts), batch):
         ids = [tokenizer.encode(p).ids[-room:] for p in prompts[i : i + batch]]
-        for new in generate(model, ids, max_new, temperature=0, stop_tokens=(eos_id(tokenizer),)):  # an answer ends at EOS
+        for new in generate(model, ids, max_new, temperature=0, stop_tokens=eos_stop(tokenizer)):  # an answer ends at EOS
             answers.append(_cut(tokenizer.decode(new), spec.stop).strip())
     return answers
 

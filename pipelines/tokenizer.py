@@ -39,6 +39,11 @@ def eos_id(tok: Tokenizer) -> int:
     return min(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
 
+def eos_stop(tok: Tokenizer) -> tuple[int, ...]:
+    """EOS as a decoding stop, if the tokenizer has one (a plain word-level tokenizer has none)."""
+    return (eos_id(tok),) if any(t.special for t in tok.get_added_tokens_decoder().values()) else ()
+
+
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte.
 

@@ -18,10 +18,11 @@ from raylm.models.io import read_weights
 from raylm.models.lora import LoraConfig, apply_lora, merge_lora, trainable_counts
 from raylm.pipelines.config import SftSourceSection, TemplateSection, TokenizerSection
 from raylm.pipelines.errors import DataError
-from raylm.pipelines.loader import as_batch
+from raylm.pipelines.loader import as_batch, read_windows
+from raylm.pipelines.scoring import score_windows
 from raylm.pipelines.sft import encode_examples, pack, prompt_text, read_source, render, turns_of
 from raylm.pipelines.tasks import TaskSpec, read_examples, score
-from raylm.pipelines.tokenizer import load_tokenizer, train_tokenizer
+from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
 
 from .conftest import SHARED_DATA
 
@@ -271,3 +272,27 @@ def test_a_hugging_face_base_is_imported_once_and_starts_as_the_same_model(base,
     torch.testing.assert_close(load_model(imported)(x)[0], load_model(base / "base")(x)[0])
     with pytest.raises(DataError, match="neither a raylm model directory"):
         resolve_base(str(tmp_path), tmp_path / "runs")
+
+
+def test_continued_pretraining_uses_the_base_tokenizer_and_lowers_loss_on_the_new_corpus(ray_cluster, base):
+    """mode cpt: a new corpus goes through `raylm prepare`'s pipeline with the base's tokenizer
+    (not a new one), and training from the base lowers the validation loss on it."""
+    corpus = base / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Day {day}: the {o} is {c}. Every {o} I saw was {c}, like the last {o}."
+                                  for day in range(40) for o, c in COLORS.items()))
+    sets = [f"run.output_dir={base / 'runs'}", f"tracking.tracking_uri=sqlite:///{base / 'mlflow.db'}", "run.name=cpt",
+            "finetune.mode=cpt", f"data.sources=[{{paths: [{corpus}]}}]", "data.seq_len=64", "data.val_fraction=0.1",
+            "data.dedup.exact=false", "data.dedup.near=false", "train.batch_size=16", "train.micro_batch_size=8",
+            "train.lr=3e-3", "train.warmup_steps=3", "train.max_steps=40", "train.eval_interval=20",
+            "train.checkpoint_interval=40", "eval.sample_tokens=0"]
+    assert main(["finetune", "--base", str(base / "base"), *[x for s in sets for x in ("--set", s)]]) == 0
+    checkpoint = base / "runs" / "train" / "cpt" / "checkpoint_000040"
+    assert (checkpoint / "tokenizer.json").read_bytes() == (base / "base" / "tokenizer.json").read_bytes()
+    (prepared,) = (base / "runs" / "data").glob("*/val")
+    windows = torch.from_numpy(read_windows(prepared).astype(np.int64))
+    token_bytes = torch.from_numpy(token_byte_lengths(load_tokenizer(checkpoint / "tokenizer.json")))
+    before = score_windows(load_model(base / "base").eval(), windows, token_bytes)
+    losses = run_metrics(base, "cpt")["val_loss"]
+    base_loss = float(before["nats"].sum() / before["tokens"].sum())
+    print(f"[test] continued pretraining: val loss {base_loss:.2f} (base) -> {losses}")
+    assert losses[-1] < losses[0] and losses[-1] < 0.5 * base_loss
