@@ -34,9 +34,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+# End-of-text markers of tokenizers that come with imported Hugging Face models (GPT-2, Llama 2,
+# Llama 3, Gemma), where the lowest special id is often a begin-of-text or unknown token.
+KNOWN_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
 def eos_id(tok: Tokenizer) -> int:
-    """train_tokenizer registers EOS as the first special token, so it has the lowest id."""
-    return min(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    """The end-of-document token. train_tokenizer registers EOS as the first special token, so
+    it has the lowest id; an imported tokenizer's is found by its usual name first."""
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    named = [specials[name] for name in KNOWN_EOS if name in specials]
+    return named[0] if named else min(specials.values())
 
 
 def eos_stop(tok: Tokenizer) -> tuple[int, ...]:

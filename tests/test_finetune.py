@@ -296,3 +296,13 @@ def test_continued_pretraining_uses_the_base_tokenizer_and_lowers_loss_on_the_ne
     base_loss = float(before["nats"].sum() / before["tokens"].sum())
     print(f"[test] continued pretraining: val loss {base_loss:.2f} (base) -> {losses}")
     assert losses[-1] < losses[0] and losses[-1] < 0.5 * base_loss
+
+
+def test_eos_of_an_imported_llama_style_tokenizer_is_its_end_token_not_its_lowest_special():
+    from tokenizers import Tokenizer, models
+
+    from raylm.pipelines.tokenizer import eos_id
+
+    tok = Tokenizer(models.WordLevel({"hello": 0}, unk_token="<unk>"))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])  # Llama 2's order: ids 1, 2, 3
+    assert eos_id(tok) == tok.token_to_id("</s>")
