@@ -114,7 +114,12 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     return meta
 
 
+def whole_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's whole checkpoint directories, oldest first (names sort by step)."""
+    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and torn_reason(p) is None), key=lambda p: p.name)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest whole checkpoint directory of a run (the one with the highest step)."""
-    done = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and torn_reason(p) is None]
-    return max(done, key=lambda p: p.name) if done else None
+    done = whole_checkpoints(run_dir)
+    return done[-1] if done else None

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import pyarrow as pa
+import torch
 
 from raylm.models import load_model
 from raylm.models.io import load_config

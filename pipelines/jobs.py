@@ -14,7 +14,7 @@ import torch
 from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
 
-from .checkpoint import latest_checkpoint, torn_reason
+from .checkpoint import latest_checkpoint, whole_checkpoints
 from .config import RaylmConfig, section_fingerprint
 from .errors import DataError, Interrupted
 from .evaluate import evaluate, evaluate_tasks, evaluate_text
@@ -121,10 +121,17 @@ def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path
                         "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"])})
     result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
                                {"uri": tracker.uri, "run_id": tracker.run_id}, resume)
-    checkpoint = Path(result.checkpoint.path)
-    if stopped:  # the run ends KILLED; relaunching the same command resumes from this checkpoint
-        raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
+    checkpoint = finished_checkpoint(result, stopped)
     tracker.log_artifact(checkpoint, "checkpoint")
+    return checkpoint
+
+
+def finished_checkpoint(result, stopped: str | None) -> Path:
+    """The last checkpoint of a training run; a run a SIGTERM stopped ends KILLED instead, and
+    relaunching the same command resumes from that checkpoint."""
+    checkpoint = Path(result.checkpoint.path)
+    if stopped:
+        raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
     return checkpoint
 
 
@@ -144,10 +151,8 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
     result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
                                {"uri": tracker.uri, "run_id": tracker.run_id}, resume, init=base, lora=lora)
-    checkpoint = Path(result.checkpoint.path)
-    if stopped:
-        raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
-    if lora:  # the adapters folded in: a plain model directory, and its Hugging Face form
+    checkpoint = finished_checkpoint(result, stopped)
+    if lora:  # the adapters folded in: a plain model directory for export-hf and serving
         merged = merge_checkpoint(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
         tracker.log_artifact(merged, "merged")
         print(f"[finetune] merged LoRA adapters into {merged}", flush=True)
@@ -220,8 +225,7 @@ def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_
 
 def new_checkpoints(run_dir: Path, seen: set[str]) -> list[Path]:
     """Whole checkpoints not evaluated yet, oldest first (a half-written one is left for later)."""
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in seen and torn_reason(p) is None]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in whole_checkpoints(run_dir) if p.name not in seen]
 
 
 def evaluate_at_step(cfg: RaylmConfig, manifest: dict, checkpoint: Path, step: int, tracker: Tracker) -> bool:

@@ -105,26 +105,32 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value by its dotted path, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _sources(paths: list[str]) -> list[dict]:
+    return [{"paths": [p]} for p in paths]  # one source per flag, in the order given
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+# Command-line flags and the config keys they set (flag, key, value from the flag's value).
+FLAG_KEYS = [
+    ("data", "data.sources", _sources),
+    ("base", "finetune.base", _absolute),
+    ("sft", "finetune.sft.sources", _sources),
+    ("lora", "finetune.lora.enabled", bool),
+    ("task", "eval.tasks", list),
+    ("data_dir", "eval.task_data_dir", str),
+    ("text", "eval.texts", lambda paths: [_absolute(p) for p in paths]),
+    ("limit", "eval.task_limit", int),
+]
+
+
 def resolve_config(args: argparse.Namespace) -> RaylmConfig:
     if args.config and args.config_flag:
         raise ConfigError("give the config either as CONFIG or as --config, not both")
-    overrides = []  # the flags below first, so that a --set can refine what they give
-    if getattr(args, "data", None):  # one source per --data, in the order given
-        overrides.append(f"data.sources={json.dumps([{'paths': [p]} for p in args.data])}")
-    if getattr(args, "base", None):
-        overrides.append(f"finetune.base={json.dumps(str(Path(args.base).resolve()))}")
-    if getattr(args, "sft", None):
-        overrides.append(f"finetune.sft.sources={json.dumps([{'paths': [p]} for p in args.sft])}")
-    if getattr(args, "lora", False):
-        overrides.append("finetune.lora.enabled=true")
-    if getattr(args, "task", None):
-        overrides.append(f"eval.tasks={json.dumps(args.task)}")
-    if getattr(args, "data_dir", None):
-        overrides.append(f"eval.task_data_dir={json.dumps(args.data_dir)}")
-    if getattr(args, "text", None):
-        overrides.append(f"eval.texts={json.dumps([str(Path(t).resolve()) for t in args.text])}")
-    if getattr(args, "limit", None):
-        overrides.append(f"eval.task_limit={args.limit}")
+    # The flags first, so that a --set can refine what they give.
+    overrides = [f"{key}={json.dumps(value(getattr(args, flag)))}" for flag, key, value in FLAG_KEYS if getattr(args, flag, None)]
     return load_config(args.config or args.config_flag, overrides + list(args.overrides))
 
 

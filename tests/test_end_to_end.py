@@ -181,7 +181,6 @@ def test_exported_checkpoint_generates_the_same_greedy_text_in_transformers(quic
     assert tok.decode(prompt[0].tolist() + new) == sample_text(final, "The sailor", max_new_tokens=30, temperature=0)
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     """`raylm evaluate --task ...` on the run's checkpoint: a multiple-choice and a generative
     task from ../shared/data, metrics and per-example tables in a new MLflow run."""

@@ -16,7 +16,6 @@ ROWS = {"hellaswag": 5021, "arc_easy": 1188, "arc_challenge": 586, "piqa": 919, 
         "gsm8k": 660, "svamp": 500, "nq_open": 1805, "xquad_en": 594, "multi30k_en_de": 500, "xquad_en_es": 594}
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_shipped_task_reads_every_row_of_its_set(name):
     spec = load_task(REPO / "configs" / "tasks" / f"{name}.yaml")
