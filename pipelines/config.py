@@ -353,7 +353,7 @@ class RaylmConfig(Section):
 
     def flat(self) -> dict[str, Any]:
         """{"model.n_layer": 4, ...}: the form MLflow params and Tune search spaces use."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
 def section_fingerprint(*sections: BaseModel) -> str:
@@ -362,13 +362,15 @@ def section_fingerprint(*sections: BaseModel) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaylmConfig:
+    return validate(load_raw(path, overrides), str(path or "defaults"))
+
+
+def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """The config tree as written (YAML plus overrides), before validation and defaults."""
     raw = _read_yaml(Path(path)) if path else {}
     for item in overrides:
         _apply_override(raw, item)
-    try:
-        return RaylmConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_describe(err, source=str(path or "defaults"))) from None
+    return raw
 
 
 def _read_yaml(path: Path) -> dict:
@@ -389,7 +391,12 @@ def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key.path=value, got {item!r}")
-    *parents, leaf = key.strip().split(".")
+    set_key(raw, key.strip(), _parse_value(text), "--set ")
+
+
+def set_key(raw: dict, key: str, value: Any, origin: str = "") -> None:
+    """raw["a"]["b"] = value for key "a.b" (creating sections); `origin` prefixes errors."""
+    *parents, leaf = key.split(".")
     node = raw
     for i, part in enumerate(parents):
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):  # data.sources.0.weight
@@ -397,10 +404,29 @@ def _apply_override(raw: dict, item: str) -> None:
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {key}: {'.'.join(parents[:i])} is not a section")
+            raise ConfigError(f"{origin}{key}: {'.'.join(parents[:i])} is not a section")
     if not isinstance(node, dict):
-        raise ConfigError(f"--set {key}: {'.'.join(parents)} is not a section")
-    node[leaf] = _parse_value(text)
+        raise ConfigError(f"{origin}{key}: {'.'.join(parents)} is not a section")
+    node[leaf] = value
+
+
+def validate(raw: dict, source: str) -> RaylmConfig:
+    """The typed config for a raw tree, or a ConfigError naming every bad key path."""
+    try:
+        return RaylmConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source=source)) from None
+
+
+def field_problems(raw: dict, key: str) -> list[str]:
+    """What is wrong with the value at `key` itself (unknown key, wrong type, out of range),
+    leaving out checks that involve other keys (e.g. n_head must divide n_embd)."""
+    try:
+        RaylmConfig.model_validate(raw)
+    except ValidationError as err:
+        return [_describe_one(e) for e in err.errors()
+                if ".".join(str(p) for p in e["loc"]) == key and e["type"] != "value_error"]
+    return []
 
 
 def _parse_value(text: str) -> Any:
@@ -410,17 +436,17 @@ def _parse_value(text: str) -> Any:
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    problems = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            problems.append(f"unknown key {path}{_suggestion(e['loc'])}")
-        elif e["type"] == "value_error":  # a cross-field check; its message names the keys
-            problems.append(f"{path}: {msg}" if path else msg)
-        else:
-            problems.append(f"{path}: {msg} (got {e['input']!r})")
-    return f"invalid config ({source}): " + "; ".join(problems)
+    return f"invalid config ({source}): " + "; ".join(_describe_one(e) for e in err.errors())
+
+
+def _describe_one(e: dict) -> str:
+    path = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {path}{_suggestion(e['loc'])}"
+    if e["type"] == "value_error":  # a cross-field check; its message names the keys
+        return f"{path}: {msg}" if path else msg
+    return f"{path}: {msg} (got {e['input']!r})"
 
 
 def _suggestion(loc: tuple) -> str:
@@ -439,11 +465,11 @@ def _suggestion(loc: tuple) -> str:
     return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -26,3 +26,9 @@ class Interrupted(RaylmError):
     """A SIGTERM stopped the run early, after a final checkpoint."""
 
     exit_code = 143  # 128 + SIGTERM, what the shell reports for a process the signal ended
+
+
+class SweepInterrupted(Interrupted):
+    """Ctrl-C stopped a Tune sweep; Tune saved its state and --resume continues it."""
+
+    exit_code = 130  # 128 + SIGINT

@@ -37,12 +37,13 @@ def train_storage(run: RunSection) -> Path:
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
              manifest: dict, tracking: dict | None, resume: Path | None = None,
-             init: Path | None = None, lora: LoraConfig | None = None):
+             init: Path | None = None, lora: LoraConfig | None = None, callbacks: list | None = None):
     """Train on the prepared data (or, in streaming mode, on windows packed on the fly).
     Returns Ray Train's Result (its .checkpoint is the last one reported) and, if a SIGTERM
     stopped the run early, why. `resume` starts a run with no checkpoints of its own from a
     given checkpoint directory. Fine-tuning passes `init`, the base model directory whose
-    weights the workers start from, and `lora` to train adapters instead of every weight."""
+    weights the workers start from, and `lora` to train adapters instead of every weight.
+    A Tune trial passes `callbacks` (Ray Train's TuneReportCallback) to see each report."""
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
@@ -77,6 +78,7 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report and checkpoint
             # Train otherwise re-routes print() through its logger and the line shows twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks,
         ),
     )
     try:

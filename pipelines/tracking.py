@@ -22,12 +22,17 @@ from .errors import Interrupted
 class Tracker:
     """Driver side. Use as a context manager: the run ends FINISHED, FAILED or KILLED."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]):
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
+        """A new run; or, given `run_id`, that run again (a resumed sweep or trial), RUNNING."""
         self.uri = uri
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+        else:
+            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.experiment_id = exp_id
 
     def __enter__(self) -> "Tracker":
@@ -41,6 +46,10 @@ class Tracker:
         else:
             status = RunStatus.FAILED
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]

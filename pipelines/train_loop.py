@@ -83,7 +83,8 @@ def train_loop_per_worker(job: dict) -> None:
                 log.reset_clock()
             if done % cfg.checkpoint_interval == 0 or last:
                 state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
-                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", log.latest, job.get("lora"))
+                report = {**log.latest, **spent_so_far(done * tokens_per_step, job["flops_per_token"], log.elapsed(), meter)}
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.get("lora"))
                 log.reset_clock()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
@@ -136,6 +137,13 @@ def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter) -> str | No
     """The budget spent at this step, if any. Tokens agree on every rank; clocks differ a
     little, so a time or dollar budget stops all ranks as soon as one of them sees it spent."""
     return budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
+
+
+def spent_so_far(tokens: int, flops_per_token: int, seconds: float, meter: CostMeter) -> dict[str, float]:
+    """The compute a report carries, for budgets counted outside the run (a Tune sweep's)."""
+    usd = meter.usd(seconds)
+    return {"tokens_seen": tokens, "flops_seen": float(tokens * flops_per_token), "train_seconds": seconds,
+            **({"cost_usd": usd} if usd is not None else {})}
 
 
 def reduce_step(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from raylm.pipelines.config import RaylmConfig, load_config
+from raylm.pipelines.config import RaylmConfig, load_config, load_raw, validate
 from raylm.pipelines.errors import ConfigError, DataError, Interrupted, RaylmError
 
 STAGES = {
@@ -29,6 +29,7 @@ HELP = {
     "generate": "print text sampled from a checkpoint (runs in-process)",
     "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
     "import-hf": "turn a Hugging Face Llama-architecture directory (safetensors) into a raylm model directory",
+    "tune": "search architecture and hyperparameters with Ray Tune (trials are pretrain jobs); one MLflow run per sweep",
 }
 
 
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
     e.add_argument("--out", type=Path, required=True, help="directory to write")
     e.set_defaults(func=cmd_export_hf)
+    t = sub.add_parser("tune", help=HELP["tune"], description=HELP["tune"])
+    _config_args(t)
+    t.add_argument("--space", required=True, metavar="YAML", help="the sweep file: search space, algorithm, scheduler, budgets")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this run.name; finished trials are kept")
+    t.set_defaults(func=cmd_tune)
     i = sub.add_parser("import-hf", help=HELP["import-hf"], description=HELP["import-hf"])
     i.add_argument("source", type=Path, help="directory with config.json and model.safetensors (or shards)")
     i.add_argument("--out", type=Path, required=True, help="raylm model directory to write")
@@ -127,11 +134,31 @@ FLAG_KEYS = [
 
 
 def resolve_config(args: argparse.Namespace) -> RaylmConfig:
+    return load_config(*config_source(args))
+
+
+def config_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file and the overrides: command-line flags first, so that a --set can
+    refine what they give."""
     if args.config and args.config_flag:
         raise ConfigError("give the config either as CONFIG or as --config, not both")
-    # The flags first, so that a --set can refine what they give.
     overrides = [f"{key}={json.dumps(value(getattr(args, flag)))}" for flag, key, value in FLAG_KEYS if getattr(args, flag, None)]
-    return load_config(args.config or args.config_flag, overrides + list(args.overrides))
+    return args.config or args.config_flag, overrides + list(args.overrides)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raylm.tuning.space import load_sweep  # pydantic and yaml only: no Ray yet
+
+    path, overrides = config_source(args)
+    raw = load_raw(path, overrides)
+    validate(raw, str(path or "defaults"))
+    spec = load_sweep(args.space, raw)
+    from raylm.tuning.report import print_result
+    from raylm.tuning.sweep import run_sweep  # imports Ray and torch
+
+    out = run_sweep(raw, spec, Path(args.space).read_text(), args.address, args.resume)
+    print_result(out, spec.metric)
+    return 0
 
 
 def cmd_stages(args: argparse.Namespace) -> int:

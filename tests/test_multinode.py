@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from raylm.pipelines.config import load_config
 from raylm.pipelines.prepare import prepare
@@ -19,6 +20,7 @@ TRAIN = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_si
          "scaling.cpus_per_worker=1"]
 
 
+@pytest.mark.slow  # a scale run: ~100 s of a separate 3-node cluster; `pytest -m slow`
 def test_multinode_prepare_and_train_spread_over_the_nodes(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"

@@ -122,6 +122,7 @@ def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, cap
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a scale run (~65 s); `pytest -m slow`
 def test_resume_on_fewer_workers_continues_at_the_same_sequence(straight, capfd):
     """Stopped on 2 workers, relaunched elastic (1 to 2 workers of 2 CPUs each on a 2-CPU
     cluster, so 1 fits): the one worker accumulates 2 micro-batches per step where 2 workers
