@@ -79,3 +79,27 @@ def stop_on_sigterm(actor):
             signal.signal(signal.SIGTERM, previous)
         wake.set()
         thread.join()
+
+
+@contextmanager
+def stop_when_set(event: threading.Event | None, actor, reason: str):
+    """While inside, `event` being set (Ray Tune stopping a trial) asks the workers to
+    checkpoint and stop, as a SIGTERM does. Checked every 0.5 s by a helper thread."""
+    if event is None:
+        yield
+        return
+    left = threading.Event()
+
+    def forward():
+        while not left.is_set():
+            if event.wait(timeout=0.5):
+                actor.request.remote(reason)
+                return
+
+    thread = threading.Thread(target=forward, daemon=True, name="raylm-stop-event")
+    thread.start()
+    try:
+        yield
+    finally:
+        left.set()
+        thread.join()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import ray
@@ -14,7 +15,7 @@ from raylm.models.lora import LoraConfig
 from .checkpoint import latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .errors import ConfigError, TrainingFailed
-from .interrupt import StopRequest, stop_on_sigterm
+from .interrupt import StopRequest, stop_on_sigterm, stop_when_set
 from .packing import stream_train_windows
 from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
@@ -37,13 +38,15 @@ def train_storage(run: RunSection) -> Path:
 
 def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, run: RunSection,
              manifest: dict, tracking: dict | None, resume: Path | None = None,
-             init: Path | None = None, lora: LoraConfig | None = None, callbacks: list | None = None):
+             init: Path | None = None, lora: LoraConfig | None = None, callbacks: list | None = None,
+             stop_event: threading.Event | None = None):
     """Train on the prepared data (or, in streaming mode, on windows packed on the fly).
     Returns Ray Train's Result (its .checkpoint is the last one reported) and, if a SIGTERM
     stopped the run early, why. `resume` starts a run with no checkpoints of its own from a
     given checkpoint directory. Fine-tuning passes `init`, the base model directory whose
     weights the workers start from, and `lora` to train adapters instead of every weight.
-    A Tune trial passes `callbacks` (Ray Train's TuneReportCallback) to see each report."""
+    A Tune trial passes `callbacks` (Ray Train's TuneReportCallback) to see each report, and
+    `stop_event`, set when Tune stops the trial, to stop the workers as a SIGTERM would."""
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
@@ -82,7 +85,7 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
         ),
     )
     try:
-        with stop_on_sigterm(job["stop"]):
+        with stop_on_sigterm(job["stop"]), stop_when_set(stop_event, job["stop"], "stopped by the Tune scheduler"):
             result = trainer.fit()
     except TrainingFailedError as err:
         raise TrainingFailed(f"training failed: {_root_cause(err)}") from err

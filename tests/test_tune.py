@@ -55,17 +55,21 @@ def sweep_runs(tmp: Path, name: str):
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """The test sweep, interrupted with Ctrl-C once a third trial has started training (so at
-    least one has ended), then resumed: every test below reads the resumed sweep."""
+    """The test sweep, interrupted with Ctrl-C once ASHA has stopped the bad learning rate
+    (the trial beside it is then cut short), then resumed: every test below reads the resumed
+    sweep. (Ray Tune 2.60 restores its scheduler empty: trials restored from the interrupted
+    sweep run to their end, so the early stop must happen before the interrupt.)"""
     tmp = tmp_path_factory.mktemp("sweep")
     args = sweep_args(tmp, SWEEP, "grid")
-    train_runs = tmp / "runs" / "train"
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
 
-    def third_trial_after_a_completed_one() -> bool:
-        reports = [line for p in (tmp / "runs" / "tune" / "grid").glob("*/result.json") for line in p.read_text().splitlines()]
-        return len(list(train_runs.glob("grid-*"))) >= 3 and any(json.loads(r).get("step") == TRIAL_STEPS for r in reports)
+    def bad_trial_stopped() -> bool:
+        exp = client.get_experiment_by_name("raylm")
+        runs = client.search_runs([exp.experiment_id], filter_string="params.`trial.train.lr` = '1e-06' and "
+                                  "params.`trial.model.n_kv_head` = '2'") if exp else []
+        return bool(runs) and runs[0].info.status != "RUNNING"
 
-    interrupter = threading.Thread(target=interrupt_when, args=(third_trial_after_a_completed_one,))
+    interrupter = threading.Thread(target=interrupt_when, args=(bad_trial_stopped,))
     interrupter.start()
     assert main(args) == 130  # Tune stopped the running trials and saved its state
     interrupter.join()
