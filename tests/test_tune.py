@@ -55,29 +55,9 @@ def sweep_runs(tmp: Path, name: str):
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """The test sweep, interrupted with Ctrl-C once ASHA has stopped the bad learning rate
-    (the trial beside it is then cut short), then resumed: every test below reads the resumed
-    sweep. (Ray Tune 2.60 restores its scheduler empty: trials restored from the interrupted
-    sweep run to their end, so the early stop must happen before the interrupt.)"""
     tmp = tmp_path_factory.mktemp("sweep")
-    args = sweep_args(tmp, SWEEP, "grid")
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-
-    def bad_trial_stopped() -> bool:
-        exp = client.get_experiment_by_name("raylm")
-        runs = client.search_runs([exp.experiment_id], filter_string="params.`trial.train.lr` = '1e-06' and "
-                                  "params.`trial.model.n_kv_head` = '2'") if exp else []
-        return bool(runs) and runs[0].info.status != "RUNNING"
-
-    interrupter = threading.Thread(target=interrupt_when, args=(bad_trial_stopped,))
-    interrupter.start()
-    assert main(args) == 130  # Tune stopped the running trials and saved its state
-    interrupter.join()
-    _, parent, children = sweep_runs(tmp, "grid")
-    ended = {c.data.tags["raylm.trial_id"] for c in children if c.data.tags.get("raylm.trial_status") == "completed"}
-    before = {"parent_status": parent.info.status, "ended": ended, "reports": result_lines(tmp, "grid")}
-    assert main(args + ["--resume"]) == 0
-    return tmp, before
+    assert main(sweep_args(tmp, SWEEP, "grid")) == 0
+    return tmp
 
 
 def interrupt_when(ready, timeout: float = 300.0) -> None:
@@ -101,18 +81,16 @@ def trials(tmp: Path, name: str) -> list[dict]:
 
 
 def test_sweep_trains_every_valid_trial_and_prunes_the_rest_with_a_reason(sweep):
-    sweep, _ = sweep
     rows = trials(sweep, "grid")
     assert len(rows) == 8
     pruned = [r for r in rows if r["status"] == "pruned"]
-    assert sorted(r["model.n_kv_head"] for r in pruned) == [3, 3, 3, 3]
+    assert sorted(r["model.n_kv_head"] for r in pruned) == [3] * 4
     _, _, children = sweep_runs(sweep, "grid")
     reasons = [c.data.tags["raylm.prune_reason"] for c in children if c.data.tags["raylm.trial_status"] == "pruned"]
     assert len(reasons) == 4 and all("n_kv_head=3" in r for r in reasons)
 
 
 def test_asha_stops_the_bad_learning_rate_early(sweep):
-    sweep, _ = sweep
     rows = {(r["train.lr"], r["model.n_kv_head"]): r for r in trials(sweep, "grid")}
     assert rows[(1e-2, 2)]["status"] == "completed" and rows[(1e-2, 2)]["step"] == TRIAL_STEPS
     bad = rows[(1e-6, 2)]
@@ -121,7 +99,6 @@ def test_asha_stops_the_bad_learning_rate_early(sweep):
 
 
 def test_mlflow_nests_one_finished_child_run_per_trial_under_the_sweep(sweep):
-    sweep, _ = sweep
     client, parent, children = sweep_runs(sweep, "grid")
     assert len(children) == 8 and parent.info.status == "FINISHED"
     assert {c.info.status for c in children} == {"FINISHED"}  # none left RUNNING, stopped ones included
@@ -137,7 +114,6 @@ def test_mlflow_nests_one_finished_child_run_per_trial_under_the_sweep(sweep):
 
 
 def test_best_config_reproduces_its_trials_loss_with_raylm_run(sweep):
-    sweep, _ = sweep
     rows = [r for r in trials(sweep, "grid") if r["status"] == "completed"]
     best = min(rows, key=lambda r: r["val_loss"])
     best_config = sweep / "runs" / "tune" / "grid" / "best_config.yaml"
@@ -150,14 +126,28 @@ def test_best_config_reproduces_its_trials_loss_with_raylm_run(sweep):
     assert history[TRIAL_STEPS] == pytest.approx(best["val_loss"], abs=1e-6)  # same seed, data, threads: same loss
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
-    sweep, before = sweep
-    assert before["parent_status"] == "KILLED" and before["ended"]  # Ctrl-C: the sweep's run ended KILLED
-    after = result_lines(sweep, "grid")
-    assert {t: after[t] for t in before["ended"]} == {t: before["reports"][t] for t in before["ended"]}
-    assert len(after) == 8  # the rest ran after the resume
-    _, parent, children = sweep_runs(sweep, "grid")
-    assert parent.info.status == "FINISHED" and len(children) == 8  # a restarted trial reopened its run
+@pytest.mark.slow  # two sweeps of a Ctrl-C'd and resumed run, ~130 s; `pytest -m slow`
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    space = {"search": {"algorithm": "grid", "max_concurrent_trials": 1}, "scheduler": {"name": "fifo"},
+             "budget": {"trial": {"tokens": 10 * 16 * 64}}, "space": {"train.lr": {"grid": [1e-2, 5e-3]}}}
+    args = sweep_args(tmp_path, space, "resumable")
+    train_runs = tmp_path / "runs" / "train"
+    # Ctrl-C once the second trial's Train run exists: Tune stops it and saves its state.
+    interrupter = threading.Thread(target=interrupt_when, args=(lambda: len(list(train_runs.glob("resumable-*"))) >= 2,))
+    interrupter.start()
+    assert main(args) == 130
+    interrupter.join()
+    client, parent, children = sweep_runs(tmp_path, "resumable")
+    assert parent.info.status == "KILLED"
+    finished = [c.data.tags["raylm.trial_id"] for c in children if c.data.tags.get("raylm.trial_status") == "completed"]
+    assert len(finished) == 1
+    before = result_lines(tmp_path, "resumable")
+    assert main(args + ["--resume"]) == 0
+    after = result_lines(tmp_path, "resumable")
+    assert after[finished[0]] == before[finished[0]]  # the finished trial reported nothing more
+    client, parent, children = sweep_runs(tmp_path, "resumable")
+    assert parent.info.status == "FINISHED" and len(children) == 2  # the restarted trial reopened its run
+    assert {c.data.tags["raylm.trial_status"] for c in children} == {"completed"}
 
 
 # -- the sweep file, without Ray -------------------------------------------------------------
