@@ -14,6 +14,7 @@ from raylm.models.lora import LoraConfig
 
 from .checkpoint import latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
+from .cost import planned_model
 from .errors import ConfigError, TrainingFailed
 from .interrupt import StopRequest, stop_on_sigterm, stop_when_set
 from .packing import stream_train_windows
@@ -23,12 +24,10 @@ from .train_loop import train_loop_per_worker
 
 def build_model_config(section: ModelSection, tokenizer_vocab: int) -> ModelConfig:
     """The model section plus the vocabulary size the prepared data needs."""
-    # A multiple of 64 lets the embedding and output matmuls tile well (nanoGPT: 50257 -> 50304).
-    vocab = section.vocab_size or 64 * math.ceil(tokenizer_vocab / 64)
-    if vocab < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
-    fields = section.model_dump(exclude={"vocab_size", "preset"})
-    return ModelConfig(vocab_size=vocab, **fields)
+    model = planned_model(section, tokenizer_vocab)
+    if model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens")
+    return model
 
 
 def train_storage(run: RunSection) -> Path:

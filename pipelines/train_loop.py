@@ -20,7 +20,7 @@ from raylm.models.io import read_weights
 from raylm.models.lora import LoraConfig, apply_lora
 
 from .checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
-from .cost import CostMeter, budget_reason, detect_hardware
+from .cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
 from .loader import StreamLoader, WindowLoader, read_windows
 from .optim import lr_at, make_optimizer, set_lr
 from .interrupt import StopWatch
@@ -57,6 +57,7 @@ def train_loop_per_worker(job: dict) -> None:
     if cfg.max_usd and hardware.price_per_hour is None:
         raise ValueError(f"train.max_usd needs a price and none is known for {hardware.name}: set scaling.price_per_hour")
     log = StepLog(rank, job["tracking"], cfg, meter, resumed)
+    log.expect(meter.estimate(planned_tokens(cfg, job["seq_len"])))
     watch = StopWatch(job.get("stop") if rank == 0 else None)
 
     # A relaunch of a run whose budget is already spent (the same on every rank: the step and
@@ -89,6 +90,7 @@ def train_loop_per_worker(job: dict) -> None:
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
                 break
+        log.against_estimate()
     finally:
         log.close()  # deliver the metrics of the last interval even when a step raised
 
@@ -220,12 +222,14 @@ class StepLog:
         self.latest: dict[str, float] = {}
         self._prior, self._started = resumed["train_seconds"], time.perf_counter()
         self._clock, self._clock_step, self._waited = time.perf_counter(), resumed["step"], 0.0
+        self._step, self.estimate_usd = resumed["step"], None
 
     def elapsed(self) -> float:
         """Wall seconds of training so far, earlier launches of this run included (for cost)."""
         return self._prior + time.perf_counter() - self._started
 
     def step(self, step: int, metrics: dict[str, float], data_wait: float) -> None:
+        self._step = step
         self._record(metrics, step)
         self._waited += data_wait
         if self.active and (step % self.cfg.log_interval == 0 or step == self.cfg.max_steps):
@@ -236,6 +240,23 @@ class StepLog:
         if self.active:
             print(f"[train] step {step} | val loss {metrics['val_loss']:.4f} | "
                   f"val bits/byte {metrics['val_bits_per_byte']:.4f}", flush=True)
+
+    def expect(self, planned: Estimate | None) -> None:
+        """Log `raylm cost`'s pre-launch estimate for the detected hardware, to read the
+        actual cost against (the whole run's, so a relaunch logs the same figure again)."""
+        self.estimate_usd = planned.usd if planned else None
+        if self.estimate_usd is not None:
+            self._record({"cost_estimate_usd": self.estimate_usd}, self._step)
+
+    def against_estimate(self) -> None:
+        """Actual cost / estimate at the end. Above 1: MFU fell short of EXPECTED_MFU, and the
+        actual cost also pays for evaluation and checkpoint time, which the estimate leaves out."""
+        actual = self.meter.usd(self.elapsed())
+        if not self.estimate_usd or actual is None:
+            return
+        self._record({"cost_vs_estimate": actual / self.estimate_usd}, self._step)
+        self.note(f"cost {usd(actual)}: {actual / self.estimate_usd:.2f}x the estimate of {usd(self.estimate_usd)} "
+                  f"at {EXPECTED_MFU:.0%} MFU")
 
     def note(self, text: str) -> None:
         if self.active:

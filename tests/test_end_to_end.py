@@ -76,6 +76,8 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
         assert client.get_metric_history(run.info.run_id, key), key
     for key in ("final_val_perplexity", "prepare_seconds", "pretrain_seconds", "evaluate_seconds", "total_seconds"):
         assert key in run.data.metrics, key
+    # The pre-launch estimate (`raylm cost`'s formula on the measured CPU peak) and the actual cost against it.
+    assert run.data.metrics["cost_estimate_usd"] > 0 and run.data.metrics["cost_vs_estimate"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data", "data_report", "tokenizer", "checkpoint", "samples.md"} <= artifacts
     nested = {a.path for d in ("data", "data_report", "tokenizer", "checkpoint")
