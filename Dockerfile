@@ -1,5 +1,5 @@
 # raylm on a Ray GPU image. The tag must match the Ray pin in pyproject.toml and the
-# rayVersion of every KubeRay manifest (tests/test_packaging.py checks the first).
+# rayVersion of every KubeRay manifest (tests/test_packaging.py checks all three agree).
 # The base image ships Ray 2.60.0, Python 3.11 and CUDA, and runs as the non-root user `ray`.
 FROM rayproject/ray:2.60.0-py311-gpu
 
@@ -11,10 +11,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 # Dependencies first, in their own layer: editing the source does not reinstall torch.
 # Empty package folders let pip resolve the project's dependencies from pyproject.toml alone.
 # On Linux x86_64, PyPI's torch is the CUDA build, which is what a GPU image wants.
+# The `server` extra: the MLflow server's PostgreSQL and S3/GCS clients (cluster/platform.yaml
+# runs MLflow from this same image).
 COPY --chown=ray:users pyproject.toml README.md ./
 RUN mkdir -p raylm models pipelines tuning cluster \
  && touch raylm/__init__.py models/__init__.py pipelines/__init__.py tuning/__init__.py cluster/__init__.py \
- && pip install . \
+ && pip install '.[server]' \
  && pip uninstall -y raylm
 
 # The source itself, installed without touching the dependency layer.

@@ -303,6 +303,70 @@ class FinetuneSection(Section):
         return self
 
 
+class StorageSection(Section):
+    """The volume every Ray pod mounts for prepared data and checkpoints: pod-local disk is
+    lost with the pod, and a resubmitted job must find its run's checkpoints."""
+
+    # A ReadWriteMany PersistentVolumeClaim: NFS / Filestore / EFS, or an s3:// or gs:// bucket
+    # exposed by its CSI driver (Mountpoint for S3, Cloud Storage FUSE); cluster/README.md.
+    claim: str = Field("raylm-runs", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    mount_path: str = Field("/mnt/raylm", pattern=r"^/")
+    size_gib: int = Field(1000, gt=0)  # `raylm cluster render --platform` creates the claim with this size
+    storage_class: str | None = None  # a ReadWriteMany class (e.g. filestore, efs-sc); None: the cluster default
+
+
+class GpuGroupSection(Section):
+    """The GPU worker group: one Ray Train worker per GPU, whole nodes of gpus_per_node."""
+
+    type: str = "H100"  # names the price and peak in pipelines/cost.py
+    gpus_per_node: int = Field(8, gt=0)
+    cpus_per_gpu: int = Field(8, gt=0)  # for the worker's data loading and Ray Data tasks placed beside it
+    memory_gib_per_gpu: int = Field(100, gt=0)  # host memory; an 8 x H100 node has 1-2 TiB
+    max_nodes: int | None = Field(None, gt=0)  # None: enough nodes for scaling.num_workers GPUs
+    # Node labels of the GPU pool. Default: the label NVIDIA GPU feature discovery puts on
+    # H100 SXM nodes; on GKE use {cloud.google.com/gke-accelerator: nvidia-h100-80gb}.
+    node_selector: dict[str, str] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    spot: bool = False  # schedule on spot / preemptible nodes (needs scaling.max_failures != 0)
+    # Labels and taint key of spot nodes: GKE's default; EKS uses eks.amazonaws.com/capacityType: SPOT.
+    spot_node_selector: dict[str, str] = {"cloud.google.com/gke-spot": "true"}
+
+
+class CpuGroupSection(Section):
+    """CPU-only workers for Ray Data (prepare, streaming packing, evaluation)."""
+
+    max_nodes: int = Field(4, ge=0)
+    cpus: int = Field(16, gt=0)
+    memory_gib: int = Field(64, gt=0)
+
+
+class ClusterSection(Section):
+    """How `raylm cluster render` lays the job out on Kubernetes (KubeRay); see cluster/README.md.
+    Local runs ignore this section."""
+
+    name: str | None = Field(None, pattern=r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")  # None: from run.name
+    namespace: str = Field("raylm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    # Built from ./Dockerfile and pushed to your registry; a tag or digest, never :latest.
+    image: str = "ghcr.io/raylm/raylm:0.1.0-ray2.60.0"
+    head_cpus: int = Field(4, gt=0)  # the head runs the driver and the autoscaler, no tasks (num-cpus 0)
+    head_memory_gib: int = Field(16, gt=0)
+    gpu: GpuGroupSection = GpuGroupSection()
+    cpu: CpuGroupSection = CpuGroupSection()
+    storage: StorageSection = StorageSection()
+    mlflow_uri: str = "http://mlflow:5000"  # the in-cluster MLflow Service (cluster/mlflow.yaml)
+    # Where the MLflow server keeps artifacts (models, plots); its runs live in PostgreSQL,
+    # whose URI the server reads from the Secret mlflow-db (key uri).
+    mlflow_artifacts: str = Field("s3://raylm-mlflow/artifacts", pattern=r"^(s3|gs)://")
+    operator_namespace: str = "kuberay-system"  # the KubeRay operator polls job status on the dashboard port
+    # Secrets whose keys become environment variables in every Ray pod: cloud credentials for
+    # s3:// gs:// hf:// data (AWS_ACCESS_KEY_ID, HF_TOKEN, ...). Names only; never values.
+    secrets: list[str] = ["raylm-credentials"]
+    shm_gib: int = Field(32, gt=0)  # /dev/shm for Ray's object store and DataLoader workers (Docker's default is 64 MiB)
+    idle_timeout_seconds: int = Field(300, gt=0)  # an idle worker pod is removed after this
+    ttl_seconds_after_finished: int = Field(3600, ge=0)  # RayJob: keep the finished cluster's logs this long
+    active_deadline_seconds: int = Field(7 * 86400, gt=0)  # RayJob: fail (and stop paying) after this
+    backoff_limit: int = Field(2, ge=0)  # RayJob: resubmissions after a failure; each resumes the run
+
+
 class RaylmConfig(Section):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
@@ -313,6 +377,7 @@ class RaylmConfig(Section):
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
     finetune: FinetuneSection = FinetuneSection()
+    cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "RaylmConfig":

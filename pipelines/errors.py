@@ -16,6 +16,11 @@ class DataError(RaylmError):
     """Input data that is missing or unusable."""
 
 
+class ClusterError(RaylmError):
+    """Kubernetes or a Ray cluster is unreachable, or refuses a request (no kubeconfig, no
+    KubeRay CRD, no permission)."""
+
+
 class TrainingFailed(RaylmError):
     """The training workers raised (e.g. a NaN loss); Ray has printed their traceback."""
 

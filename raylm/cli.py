@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from raylm.cluster.commands import add_cluster_commands, add_submit_command
 from raylm.pipelines.config import RaylmConfig, load_config, load_raw, validate
 from raylm.pipelines.errors import ConfigError, DataError, Interrupted, RaylmError
 
@@ -29,7 +30,9 @@ HELP = {
     "generate": "print text sampled from a checkpoint (runs in-process)",
     "export-hf": "write a checkpoint as a Hugging Face LlamaForCausalLM directory (with its tokenizer)",
     "import-hf": "turn a Hugging Face Llama-architecture directory (safetensors) into a raylm model directory",
+    "cluster": "KubeRay manifests for a config: render, validate, apply, status, logs, delete (cluster/README.md)",
     "tune": "search architecture and hyperparameters with Ray Tune (trials are pretrain jobs); one MLflow run per sweep",
+    "cost": "estimate a run before launch: FLOPs, time to train and dollars on a few cluster sizes (no Ray)",
 }
 
 
@@ -98,10 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this run.name; finished trials are kept")
     t.set_defaults(func=cmd_tune)
+    k = sub.add_parser("cluster", help=HELP["cluster"], description=HELP["cluster"])
+    add_cluster_commands(k, _config_args)
     i = sub.add_parser("import-hf", help=HELP["import-hf"], description=HELP["import-hf"])
     i.add_argument("source", type=Path, help="directory with config.json and model.safetensors (or shards)")
     i.add_argument("--out", type=Path, required=True, help="raylm model directory to write")
     i.set_defaults(func=cmd_import_hf)
+    c = sub.add_parser("cost", help=HELP["cost"], description=HELP["cost"])
+    _config_args(c)
+    c.add_argument("--gpu", help="GPU type, priced and peaked in pipelines/cost.py (default: cluster.gpu.type, H100)")
+    c.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs of the run (default: scaling.num_workers if scaling.use_gpu, else 8)")
+    c.add_argument("--mfu", type=float, default=None, metavar="F", help="expected model FLOPs utilization (default 0.40)")
+    c.add_argument("--spot", action="store_true", help="price at the spot column (default: cluster.gpu.spot)")
+    c.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour, over every table and the config")
+    c.add_argument("--prices", metavar="YAML", help="a price file over the table: {H100: {on_demand: 2.49, spot: 1.8}}")
+    c.set_defaults(func=cmd_cost)
+    add_submit_command(sub)
     return parser
 
 
@@ -240,6 +256,94 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         raise RaylmError(str(err)) from None
     print(f"imported {args.source} -> {args.out} ({param_counts(model.config)['total']:,} parameters)")
     return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from raylm.models.config import flops_per_token
+    from raylm.pipelines.cost import EXPECTED_MFU, PEAK_FLOPS, estimate, gpu_name, planned_model, planned_tokens
+
+    cfg = resolve_config(args)  # pydantic, yaml and the model's arithmetic: no Ray, no torch
+    gpu, mfu = gpu_name(args.gpu or cfg.cluster.gpu.type), EXPECTED_MFU if args.mfu is None else args.mfu
+    args.spot = args.spot or cfg.cluster.gpu.spot  # what `raylm cluster render` would schedule on
+    gpus = args.gpus if args.gpus is not None else cfg.scaling.num_workers if cfg.scaling.use_gpu else 8
+    if gpus < 1 or not 0 < mfu <= 1 or (args.price is not None and args.price < 0):
+        raise ConfigError("cost: --gpus must be >= 1, --mfu in (0, 1] and --price >= 0")
+    model = planned_model(cfg.model, cfg.tokenizer.vocab_size)
+    fpt, tokens = flops_per_token(model, cfg.data.seq_len), planned_tokens(cfg.train, cfg.data.seq_len)
+    price, source = _cost_price(args, cfg, gpu)
+    plan = partial(estimate, fpt, tokens, PEAK_FLOPS[gpu], mfu=mfu, price_per_hour=price)  # plan(gpus)
+    lines = [f"raylm cost '{cfg.run.name}': an estimate before launch", *_cost_work(cfg, model, fpt, tokens),
+             f"  assumes      {PEAK_FLOPS[gpu] / 1e12:,.0f} TFLOP/s dense bf16 peak per {gpu} at {mfu:.0%} MFU; "
+             f"${price:,.2f} per GPU-hour ({source})"]
+    mine = plan(gpus)
+    lines.append(f"  estimate     {gpus} x {gpu}: {mine.tokens_per_s:,.0f} tokens/s, {_duration(mine.hours)} to train, "
+                 f"{_gpu_hours(mine.unit_hours)} GPU-hours, {_dollars(mine.usd)}")
+    if cfg.train.max_usd:
+        share = mine.usd / cfg.train.max_usd
+        lines.append(f"  budget       train.max_usd {_dollars(cfg.train.max_usd)}: the estimate is {share:.1%} of it")
+    print("\n".join(lines + [""] + _cost_table(plan, gpus, cfg.train.batch_size)))
+    return 0
+
+
+def _cost_price(args: argparse.Namespace, cfg: RaylmConfig, gpu: str) -> tuple[float, str]:
+    """--price wins; --spot or --prices ask for the table's column; else scaling.price_per_hour
+    if set, else the table's on-demand column: what training would charge."""
+    from raylm.pipelines.cost import PRICES, load_prices, quote
+
+    if args.price is not None:
+        return args.price, "--price"
+    if cfg.scaling.price_per_hour is not None and not (args.spot or args.prices):
+        return cfg.scaling.price_per_hour, "scaling.price_per_hour"
+    usd, source = quote(gpu, args.spot, load_prices(args.prices) if args.prices else PRICES)
+    return usd, f"{'spot' if args.spot else 'on-demand'}: {source}"
+
+
+def _cost_work(cfg: RaylmConfig, model, fpt: int, tokens: int) -> list[str]:
+    """The run's size, each figure with what it is made of, to check by hand."""
+    from raylm.models.config import param_counts
+
+    counts, seq_len = param_counts(model), cfg.data.seq_len
+    matmul = counts["non_embedding"] + model.vocab_size * model.n_embd  # flops_per_token's N: the output head counts
+    vocab = "model.vocab_size" if cfg.model.vocab_size else f"tokenizer.vocab_size {cfg.tokenizer.vocab_size:,} padded to 64"
+    steps = tokens // (cfg.train.batch_size * seq_len)
+    capped = " (train.max_tokens ends it before max_steps)" if steps < cfg.train.max_steps else ""
+    return [f"  model        {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding; "
+            f"vocab {model.vocab_size:,} = {vocab})",
+            f"  FLOPs/token  {fpt:,} = 6 x {matmul:,} matmul weights + {fpt - 6 * matmul:,} attention "
+            f"at seq_len {seq_len:,}",
+            f"  tokens       {tokens:,} = {steps:,} steps x {cfg.train.batch_size:,} sequences x {seq_len:,} tokens{capped}",
+            f"  compute      {fpt * tokens:.4g} FLOPs"]
+
+
+def _cost_table(plan, gpus: int, batch_size: int) -> list[str]:
+    """Time to train and cost at a few sizes, with each GPU's share of the global batch (data
+    parallelism needs at least one sequence per GPU, so larger sizes are left out)."""
+    rows = [f"  {'GPUs':>5} {'seqs/GPU':>9} {'tokens/s':>14} {'time to train':>14} {'GPU-hours':>10} {'cost':>12}"]
+    for n in sorted({n for n in (1, 8, 64, 512) if n <= batch_size} | {gpus}):
+        e = plan(n)
+        rows.append(f"  {n:>5} {batch_size / n:>9.4g} {e.tokens_per_s:>14,.0f} {_duration(e.hours):>14} "
+                    f"{_gpu_hours(e.unit_hours):>10} {_dollars(e.usd):>12}" + ("  <- this run" if n == gpus else ""))
+    return rows + ["  Constant MFU, i.e. linear scaling: GPU-hours and cost are the same at every size. In practice",
+                   "  MFU drops as GPUs are added (communication, fewer sequences per GPU), so large sizes take",
+                   "  longer and cost more than shown; measure a few hundred steps at the size you mean to use."]
+
+
+def _duration(hours: float) -> str:
+    if hours >= 48:
+        return f"{hours / 24:,.1f} days"
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.3g} s"
+
+
+def _gpu_hours(hours: float) -> str:
+    return f"{hours:,.2f}" if hours >= 0.01 else f"{hours:.2g}"
+
+
+def _dollars(usd: float) -> str:
+    return f"${usd:,.2f}" if usd >= 0.01 else f"${usd:.5f}"  # a CPU-sized run costs fractions of a cent
 
 
 def _check_base(path: Path) -> None:

@@ -39,3 +39,29 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     (test_cmd,) = [c for c in commands if "pytest" in c and "venv" in c]
     assert test_cmd.strip() in ci
+
+
+def test_image_tag_equals_every_manifest_s_ray_version():
+    from raylm.cluster.manifests import RAY_VERSION
+
+    (base,) = re.findall(r"^FROM\s+(\S+)", (REPO / "Dockerfile").read_text(), flags=re.M)
+    assert base.split(":")[1].split("-")[0] == RAY_VERSION
+    assert RAY_VERSION.rsplit(".", 1)[0] == ray_pin()
+    versions = re.findall(r"^\s*rayVersion: (\S+)", "".join(p.read_text() for p in (REPO / "cluster").glob("*.yaml")), flags=re.M)
+    assert versions and set(versions) == {RAY_VERSION}
+
+
+def test_dockerfile_runs_as_non_root_and_installs_dependencies_before_source():
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    assert users and "root" not in users and users[-1] == "ray"
+    first_run = next(i for i, l in enumerate(lines) if l.startswith("RUN "))
+    assert next(i for i, l in enumerate(lines) if l.startswith("USER ")) < first_run
+    deps = next(i for i, l in enumerate(lines) if "pip install '.[" in l)
+    source = next(i for i, l in enumerate(lines) if l.startswith("COPY") and "raylm/" in l)
+    assert deps < source  # a source edit must not reinstall torch
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "runs", "mlruns", "mlflow.db", ".env"} <= ignored

@@ -1,0 +1,136 @@
+"""`raylm cluster render`: a raylm config -> the Kubernetes objects that run it on KubeRay.
+
+The job's config travels in a ConfigMap mounted on the head, where the RayJob's entrypoint
+(`raylm <command> --config ...`) runs. It is the user's config with two changes, so that no
+output is lost with a pod: run.output_dir moves onto the run volume, and tracking goes to the
+cluster's MLflow server. Paths a pod cannot see fail here, naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import PurePosixPath
+
+import yaml
+
+from raylm.pipelines.config import ClusterSection, RaylmConfig, set_key, validate
+from raylm.pipelines.errors import ConfigError
+
+from .manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
+from .platform import platform
+
+JOB_COMMANDS = ("run", "prepare", "pretrain", "finetune", "evaluate", "tune")
+URI_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://")
+
+# Config keys holding input paths: a pod sees only its image, the run volume and URIs.
+PATH_KEYS = ("data.sources.*.paths.*", "finetune.sft.sources.*.paths.*", "finetune.base", "tokenizer.path",
+             "eval.task_data_dir", "eval.texts.*", "data.decontaminate.eval_paths.*")
+
+
+def render_job(raw: dict, command: str, space_text: str | None = None) -> list[dict]:
+    """ConfigMap + RayJob running `raylm <command>` on a cluster of its own."""
+    if command not in JOB_COMMANDS:
+        raise ConfigError(f"--job {command}: expected one of {', '.join(JOB_COMMANDS)}")
+    if (command == "tune") != (space_text is not None):
+        raise ConfigError("--space goes with --job tune, and --job tune needs --space")
+    cfg = validate(raw, "config")
+    check_cluster_fit(cfg)
+    job_cfg = pod_config(raw, cfg.cluster)
+    name = k8s_name(cfg.cluster, cfg.run)
+    files = {"config.yaml": yaml.safe_dump(job_cfg, sort_keys=False)}
+    entrypoint = f"raylm {command} --config {JOB_DIR}/config.yaml"
+    if space_text is not None:
+        files["space.yaml"] = space_text
+        entrypoint += f" --space {JOB_DIR}/space.yaml"
+    return [config_map(name, cfg.cluster, files), ray_job(name, cfg.cluster, cfg.scaling, entrypoint)]
+
+
+def render_cluster(raw: dict) -> list[dict]:
+    """A long-lived RayCluster for interactive use; jobs go in with `raylm submit`."""
+    cfg = validate(raw, "config")
+    check_cluster_fit(cfg)
+    return [ray_cluster(k8s_name(cfg.cluster, cfg.run), cfg.cluster, cfg.scaling)]
+
+
+def render_platform(raw: dict) -> list[dict]:
+    return platform(validate(raw, "config").cluster)
+
+
+def pod_config(raw: dict, cluster: ClusterSection) -> dict:
+    """The config as the pods read it: outputs on the run volume, metrics to the cluster's MLflow."""
+    out = copy.deepcopy(raw)
+    set_key(out, "run.output_dir", on_volume(raw.get("run", {}).get("output_dir", "runs"), cluster, "run.output_dir"))
+    uri = raw.get("tracking", {}).get("tracking_uri")
+    if uri and not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(f"tracking.tracking_uri={uri} is a store on one machine; on a cluster leave it "
+                          f"unset (jobs use cluster.mlflow_uri={cluster.mlflow_uri}) or give the server's URL")
+    for key, value in flatten_paths(out):
+        check_visible(key, value, cluster)
+    validate(out, "config for the cluster")
+    return out
+
+
+def on_volume(path: str, cluster: ClusterSection, key: str) -> str:
+    """A relative output dir moves under the volume; an absolute one must already be there."""
+    if not PurePosixPath(path).is_absolute():
+        return str(PurePosixPath(cluster.storage.mount_path) / path)
+    if not under_mount(path, cluster):
+        raise ConfigError(f"{key}={path} is on the pod's own disk, lost with the pod: put it under "
+                          f"cluster.storage.mount_path={cluster.storage.mount_path}")
+    return path
+
+
+def check_visible(key: str, path: str, cluster: ClusterSection) -> None:
+    if path.startswith(URI_SCHEMES) or under_mount(path, cluster):
+        return
+    raise ConfigError(f"{key}={path} is a path on this machine, which the pods cannot see: copy it onto the run "
+                      f"volume (cluster.storage.mount_path={cluster.storage.mount_path}) or use an s3:// gs:// hf:// URI")
+
+
+def under_mount(path: str, cluster: ClusterSection) -> bool:
+    p, mount = PurePosixPath(path), PurePosixPath(cluster.storage.mount_path)
+    return p == mount or mount in p.parents
+
+
+def flatten_paths(raw: dict) -> list[tuple[str, str]]:
+    """(dotted key with list indices, value) for every input path in the raw config."""
+    found = []
+    for key, value in _leaves(raw):
+        if any(_matches(key, pattern) for pattern in PATH_KEYS) and isinstance(value, str):
+            found.append((key, value))
+    return found
+
+
+def _leaves(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _matches(key: str, pattern: str) -> bool:
+    parts, pats = key.split("."), pattern.split(".")
+    return len(parts) == len(pats) and all(p == "*" and k.isdigit() or p == k for k, p in zip(parts, pats))
+
+
+def check_cluster_fit(cfg: RaylmConfig) -> None:
+    """Settings a laptop run tolerates but an autoscaling cluster cannot."""
+    s, c = cfg.scaling, cfg.cluster
+    if s.cpus_per_worker is None:
+        raise ConfigError("scaling.cpus_per_worker: set it for a cluster; an autoscaling cluster starts with no "
+                          "worker CPUs to share out (the head has num-cpus 0)")
+    if c.gpu.spot and s.use_gpu and s.max_failures == 0:
+        raise ConfigError("scaling.max_failures=0 with cluster.gpu.spot: a reclaimed spot node would fail the run; "
+                          "set it above 0 (or -1) so the workers restart from the last checkpoint")
+    pod_cpus = c.gpu.cpus_per_gpu if s.use_gpu else c.cpu.cpus
+    if s.cpus_per_worker > pod_cpus:
+        where = "cluster.gpu.cpus_per_gpu" if s.use_gpu else "cluster.cpu.cpus"
+        raise ConfigError(f"scaling.cpus_per_worker={s.cpus_per_worker:g} exceeds {where}={pod_cpus}: no pod could hold a worker")
+    if not s.use_gpu and s.num_workers * s.cpus_per_worker > c.cpu.max_nodes * c.cpu.cpus:
+        raise ConfigError(f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} exceed "
+                          f"cluster.cpu.max_nodes={c.cpu.max_nodes} x cluster.cpu.cpus={c.cpu.cpus}")
+
