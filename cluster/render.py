@@ -41,7 +41,7 @@ def render_job(raw: dict, command: str, space_text: str | None = None) -> list[d
     entrypoint = f"raylm {command} --config {JOB_DIR}/config.yaml"
     if space_text is not None:
         files["space.yaml"] = space_text
-        entrypoint += f" --space {JOB_DIR}/space.yaml"
+        entrypoint += f" --space {JOB_DIR}/space.yaml --resume auto"  # a retry continues the sweep
     return [config_map(name, cfg.cluster, files), ray_job(name, cfg.cluster, cfg.scaling, entrypoint)]
 
 

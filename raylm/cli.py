@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(t)
     t.add_argument("--space", required=True, metavar="YAML", help="the sweep file: search space, algorithm, scheduler, budgets")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this run.name; finished trials are kept")
+    t.add_argument("--resume", nargs="?", const=True, type=_auto_only, metavar="auto",
+                   help="continue the interrupted sweep of this run.name; finished trials are kept. "
+                        "--resume auto: continue it if there is one, else start (what a cluster job's retry needs)")
     t.set_defaults(func=cmd_tune)
     k = sub.add_parser("cluster", help=HELP["cluster"], description=HELP["cluster"])
     add_cluster_commands(k, _config_args)
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cost)
     add_submit_command(sub)
     return parser
+
+
+def _auto_only(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value, or 'auto' (got {value!r}; put the config before --resume)")
+    return value
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

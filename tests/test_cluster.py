@@ -131,7 +131,7 @@ def test_tune_job_carries_the_space_file():
     space = (REPO / "configs" / "tune" / "lr_schedule.yaml").read_text()
     cm, job = render_job(load_raw(REPO / "configs" / "quickstart.yaml", ["scaling.cpus_per_worker=1"]), "tune", space)
     assert cm["data"]["space.yaml"] == space
-    assert job["spec"]["entrypoint"].endswith("--space /home/ray/job/space.yaml")
+    assert job["spec"]["entrypoint"].endswith("--space /home/ray/job/space.yaml --resume auto")
     with pytest.raises(ConfigError, match="--job tune needs --space"):
         render_job(load_raw(GPT2), "tune")
 

@@ -250,3 +250,20 @@ def test_scaling_law_refuses_to_extrapolate_from_too_few_or_too_alike_points():
     iso = [(size, 1e16 / (6 * size)) for size in (2e6, 8e6, 3e7, 1e8) for _ in range(3)]
     with pytest.raises(TooFewPoints, match="every trial used the same compute"):
         fit_law([a for a, _ in iso], [b * (1 + i * 1e-4) for i, (_, b) in enumerate(iso)], [3.0] * 12)
+
+
+def test_resume_modes(tmp_path):
+    """--resume needs a sweep; without it an existing sweep is an error; --resume auto (a
+    cluster job's retry) continues one if there is one, else starts."""
+    from raylm.tuning.sweep import STATE, wants_resume
+
+    sweep_dir = tmp_path / "tune" / "grid"
+    assert wants_resume(sweep_dir, "auto") is False and wants_resume(sweep_dir, False) is False
+    with pytest.raises(ConfigError, match="--resume: no sweep to resume"):
+        wants_resume(sweep_dir, True)
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / STATE).write_text("{}")
+    with pytest.raises(ConfigError, match="already has a sweep"):
+        wants_resume(sweep_dir, False)
+    (sweep_dir / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    assert wants_resume(sweep_dir, "auto") is True and wants_resume(sweep_dir, True) is True

@@ -37,7 +37,7 @@ from .trial import TRIAL_CPU, Sweep, find_child, run_trial
 STATE = "raylm_sweep.json"  # beside Tune's own state: the sweep's MLflow run, for --resume
 
 
-def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, resume: bool) -> SweepResult:
+def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, resume: bool | str) -> SweepResult:
     """Run (or resume) the sweep of config tree `base` over `spec`; returns its summary."""
     base = absolute_paths(base)
     cfg = validate(base, "config")
@@ -45,11 +45,7 @@ def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, 
         raise ConfigError("data.streaming: trials train on prepared windows; set it to false for a sweep")
     name, folder = cfg.run.name, Path(cfg.run.output_dir) / "tune"
     state_file = folder / name / STATE
-    if state_file.exists() and not resume:
-        raise ConfigError(f"run.name={name!r} already has a sweep in {folder / name}: pass --resume to continue it, "
-                          "or choose another run.name")
-    if resume and not tune.Tuner.can_restore(str(folder / name)):
-        raise ConfigError(f"--resume: no sweep to resume in {folder / name}")
+    resume = wants_resume(folder / name, resume)
     resources = start_ray(address)
     for data, tok in datasets(base, spec):
         prepare(data, tok, Path(cfg.run.output_dir))
@@ -156,6 +152,20 @@ def max_concurrent(sweep: Sweep, scaling, resources: dict) -> int:
                           f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs")
     return fits
 
+
+
+def wants_resume(sweep_dir: Path, mode: bool | str) -> bool:
+    """--resume: continue the sweep in sweep_dir. --resume auto: continue it if there is one,
+    else start it (a retried or resubmitted RayJob runs the same command again)."""
+    exists = (sweep_dir / STATE).exists()
+    if mode == "auto":
+        return exists and tune.Tuner.can_restore(str(sweep_dir))
+    if exists and not mode:
+        raise ConfigError(f"run.name={sweep_dir.name!r} already has a sweep in {sweep_dir}: pass --resume to continue "
+                          "it, or choose another run.name")
+    if mode and not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
+    return bool(mode)
 
 def make_tuner(sweep: Sweep, folder: Path, concurrency: int, resume: bool) -> tune.Tuner:
     # raylm prints one line per trial event (TrialLog): no status table every few seconds,
