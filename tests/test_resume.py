@@ -108,6 +108,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(straight, capfd):
     assert all(value == reference[step] for step, value in every)
 
 
+@pytest.mark.slow  # ~35 s, moved out to keep CI under 30 minutes; `pytest -m slow`
 def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, capsys):
     tmp, _ = straight
     source = tmp / "runs" / "train" / "straight" / f"checkpoint_{STEPS:06d}"
@@ -138,6 +139,7 @@ def test_resume_on_fewer_workers_continues_at_the_same_sequence(straight, capfd)
     assert {**first, **second} == pytest.approx(reference, rel=1e-5)
 
 
+@pytest.mark.slow  # a scale run (~70 s), moved out to keep CI under 30 minutes; `pytest -m slow`
 def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(straight):
     """FSDP2 shards the same model over the same 2 workers: the same losses up to the order of
     its reduce-scatter sums. Checkpoints hold whole tensors by name, so DDP resumes them."""

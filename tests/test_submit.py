@@ -178,8 +178,7 @@ def start(cmd: list[str], env: dict) -> subprocess.Popen:
 
 def job_overrides(store: Path, name: str) -> list[str]:
     """tiny_overrides cut to 10 steps on 1,000 documents and 1 worker: a job of 60-100 s on 2
-    cores, most of it Ray starting Data and Train workers. Both raylm jobs share the store, so
-    the second reuses the first's prepared data (about 12 s less)."""
+    cores, most of it Ray starting Data and Train workers."""
     cut = ["train.max_steps=10", "train.eval_interval=10", "train.checkpoint_interval=10", "train.eval_windows=4",
            "data.grammar.num_docs=1000", "scaling.num_workers=1", "eval.max_windows=8", "eval.sample_tokens=0",
            f"run.name={name}"]
@@ -191,18 +190,17 @@ def mlflow_uri(store: Path) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"  # store is absolute: sqlite:////tmp/...
 
 
-def finished_run(store: Path, name: str):
+def finished_runs(store: Path, name: str) -> list:
+    """The MLflow runs named `name`, newest first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri(store))
     experiment = client.get_experiment_by_name("raylm")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return runs[0]
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"])
 
 
-def check_run(store: Path, name: str) -> None:
-    run_ = finished_run(store, name)
+def check_run(run_) -> None:
     assert run_.info.status == "FINISHED"
     assert run_.data.metrics["final_val_loss"] > 0 and run_.data.params  # evaluated, config logged
 
@@ -210,23 +208,29 @@ def check_run(store: Path, name: str) -> None:
 def test_ray_job_submit_runs_raylm(head):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", str(REPO),
            "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{mlflow_uri(head.store)}"}}}}',
-           "--", "raylm", "run", *job_overrides(head.store, "via-ray-cli")]
+           "--", "raylm", "run", *job_overrides(head.store, "submitted")]
     proc = run(cmd, head.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "raylm run 'via-ray-cli' finished" in proc.stdout
-    check_run(head.store, "via-ray-cli")
+    assert "raylm run 'submitted' finished" in proc.stdout
+    (first,) = finished_runs(head.store, "submitted")
+    check_run(first)
 
 
-def test_raylm_submit_runs_raylm(head):
+def test_raylm_submit_of_the_same_run_resumes_it(head):
+    """The same command again, through raylm submit: a resubmitted job (a RayJob's retry) finds
+    the run's checkpoints on the shared store, trains nothing more and evaluates again."""
     cmd = [str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(REPO),
            "--mlflow-uri", mlflow_uri(head.store), "--env", "RAYLM_TEST_SECRET=not-for-logs",
-           "--", "raylm", "run", *job_overrides(head.store, "via-raylm-submit")]
+           "--", "raylm", "run", *job_overrides(head.store, "submitted")]
     proc = run(cmd, head.env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "env vars: MLFLOW_TRACKING_URI, RAYLM_TEST_SECRET" in out and "not-for-logs" not in out
-    assert "raylm run 'via-raylm-submit' finished" in out and "succeeded" in out
-    check_run(head.store, "via-raylm-submit")
+    assert "resumed from" in out and "at step 10" in out, out[-6000:]
+    assert "raylm run 'submitted' finished" in out and "succeeded" in out
+    second, first = finished_runs(head.store, "submitted")
+    check_run(second)
+    assert second.data.metrics["final_val_loss"] == first.data.metrics["final_val_loss"]  # the same weights
 
 
 def test_job_sees_working_dir_without_outputs_and_env(head, tmp_path):
