@@ -92,6 +92,9 @@ def head_group(cluster: ClusterSection, config_map: str | None) -> dict:
     container = ray_container("ray-head", cluster, resources(cluster.head_cpus, cluster.head_memory_gib), mounts)
     return {
         "serviceType": "ClusterIP",  # reachable inside the cluster only; `kubectl port-forward` to use it
+        # dashboard-host 0.0.0.0: the RayJob's submitter pod and the KubeRay operator reach the job
+        # server from other pods (a pod's 127.0.0.1 is its own); the ClusterIP Service and the
+        # NetworkPolicy keep it inside the namespace.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {"spec": pod_spec(container, cluster, volumes)},
     }
