@@ -219,6 +219,9 @@ class ScalingSection(Section):
 class TrackingSection(Section):
     experiment: str = "raylm"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    system_metrics: bool = True  # the driver's machine: CPU, memory, disk, network, GPU (system/*)
+    log_model: bool = True  # the trained model as model/ in Hugging Face format
+    register_model: str | None = None  # also a new version of this registered model
 
 
 class EvalSection(Section):

@@ -21,6 +21,8 @@ from .evaluate import evaluate, evaluate_tasks, evaluate_text
 from .finetune import check_fits, finetune_windows, load_base_config, lora_config, merge_checkpoint, resolve_base
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
+from .provenance import data_label, provenance_tags, run_title
+from .review import log_loss_curve, log_model
 from .runtime import start_ray, tracking_uri
 from .sampling import sample_text
 from .tasks import load_task
@@ -48,12 +50,24 @@ class Outcome:
 
 
 def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
-    name = cfg.run.name if stage == "run" else f"{stage}-{cfg.run.name}"
-    tags = {"raylm.stage": stage, "raylm.run_name": cfg.run.name, "raylm.config_hash": section_fingerprint(cfg)}
-    tracker = Tracker(tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment, name, tags)
+    """A new MLflow run named for what it is (pretrain-124m-tinystories-3f9c), tagged with the
+    code, config and library versions, holding the config; earlier launches of this run.name
+    and stage that a dead driver left RUNNING are marked KILLED first."""
+    tags = {"raylm.stage": stage, "raylm.run_name": cfg.run.name, "raylm.config_hash": section_fingerprint(cfg),
+            "mlflow.note.content": f"`raylm {stage}` of run.name `{cfg.run.name}`; the same command resumes it.",
+            **provenance_tags()}
+    t = cfg.tracking
+    tracker = Tracker(tracking_uri(t.tracking_uri), t.experiment, run_title(cfg, stage), tags, system_metrics=t.system_metrics)
+    tracker.retire_orphans(cfg.run.name, stage)
     tracker.log_params(cfg.flat())
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     return tracker
+
+
+def record_data(cfg: RaylmConfig, tracker: Tracker, manifest: dict, stage: str) -> None:
+    """Which prepared data the run used: a tag with its fingerprint and the dataset input."""
+    tracker.set_tags({"raylm.data_fingerprint": Path(manifest["path"]).name})
+    tracker.log_dataset(manifest, data_label(cfg, stage), "training")
 
 
 def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...],
@@ -73,6 +87,7 @@ def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...]
                 out.manifest = do_prepare(cfg, tracker)
         else:
             out.manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
+        record_data(cfg, tracker, out.manifest, stage)
         if "pretrain" in stages:
             with out.timed("pretrain"):
                 out.checkpoint = do_pretrain(cfg, out.manifest, tracker, resume)
@@ -122,8 +137,16 @@ def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path
     result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
                                {"uri": tracker.uri, "run_id": tracker.run_id}, resume)
     checkpoint = finished_checkpoint(result, stopped)
-    tracker.log_artifact(checkpoint, "checkpoint")
+    log_trained(cfg, tracker, checkpoint)
     return checkpoint
+
+
+def log_trained(cfg: RaylmConfig, tracker: Tracker, checkpoint: Path, model_dir: Path | None = None) -> None:
+    """Where the run's last checkpoint is, the model (model_dir: a LoRA run's merged one) and
+    the loss curve."""
+    tracker.set_tags({"raylm.checkpoint": str(checkpoint)})
+    log_model(tracker, model_dir or checkpoint, cfg.tracking)
+    log_loss_curve(tracker)
 
 
 def finished_checkpoint(result, stopped: str | None) -> Path:
@@ -152,11 +175,11 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
                                {"uri": tracker.uri, "run_id": tracker.run_id}, resume, init=base, lora=lora)
     checkpoint = finished_checkpoint(result, stopped)
+    merged = None
     if lora:  # the adapters folded in: a plain model directory for export-hf and serving
         merged = merge_checkpoint(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
-        tracker.log_artifact(merged, "merged")
         print(f"[finetune] merged LoRA adapters into {merged}", flush=True)
-    tracker.log_artifact(checkpoint, "checkpoint")
+    log_trained(cfg, tracker, checkpoint, merged)
     return manifest, checkpoint
 
 

@@ -22,6 +22,18 @@ from .runtime import cluster_cpus
 from .train_loop import train_loop_per_worker
 
 
+WORKER_ENV = {
+    # Train otherwise re-routes print() through its logger and the line shows twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The workers' only MLflow client is the metric sink, which holds metrics and retries every
+    # 5 s itself. MLflow's own 7 retries with backoff would hold one send for ~2 min and, after
+    # an outage, delay delivery by up to 64 s more; its 120 s timeout would let a hung server
+    # hold the sender as long.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
 def build_model_config(section: ModelSection, tokenizer_vocab: int) -> ModelConfig:
     """The model section plus the vocabulary size the prepared data needs."""
     model = planned_model(section, tokenizer_vocab)
@@ -78,8 +90,7 @@ def pretrain(model: ModelConfig, train: TrainSection, scaling: ScalingSection, r
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report and checkpoint
-            # Train otherwise re-routes print() through its logger and the line shows twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": WORKER_ENV},
             callbacks=callbacks,
         ),
     )

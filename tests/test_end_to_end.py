@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -67,7 +68,15 @@ def test_learns_well_below_the_unigram_baseline(quickstart):
 
 def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
-    assert run.info.status == "FINISHED" and run.info.run_name == "quickstart"
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"run-\d+(\.\d+)?[km]-grammar-[0-9a-f]{4}", run.info.run_name), run.info.run_name
+    tags = run.data.tags
+    assert tags["raylm.run_name"] == "quickstart" and tags["raylm.torch_version"] == torch.__version__
+    assert tags["raylm.ray_version"] == ray.__version__ and len(tags["raylm.config_hash"]) == 12
+    assert tags["raylm.data_fingerprint"] == (quickstart / "runs" / "data").iterdir().__next__().name
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["raylm.git_commit"]) and tags["mlflow.source.git.commit"] == tags["raylm.git_commit"]
+    (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == "grammar" and dataset.dataset.digest == tags["raylm.data_fingerprint"][:36]
     assert run.data.params["model.n_layer"] == "2" and run.data.params["train.lr"] == "0.01"
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
@@ -79,11 +88,13 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     # The pre-launch estimate (`raylm cost`'s formula on the measured CPU peak) and the actual cost against it.
     assert run.data.metrics["cost_estimate_usd"] > 0 and run.data.metrics["cost_vs_estimate"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "data_report", "tokenizer", "checkpoint", "samples.md"} <= artifacts
-    nested = {a.path for d in ("data", "data_report", "tokenizer", "checkpoint")
+    assert {"config.yaml", "data", "data_report", "tokenizer", "model", "plots", "samples.md"} <= artifacts
+    nested = {a.path for d in ("data", "data_report", "tokenizer", "model", "plots")
               for a in client.list_artifacts(run.info.run_id, d)}
     assert {"data/manifest.json", "data_report/report.json", "data_report/report.md", "data_report/report.png",
-            "tokenizer/tokenizer.json", "checkpoint/model.safetensors"} <= nested
+            "tokenizer/tokenizer.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
+            "plots/loss.png"} <= nested
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), "system metrics are off"
     assert run.data.metrics["data/grammar/read/docs_out"] == 4000
     assert run.data.metrics["data/train/windows"] > 0
 

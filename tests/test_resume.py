@@ -23,11 +23,16 @@ def pretrain(tmp, name: str, extra: list[str] = ()) -> int:
                                  "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3", *extra])
 
 
+def launches_of(run_name: str) -> str:
+    """The MLflow filter for the `raylm pretrain` runs of a run.name."""
+    return f"tags.`raylm.run_name` = '{run_name}' and tags.`raylm.stage` = 'pretrain'"
+
+
 def losses(tmp, run_name: str) -> list[dict[int, float]]:
-    """Per MLflow run of `pretrain-<run_name>`, oldest first: step -> train loss."""
+    """Per `raylm pretrain` launch of run.name `run_name`, oldest first: step -> train loss."""
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                              filter_string=f"tags.mlflow.runName = 'pretrain-{run_name}'", order_by=["start_time ASC"])
+                              filter_string=launches_of(run_name), order_by=["start_time ASC"])
     return [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_loss")} for r in runs]
 
 
@@ -103,7 +108,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(straight, capfd):
     assert sorted(history) == list(range(1, STEPS + 1))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string="tags.mlflow.runName = 'pretrain-killed'")
+                                filter_string=launches_of("killed"))
     every = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert all(value == reference[step] for step, value in every)
 
@@ -190,7 +195,7 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     assert torn_reason(tmp / "runs" / "train" / "terminated" / f"checkpoint_{stopped:06d}") is None
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string="tags.mlflow.runName = 'pretrain-terminated'")
+                                filter_string=launches_of("terminated"))
     assert run.info.status == "KILLED"
 
     assert pretrain(tmp, "terminated", ["train.checkpoint_interval=2"]) == 0

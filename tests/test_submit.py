@@ -191,12 +191,12 @@ def mlflow_uri(store: Path) -> str:
 
 
 def finished_runs(store: Path, name: str) -> list:
-    """The MLflow runs named `name`, newest first."""
+    """The MLflow runs of run.name `name`, newest first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri(store))
     experiment = client.get_experiment_by_name("raylm")
-    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'",
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`raylm.run_name` = '{name}'",
                               order_by=["attributes.start_time DESC"])
 
 
