@@ -11,6 +11,7 @@ import yaml
 COMMENTS = {
     # RayJob
     "entrypoint": "Runs on the head as the job's driver; its config is the ConfigMap mounted at /home/ray/job.",
+    "runtimeEnvYAML": "`ray job stop` waits this long for the checkpoint raylm writes on SIGTERM before SIGKILL (Ray's default: 3 s).",
     "shutdownAfterJobFinishes": "Delete the Ray cluster when the job ends: idle GPUs still bill.",
     "ttlSecondsAfterFinished": "...after this many seconds, so `raylm cluster logs` still works for a while.",
     "activeDeadlineSeconds": "Fail the job (and free its nodes) if it runs longer than this.",

@@ -153,11 +153,19 @@ def config_map(name: str, cluster: ClusterSection, files: dict[str, str]) -> dic
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(f"{name}-config", cluster), "data": files}
 
 
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default).
+# raylm answers SIGTERM by finishing the step, checkpointing and ending its MLflow run KILLED:
+# seconds on a small model, a few minutes for a 7B model's 84 GB of weights and optimizer
+# state on a network volume. A job's runtime env reaches its supervisor, which reads this.
+JOB_STOP_GRACE_S = 300
+
+
 def ray_job(name: str, cluster: ClusterSection, scaling: ScalingSection, entrypoint: str) -> dict:
     return {
         "apiVersion": API_VERSION, "kind": "RayJob", "metadata": metadata(name, cluster),
         "spec": {
             "entrypoint": entrypoint,
+            "runtimeEnvYAML": f"env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: \"{JOB_STOP_GRACE_S}\"\n",
             "shutdownAfterJobFinishes": True,  # the GPUs go back when the job ends
             "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
             "activeDeadlineSeconds": cluster.active_deadline_seconds,

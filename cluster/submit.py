@@ -23,6 +23,8 @@ from pathlib import Path
 
 from raylm.pipelines.errors import Interrupted, RaylmError
 
+from .manifests import JOB_STOP_GRACE_S
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Ray itself leaves out .git, .venv, venv, __pycache__ and whatever .gitignore/.rayignore list.
 # These are named again so that a folder without our .gitignore (or a submitter with
@@ -78,7 +80,10 @@ def runtime_env(working_dir: str | Path, env: dict[str, str]) -> dict:
     path = Path(working_dir).resolve()
     if not path.is_dir():
         raise RaylmError(f"--working-dir {working_dir}: not a directory")
-    return {"working_dir": str(path), "excludes": EXCLUDES, "env_vars": env}
+    # RAY_JOB_STOP_WAIT_TIME_S: `raylm submit --stop` (or `ray job stop`) lets the job checkpoint
+    # and end its MLflow run KILLED before the SIGKILL; see JOB_STOP_GRACE_S.
+    return {"working_dir": str(path), "excludes": EXCLUDES,
+            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_GRACE_S), **env}}
 
 
 @contextmanager

@@ -257,17 +257,43 @@ def test_failed_job_fails_both_commands(head, tmp_path):
     assert "failing on purpose" in our_out and "FAILED (exit status 3)" in our_err
 
 
-def test_no_wait_returns_an_id_that_stop_stops(head, tmp_path):
+# A job that, like raylm on SIGTERM, needs a few seconds to wind down (a checkpoint): 5 s, past
+# the 3 s after which Ray's job supervisor would SIGKILL it by default.
+GRACEFUL = """
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    time.sleep(5)
+    pathlib.Path(sys.argv[1]).write_text("stopped cleanly")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_wait_returns_an_id_that_stop_stops_after_the_job_winds_down(head, tmp_path):
     base = [str(BIN / "raylm"), "submit", "--address", head.url]
+    marker = tmp_path / "marker"
+    (tmp_path / "graceful.py").write_text(GRACEFUL)
     t0 = time.monotonic()
-    sub = run([*base, "--working-dir", str(tmp_path), "--no-wait", "--", "sleep", "600"], head.env, timeout=60)
+    sub = run([*base, "--working-dir", str(tmp_path), "--no-wait", "--", "python", "graceful.py", str(marker)],
+              head.env, timeout=60)
     assert sub.returncode == 0 and time.monotonic() - t0 < 30, sub.stdout + sub.stderr
     job_id = re.search(r"submitted job (\S+)", sub.stdout).group(1)
     assert f"--stop {job_id}" in sub.stdout and f"--follow {job_id}" in sub.stdout
+    deadline = time.monotonic() + 60
+    while "ready" not in run([str(BIN / "ray"), "job", "logs", "--address", head.url, job_id], head.env, timeout=30).stdout:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(1)
     stop = run([*base, "--stop", job_id], head.env, timeout=90)
     assert stop.returncode == 0 and f"job {job_id} is STOPPED" in stop.stdout, stop.stdout + stop.stderr
     follow = run([*base, "--follow", job_id], head.env, timeout=60)
     assert follow.returncode == 143, follow.stdout + follow.stderr  # stopped: 128 + SIGTERM
+    deadline = time.monotonic() + 30  # the supervisor reports STOPPED as soon as it has signalled
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marker.read_text() == "stopped cleanly", "SIGKILLed before its 5 s wind-down"
+    print("[test] `raylm submit --stop`: the job got SIGTERM and finished its 5 s wind-down before any SIGKILL")
 
 
 def test_missing_token_is_a_clear_error(head, tmp_path):
