@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig
 from .gpt import GPT
-from .io import load_model, save_model
+from .io import load_model, read_safetensors, save_model
 
 TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 LAYER = {
@@ -31,6 +31,7 @@ LAYER = {
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
 TOP_FROM_HF, LAYER_FROM_HF = {v: k for k, v in TOP.items()}, {v: k for k, v in LAYER.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files an HF directory may hold
 
 
 class NotConvertible(ValueError):
@@ -159,5 +160,6 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     index = hf_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     if not (hf_dir / files[0]).is_file():
-        raise NotConvertible(f"{hf_dir}: no model.safetensors; raylm never unpickles pytorch_model.bin")
-    return {k: v for f in files for k, v in safetensors.torch.load_file(str(hf_dir / f)).items()}
+        pickles = ", ".join(p.name for p in sorted(hf_dir.iterdir()) if p.suffix in PICKLE_SUFFIXES) or "pytorch_model.bin"
+        raise NotConvertible(f"{hf_dir}: no model.safetensors; raylm never unpickles {pickles}")
+    return {k: v for f in files for k, v in read_safetensors(hf_dir / f).items()}

@@ -6,10 +6,14 @@ Loading never unpickles: safetensors holds raw tensors only, the config is JSON.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
+
+from raylm.pipelines.errors import DataError  # a leaf module: no Ray, no torch
 
 from .config import ModelConfig
 from .gpt import GPT
@@ -40,7 +44,7 @@ def save_weights(config: ModelConfig, weights: dict[str, torch.Tensor], director
 
 def read_weights(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Every parameter by name, on the CPU, the tied alias included (what load_state_dict wants)."""
-    weights = safetensors.torch.load_file(str(Path(directory) / WEIGHTS_FILE))
+    weights = read_safetensors(Path(directory) / WEIGHTS_FILE)
     if config.tie_embeddings:
         weights[TIED_ALIAS] = weights["lm_head.weight"]
     return weights
@@ -60,5 +64,29 @@ def load_model(directory: str | Path, device: str = "cpu") -> GPT:
     model, lora = GPT(load_config(directory)), load_lora(directory)
     if lora:
         apply_lora(model, lora)
-    safetensors.torch.load_model(model, str(Path(directory) / WEIGHTS_FILE), device=device)
+    path = Path(directory) / WEIGHTS_FILE
+    with safetensors_only(path):
+        safetensors.torch.load_model(model, str(path), device=device)
     return (merge_lora(model) if lora else model).to(device)
+
+
+@contextmanager
+def safetensors_only(path: Path):
+    """Turn safetensors' refusal of a file that is not safetensors (a pickle, a torch.save zip,
+    a torn copy: it reads the 8-byte header length and the JSON header, never executes
+    anything) into an error the CLI prints as one line."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise DataError(f"{path} is not a safetensors file ({err}); raylm loads weights only from safetensors") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    with safetensors_only(path):
+        return safetensors.torch.load_file(str(path))
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a file that is not safetensors before any worker starts: reads the header only."""
+    with safetensors_only(path), safetensors.safe_open(str(path), "pt"):
+        pass

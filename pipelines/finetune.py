@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from raylm.models import ModelConfig
-from raylm.models.io import load_config, load_model, save_model
+from raylm.models.io import WEIGHTS_FILE, check_safetensors, load_config, load_model, save_model
 from raylm.models.lora import LoraConfig
 
 from .checkpoint import torn_reason
@@ -35,6 +35,7 @@ def resolve_base(base: str, output_dir: Path) -> Path:
                 raise DataError(f"finetune.base: {path} is not a whole checkpoint ({reason})")
         if not (path / "tokenizer.json").is_file():
             raise DataError(f"finetune.base: {path} has no tokenizer.json; fine-tuning needs the base model's tokenizer")
+        check_safetensors(path / WEIGHTS_FILE)  # the workers load it; refuse it before they start
         return path
     if (path / "config.json").is_file():
         return import_base(path, output_dir)

@@ -9,10 +9,11 @@ from pathlib import Path
 import ray
 
 from raylm.models import ModelConfig, flops_per_token
+from raylm.models.io import WEIGHTS_FILE, check_safetensors
 from raylm.models.io import load_config as load_model_config
 from raylm.models.lora import LoraConfig
 
-from .checkpoint import latest_checkpoint, torn_reason
+from .checkpoint import STATE_TENSORS, latest_checkpoint, torn_reason
 from .config import ModelSection, RunSection, ScalingSection, TrainSection
 from .cost import planned_model
 from .errors import ConfigError, TrainingFailed
@@ -129,6 +130,8 @@ def checked_resume(path: Path, model: ModelConfig) -> Path:
         raise ConfigError(f"--resume: {path} is not a whole checkpoint ({reason})")
     if load_model_config(path) != model:
         raise ConfigError(f"--resume: {path} holds a different model than the model section describes")
+    for name in (WEIGHTS_FILE, STATE_TENSORS):  # here, not in the workers: one line instead of a worker traceback
+        check_safetensors(path / name)
     return path
 
 

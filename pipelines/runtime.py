@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+from .provenance import redact
 
 
 def start_ray(address: str | None = None) -> dict:
@@ -22,12 +27,34 @@ def start_ray(address: str | None = None) -> dict:
         else:
             # "local" forces a new instance: a bare init() may join a stale `ray start` cluster.
             # The dashboard stays on: Ray Train's cleanup polls the state API it serves.
-            ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+            with loopback_node():
+                ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
             # One machine has no nodes to drain: Ray Train's preemption watcher (an actor polling
             # the GCS every 5 s) would only take CPU from the training workers.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_ray_data()
     return ray.cluster_resources()
+
+
+@contextmanager
+def loopback_node():
+    """Give the local instance the node IP 127.0.0.1, so that it listens on loopback only.
+
+    Ray 2.60 binds its GCS, raylet, object manager, core workers and agents to every interface
+    unless the node IP is loopback, and replaces a loopback node IP with the machine's address
+    (services.resolve_ip_for_localhost) unless multi-node clusters are off, as they are by
+    default on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Ray parses that variable
+    when it is imported, before this runs, so the parsed flag is set here, for this init only;
+    once the node runs, Ray answers the node IP from the node. Nothing is left in the
+    environment: a `ray start` launched later from this process keeps Ray's defaults."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER  # AttributeError, not a silent no-op, if Ray renames it
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def quiet_ray_data() -> None:
@@ -56,3 +83,36 @@ def tracking_uri(configured: str | None) -> str:
         return uri
     # An absolute path: Ray workers run in other working directories.
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking_uri(configured: str | None) -> None:
+    """Fail before Ray starts, naming the address, when no MLflow server answers at an http(s)
+    tracking URI, or a sqlite store's folder is missing. (MLflow's own client would retry a
+    refused connection 7 times with backoff, about 2 minutes, then fail after the workers ran.)"""
+    uri = tracking_uri(configured)
+    key = "tracking.tracking_uri" if configured else "$MLFLOW_TRACKING_URI"
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        reason = unreachable(uri)
+        if reason:
+            raise ConfigError(f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start one, e.g. "
+                              "`mlflow server --host 127.0.0.1 --port 5000`, or fix the URI")
+    elif parsed.scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(f"{key}={uri}: the folder {folder} does not exist")
+
+
+def unreachable(url: str, seconds: float = 5.0) -> str | None:
+    """Why nothing answers HTTP at `url`, or None if anything does (any status: a proxy's 401
+    still means the address is right)."""
+    import requests
+
+    try:
+        requests.get(url, timeout=seconds)
+    except requests.exceptions.Timeout:
+        return f"no answer within {seconds:g} s"
+    except requests.exceptions.ConnectionError as err:
+        text = str(err)
+        return "connection refused" if "refused" in text else "name not resolved" if "resolve" in text else "cannot connect"
+    return None

@@ -128,6 +128,26 @@ def test_missing_data_path_fails_before_ray_is_imported(tmp_path):
     assert "data.sources.0.paths" in proc.stderr and "typo.txt" in proc.stderr and "matches no readable files" in proc.stderr
 
 
+def test_unreachable_mlflow_server_fails_before_ray_is_imported_naming_the_address(tmp_path):
+    """Nothing listens on a port just released; the password in the URI is not echoed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://raylm:hunter2@127.0.0.1:{port}"
+    probe = (
+        "import sys; from raylm.cli import main; "
+        f"rc = main(['pretrain', '--set', 'tracking.tracking_uri={uri}']); "
+        "assert rc == 2; assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported too early'"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"tracking.tracking_uri: no MLflow server answers at http://raylm:***@127.0.0.1:{port} (connection refused)" \
+        in proc.stderr and "hunter2" not in proc.stderr
+    print(f"[test] pretrain against a closed port {port}: {proc.stderr.strip()}")
+
+
 def test_model_preset_with_overrides_beside_it(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: {preset: 124m, n_layer: 6}\n")
