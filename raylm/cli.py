@@ -12,6 +12,8 @@ from pathlib import Path
 from raylm.cluster.commands import add_cluster_commands, add_submit_command
 from raylm.pipelines.config import RaylmConfig, load_config, load_raw, validate
 from raylm.pipelines.errors import ConfigError, DataError, Interrupted, RaylmError
+from raylm.pipelines.provenance import redact
+from raylm.pipelines.runtime import check_tracking_uri
 
 STAGES = {
     "run": ("prepare", "pretrain", "evaluate"),
@@ -33,6 +35,7 @@ HELP = {
     "cluster": "KubeRay manifests for a config: render, validate, apply, status, logs, delete (cluster/README.md)",
     "tune": "search architecture and hyperparameters with Ray Tune (trials are pretrain jobs); one MLflow run per sweep",
     "cost": "estimate a run before launch: FLOPs, time to train and dollars on a few cluster sizes (no Ray)",
+    "runs": "list the MLflow runs, newest first, or compare a few side by side: no MLflow UI needed (no Ray)",
 }
 
 
@@ -119,8 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour, over every table and the config")
     c.add_argument("--prices", metavar="YAML", help="a price file over the table: {H100: {on_demand: 2.49, spot: 1.8}}")
     c.set_defaults(func=cmd_cost)
+    _runs_parser(sub)
     add_submit_command(sub)
     return parser
+
+
+def _runs_parser(sub) -> None:
+    r = sub.add_parser("runs", help=HELP["runs"], description=HELP["runs"])
+    _config_args(r)  # the config gives tracking.tracking_uri and tracking.experiment, nothing else
+    r.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="these runs side by side, with the params that differ (RUN: an MLflow run name, the newest "
+                        "of that name, or a run id prefix)")
+    r.add_argument("--tracking-uri", metavar="URI",
+                   help="the MLflow store (default: tracking.tracking_uri, else $MLFLOW_TRACKING_URI, "
+                        "else ./mlflow.db)")
+    r.add_argument("--experiment", metavar="NAME", help="default: tracking.experiment (raylm)")
+    r.add_argument("--stage", metavar="S", help="only runs of this stage: run, prepare, pretrain, evaluate, finetune, "
+                                                "tune, trial or lm-eval")
+    r.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED"],
+                   help="only runs in this state (the table says RUNNING? for a run silent for 10 minutes: "
+                        "its driver may be gone)")
+    r.add_argument("--name", metavar="TEXT", help="only runs whose name contains TEXT (any case)")
+    r.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
+    r.add_argument("--sort", choices=["start", "cost", "tokens", "best_val_loss"], default="start",
+                   help="start: the newest first (default); cost, tokens: the largest first; best_val_loss: the "
+                        "lowest first (reads every matching run: ~15 s for 1000 from sqlite)")
+    r.add_argument("--json", action="store_true", help="print a JSON list of the rows instead of a table")
+    r.set_defaults(func=cmd_runs)
 
 
 def _auto_only(value: str) -> str:
@@ -175,8 +203,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     path, overrides = config_source(args)
     raw = load_raw(path, overrides)
-    validate(raw, str(path or "defaults"))
+    cfg = validate(raw, str(path or "defaults"))
     spec = load_sweep(args.space, raw)
+    check_tracking_uri(cfg.tracking.tracking_uri)
     from raylm.tuning.report import print_result
     from raylm.tuning.sweep import run_sweep  # imports Ray and torch
 
@@ -197,11 +226,14 @@ def cmd_stages(args: argparse.Namespace) -> int:
         check_sources(cfg.finetune.sft.sources, "finetune.sft.sources")
     if args.command == "finetune":
         _check_base(Path(cfg.finetune.base))
+    if getattr(args, "checkpoint", None):  # evaluate --checkpoint: refused here, not in a Ray actor
+        _model_dir(args.checkpoint, "--checkpoint")
+    check_tracking_uri(cfg.tracking.tracking_uri)
     if getattr(args, "follow", False):
         from raylm.pipelines.jobs import follow_run
 
         tracker = follow_run(cfg, args.address, args.idle_minutes)
-        print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {tracker.uri}")
+        print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {redact(tracker.uri)}")
         return 0
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
@@ -234,7 +266,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     scores, tracker = lm_eval_job(cfg, checkpoint, tasks, args.include_path, args.limit, args.num_fewshot)
     for task, metrics in scores.items():
         print(f"  lm-eval     {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {tracker.uri}")
+    print(f"  MLflow      run {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {redact(tracker.uri)}")
     return 0
 
 
@@ -354,6 +386,30 @@ def _dollars(usd: float) -> str:
     return f"${usd:,.2f}" if usd >= 0.01 else f"${usd:.5f}"  # a CPU-sized run costs fractions of a cent
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from raylm.pipelines.runs import compare_json, compare_runs, format_runs, open_store  # mlflow: no Ray, no torch
+    from raylm.pipelines.runtime import tracking_uri
+
+    cfg = resolve_config(args)
+    if args.limit < 1:
+        raise ConfigError("runs: --limit must be at least 1")
+    uri = tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri)
+    experiment = args.experiment or cfg.tracking.experiment
+    with open_store(uri, experiment) as store:
+        if args.compare:
+            runs = [store.find_run(ref) for ref in args.compare]
+            print(json.dumps(compare_json(store, runs), indent=2) if args.json else compare_runs(store, runs))
+            return 0
+        rows = store.list_runs(args.stage, args.status, args.name, args.sort, args.limit)
+    if args.json:
+        print(json.dumps([row.json() for row in rows], indent=2))
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"raylm: no matching runs in experiment '{experiment}' at {redact(uri)}", file=sys.stderr)
+    return 0
+
+
 def _check_base(path: Path) -> None:
     if not ((path / "model.json").is_file() or (path / "config.json").is_file()):
         raise DataError(f"finetune.base: {path} is neither a raylm model directory (model.json) "
@@ -361,8 +417,11 @@ def _check_base(path: Path) -> None:
 
 
 def _model_dir(path: Path, flag: str) -> Path:
+    from raylm.models.io import check_safetensors  # safetensors and torch: after the config has validated
+
     if not (path / "model.safetensors").is_file():
         raise RaylmError(f"{flag}: {path} holds no model.safetensors")
+    check_safetensors(path / "model.safetensors")
     return path
 
 
@@ -390,10 +449,12 @@ def print_summary(command: str, cfg: RaylmConfig, out) -> None:
         lines.append(f"  task        {task}: {shown}")
     if out.sample is not None:
         lines.append(f"  sample      {out.sample[:200]!r}")
-    lines.append(f"  MLflow      run {t.run_id} in experiment '{cfg.tracking.experiment}' at {t.uri}")
+    lines.append(f"  MLflow      run {t.run_id} in experiment '{cfg.tracking.experiment}' at {redact(t.uri)}")
     if t.uri.startswith(("sqlite:", "file:", "/")):
-        lines.append(f"  MLflow UI   mlflow ui --backend-store-uri {t.uri} --host 127.0.0.1 --port 5000"
+        lines.append(f"  MLflow UI   mlflow ui --backend-store-uri {redact(t.uri)} --host 127.0.0.1 --port 5000"
                      f"  then open http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs/{t.run_id}")
+    elif t.uri.startswith(("http:", "https:")):
+        lines.append(f"  MLflow UI   {redact(t.uri).rstrip('/')}/#/experiments/{t.experiment_id}/runs/{t.run_id}")
     print("\n".join(lines))
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from raylm.cli import build_parser, main
 
-COMMANDS = ["run", "prepare", "pretrain", "evaluate", "generate", "export-hf", "import-hf"]
+COMMANDS = ["run", "prepare", "pretrain", "evaluate", "generate", "export-hf", "import-hf", "runs"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
