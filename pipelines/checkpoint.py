@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from raylm.models import ModelConfig
-from raylm.models.io import read_weights, save_weights
+from raylm.models.io import read_safetensors, read_weights, save_weights
 from raylm.models.lora import LoraConfig
 
 STATE_TENSORS = "train_state.safetensors"
@@ -84,10 +84,22 @@ def torn_reason(directory: Path) -> str | None:
     return None
 
 
-def usable_checkpoint(directory: Path) -> Path | None:
+def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
     """`directory` if whole, else the newest whole checkpoint before it in the same run
-    directory; each torn one is skipped with a log line."""
-    older = sorted((p for p in directory.parent.glob("checkpoint_*") if p.is_dir() and p.name < directory.name), reverse=True)
+    directory; each torn one is skipped with a log line. With `later` (the run's own checkpoint,
+    handed back by Ray Train), a whole one after it wins.
+
+    Why later ones: Ray Train records a checkpoint when its controller next polls the
+    workers, so a worker killed right after writing checkpoints N+1 and N+2 (seen: 2 steps at
+    one checkpoint per step) leaves Ray handing back N. COMMIT.json says they are whole."""
+    candidates = sorted((p for p in directory.parent.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    newer = [p for p in candidates if p.name > directory.name] if later else []
+    older = [p for p in candidates if p.name < directory.name]
+    for candidate in newer:
+        if torn_reason(candidate) is None:
+            print(f"[checkpoint] {candidate.name} is newer than the {directory.name} Ray Train recorded "
+                  "(its report was not collected before the failure): resuming from it", flush=True)
+            return candidate
     for candidate in [directory, *older]:
         reason = torn_reason(candidate)
         if reason is None:
@@ -101,7 +113,7 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     tensors under FSDP); returns the loop state (step, data position)."""
     weights = read_weights(directory, model.config)
     meta = json.loads((directory / STATE_JSON).read_text())
-    tensors = safetensors.torch.load_file(str(directory / STATE_TENSORS))
+    tensors = read_safetensors(directory / STATE_TENSORS)
     torch.set_rng_state(tensors.pop("rng.torch"))
     per_param: dict[str, dict] = {}
     for key, tensor in tensors.items():

@@ -21,7 +21,7 @@ from .evaluate import evaluate, evaluate_tasks, evaluate_text
 from .finetune import check_fits, finetune_windows, load_base_config, lora_config, merge_checkpoint, resolve_base
 from .prepare import find_prepared, prepare
 from .pretrain import build_model_config, pretrain, train_storage
-from .provenance import data_label, provenance_tags, run_title
+from .provenance import data_label, provenance_tags, redact, run_title
 from .review import log_loss_curve, log_model
 from .runtime import start_ray, tracking_uri
 from .sampling import sample_text
@@ -60,7 +60,7 @@ def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     tracker = Tracker(tracking_uri(t.tracking_uri), t.experiment, run_title(cfg, stage), tags, system_metrics=t.system_metrics)
     tracker.retire_orphans(cfg.run.name, stage)
     tracker.log_params(cfg.flat())
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker.log_text(redact(cfg.to_yaml()), "config.yaml")
     return tracker
 
 

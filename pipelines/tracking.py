@@ -32,6 +32,9 @@ class Tracker:
         """A new run; or, given `run_id`, that run again (a resumed sweep or trial), RUNNING.
         With system_metrics, this machine's CPU, memory, disk, network (and GPU, where pynvml
         finds one) are logged as system/* every SYSTEM_METRICS_SECONDS while the run is open."""
+        # MLflow prints "View run ... at: <tracking URI>" as a run ends, password included if the
+        # URI has one; raylm's summary prints the link with the password masked instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)

@@ -182,11 +182,12 @@ class Validator:
 def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None, world: int) -> dict:
     """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
     from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(resume) if resume else None)
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint.from_directory(resume) if resume else None)
     if checkpoint is None:
         return {"step": 0, "train_seconds": 0.0}
     with checkpoint.as_directory() as directory:
-        usable = usable_checkpoint(Path(directory))
+        usable = usable_checkpoint(Path(directory), later=own is not None)
         if usable is None:
             print(f"[train] no whole checkpoint at or before {checkpoint.path}: starting from step 0", flush=True)
             return {"step": 0, "train_seconds": 0.0}

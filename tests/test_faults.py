@@ -1,6 +1,23 @@
-"""Exact resume on real Ray Train: a run stopped by its token budget, by SIGTERM, by a killed
-worker, or resumed past a torn checkpoint, gives the same per-step losses as a run that never
-stopped; with another worker count or FSDP instead of DDP, the same losses up to rounding."""
+"""The fault suite, on real Ray (Data, Train), a real MLflow store and a real `mlflow server`:
+each test injects one fault, prints what it injected and what survived.
+
+Exact resume: a run stopped by its token budget, by SIGTERM, by a SIGKILLed worker or driver,
+or resumed past a torn checkpoint, gives the same per-step losses as a run that never stopped;
+with another worker count or FSDP instead of DDP, the same losses up to rounding. A Ray Data
+worker killed during prepare changes nothing in its output; an MLflow server outage costs the
+training loop nothing."""
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,6 +38,30 @@ def cli(command: str, tmp, overrides: list[str]) -> int:
 def pretrain(tmp, name: str, extra: list[str] = ()) -> int:
     return cli("pretrain", tmp, [f"run.name={name}", f"train.max_steps={STEPS}", "train.log_interval=1",
                                  "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3", *extra])
+
+
+def wait_for(path, seconds: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until `path` exists (a checkpoint's COMMIT.json: files, not log lines, which Ray forwards
+    from the workers a second late); fails if it takes longer or `proc` exits first."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        tail = log.read_text()[-3000:] if log else ""
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s\n{tail}"
+        assert proc is None or proc.poll() is None, f"the driver exited ({proc.returncode}) before {path} appeared\n{tail}"
+        time.sleep(0.02)
+
+
+def driver_command(overrides: list[str]) -> list[str]:
+    """`raylm pretrain` as a process of its own, joining this suite's Ray instance."""
+    import ray
+
+    return [sys.executable, "-m", "raylm", "pretrain", str(REPO / "configs" / "quickstart.yaml"),
+            "--address", ray.get_runtime_context().gcs_address, *[x for o in overrides for x in ("--set", o)]]
+
+
+# raylm's local instance listens on 127.0.0.1 with Ray's token auth (pipelines/runtime.py): a
+# process joining it sends the token and keeps Ray from rewriting 127.0.0.1 to the host's IP.
+DRIVER_ENV = os.environ | {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def launches_of(run_name: str) -> str:
@@ -67,6 +108,7 @@ def test_torn_checkpoint_is_skipped_for_the_previous_one(straight, capfd):
     assert pretrain(tmp, "torn", ["train.checkpoint_interval=8"]) == 0
     weights = tmp / "runs" / "train" / "torn" / "checkpoint_000016" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    print(f"[fault] cut {weights} to 1000 bytes")
     capfd.readouterr()
     assert pretrain(tmp, "torn") == 0
     out = capfd.readouterr().out
@@ -74,43 +116,80 @@ def test_torn_checkpoint_is_skipped_for_the_previous_one(straight, capfd):
     _, resumed = losses(tmp, "torn")
     assert sorted(resumed) == list(range(9, STEPS + 1))  # from checkpoint_000008
     assert resumed == {step: reference[step] for step in resumed}
+    print("[fault] survived: the torn checkpoint_000016 was skipped with a log line; resumed from checkpoint_000008")
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(straight, capfd):
-    """SIGKILL one training worker mid-run: Ray Train (scaling.max_failures=1) restarts the
-    worker group from the last checkpoint, and every step's loss equals the uninterrupted run."""
-    import os
-    import signal
-    import threading
-    import time
-
+def test_worker_sigkilled_at_a_random_step_resumes_from_the_last_checkpoint(straight, capfd):
+    """SIGKILL one training worker at a random step between 30% and 70% of the run: Ray Train
+    (scaling.max_failures=1) restarts the worker group from the last checkpoint written before
+    the kill, and every logged loss, before and after, equals the uninterrupted run's."""
+    import ray
     from ray.util.state import list_actors
 
+    from raylm.pipelines.checkpoint import whole_checkpoints
+
     tmp, reference = straight
+    seed = int(os.environ.get("RAYLM_FAULT_SEED", random.randrange(10_000)))
+    kill_after = random.Random(seed).randint(int(0.3 * STEPS), int(0.7 * STEPS))  # steps 4..11 of 16
     # A checkpoint every step slows the run enough (Ray's report per step) to kill it midway.
+    results: list[int] = []
     job = threading.Thread(target=lambda: results.append(
         pretrain(tmp, "killed", ["train.checkpoint_interval=1", "scaling.max_failures=1"])))
-    results: list[int] = []
     job.start()
-    marker = tmp / "runs" / "train" / "killed" / "checkpoint_000004" / "COMMIT.json"
-    deadline = time.monotonic() + 120
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    run_dir = tmp / "runs" / "train" / "killed"
+    wait_for(run_dir / f"checkpoint_{kill_after:06d}" / "COMMIT.json", 120)
+    workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # not another Ray on this host
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     victim = max(w.pid for w in workers)
+    last = whole_checkpoints(run_dir)[-1].name
     os.kill(victim, signal.SIGKILL)
-    print(f"[test] killed training worker pid {victim} after checkpoint_000004")
+    print(f"[fault] seed {seed}: SIGKILLed training worker pid {victim} after checkpoint_{kill_after:06d} "
+          f"(last whole checkpoint at the kill: {last})")
     job.join(timeout=300)
     assert results == [0]
-    out = capfd.readouterr().out
-    assert "resumed from" in out, "the worker group never restarted from a checkpoint"
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", capfd.readouterr().out).group(1))
+    assert resumed >= int(last.split("_")[1]), f"resumed at step {resumed}, before the last checkpoint {last}"
     (history,) = losses(tmp, "killed")  # steps after the last checkpoint appear twice: run, rerun
     assert sorted(history) == list(range(1, STEPS + 1))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string=launches_of("killed"))
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("killed"))
     every = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert all(value == reference[step] for step, value in every)
+    assert run.info.status == "FINISHED"
+    print(f"[fault] survived: resumed at step {resumed}, 0 steps lost beyond the last checkpoint, "
+          f"{len(every)} logged losses all equal to the uninterrupted run's, run FINISHED")
+
+
+def test_driver_sigkilled_then_relaunched_continues_from_its_checkpoint(straight, ray_cluster, capfd):
+    """SIGKILL the driver (`raylm pretrain`, a process of its own): its Ray job dies with it and
+    its MLflow run is left RUNNING. The same command again resumes from the last checkpoint,
+    marks the orphaned run KILLED, and the losses equal the uninterrupted run's."""
+    tmp, reference = straight
+    overrides = [*tiny_overrides(tmp), "run.name=orphaned", f"train.max_steps={STEPS}", "train.log_interval=1",
+                 "train.eval_interval=100", "train.checkpoint_interval=2", "train.warmup_steps=3"]
+    command = driver_command(overrides)
+    log = tmp / "orphaned.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=DRIVER_ENV)
+        wait_for(tmp / "runs" / "train" / "orphaned" / "checkpoint_000006" / "COMMIT.json", 120, proc, log)
+        proc.kill()
+        proc.wait(timeout=30)
+    print(f"[fault] SIGKILLed the driver (pid {proc.pid}) after checkpoint_000006")
+    capfd.readouterr()
+    assert pretrain(tmp, "orphaned", ["train.checkpoint_interval=2"]) == 0
+    out = capfd.readouterr().out
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", out).group(1))
+    assert resumed >= 6 and "was left RUNNING by a driver that died: marked KILLED" in out
+    first, second = losses(tmp, "orphaned")
+    assert sorted(second) == list(range(resumed + 1, STEPS + 1))
+    assert {**first, **second} == reference
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("orphaned"),
+                              order_by=["start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert runs[0].data.tags["raylm.end_reason"].startswith("its driver died")
+    print(f"[fault] survived: the relaunch resumed at step {resumed}; the orphaned run is KILLED, the new one FINISHED; "
+          "losses equal the uninterrupted run's")
 
 
 @pytest.mark.slow  # ~35 s, moved out to keep CI under 30 minutes; `pytest -m slow`
@@ -160,37 +239,29 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     """SIGTERM to the driver (what `ray job stop` and a pod eviction send): the workers stop
     at the end of the step with a checkpoint, the command exits 143, the MLflow run ends
     KILLED, and the same command continues bit for bit."""
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import ray
 
     from raylm.pipelines.checkpoint import torn_reason
 
     tmp, reference = straight
     overrides = [*tiny_overrides(tmp), "run.name=terminated", f"train.max_steps={STEPS}", "train.log_interval=1",
                  "train.eval_interval=100", "train.checkpoint_interval=2", "train.warmup_steps=3"]
-    command = [sys.executable, "-m", "raylm", "pretrain", str(REPO / "configs" / "quickstart.yaml"),
-               "--address", ray.get_runtime_context().gcs_address, *[x for o in overrides for x in ("--set", o)]]
+    command = driver_command(overrides)
     log = tmp / "terminated.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=DRIVER_ENV)
         # The files, not the log lines: Ray forwards worker output to the driver a second late.
         marker = tmp / "runs" / "train" / "terminated" / "checkpoint_000002" / "COMMIT.json"
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        print(f"[test] sent SIGTERM to the driver (pid {proc.pid}) after checkpoint_000002")
+        print(f"[fault] sent SIGTERM to the driver (pid {proc.pid}) after checkpoint_000002")
         code = proc.wait(timeout=120)
     text = log.read_text()
     assert code == 143, text[-3000:]
     assert "SIGTERM received" in text and "run the same command again to resume" in text
     stopped = int(re.search(r"stopped at step (\d+)", text).group(1))
-    print(f"[test] the workers stopped at step {stopped} of {STEPS}")
+    print(f"[fault] survived: the workers stopped at step {stopped} of {STEPS} with a checkpoint; run KILLED")
     assert 2 <= stopped < STEPS
     assert torn_reason(tmp / "runs" / "train" / "terminated" / f"checkpoint_{stopped:06d}") is None
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
@@ -202,3 +273,140 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     first, second = losses(tmp, "terminated")
     assert sorted({**first, **second}) == list(range(1, STEPS + 1))
     assert {**first, **second} == reference
+
+
+def descendants(root: int) -> set[int]:
+    """Every process under `root` (the session's Ray instance runs under this test process)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def kill_first_task(prefix: str, seconds: float) -> str | None:
+    """SIGKILL the first worker process of this Ray instance whose title (Ray sets it to
+    `ray::<task>` while one runs) starts with `prefix`; returns that title."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for pid in descendants(os.getpid()):
+            try:
+                title = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode()
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                os.kill(pid, signal.SIGKILL)
+                return f"pid {pid} {title}"
+        time.sleep(0.01)
+    return None
+
+
+def prepared_content(output_dir) -> dict[str, str]:
+    """Every file of the prepared data that depends on the input (shards, tokenizer, split
+    statistics), by content hash; timings and paths left out."""
+    (data_dir,) = (output_dir / "data").iterdir()
+    files = {str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(data_dir.rglob("*.parquet")) + [data_dir / "tokenizer.json"]}
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return files | {"splits": json.dumps(manifest["splits"], sort_keys=True)}
+
+
+def test_ray_data_worker_killed_during_prepare_changes_nothing(straight, capfd):
+    """SIGKILL the Ray Data worker reading and cleaning the corpus, mid-task: Ray retries the
+    task, and the shards, tokenizer and split statistics are identical to the clean run's."""
+    tmp, _ = straight
+    faulty = tmp / "faulty"
+    results: list[int] = []
+    job = threading.Thread(target=lambda: results.append(cli("prepare", tmp, [f"run.output_dir={faulty}"])))
+    job.start()
+    killed = kill_first_task("ray::MapBatches(_parse_files)", 120)
+    print(f"[fault] SIGKILLed the Ray Data worker {killed}")
+    job.join(timeout=300)
+    assert killed, "no Ray Data task to kill was seen"
+    assert results == [0]
+    clean, after = prepared_content(tmp / "runs"), prepared_content(faulty)
+    assert after == clean
+    print(f"[fault] survived: the task was retried; {len(after) - 1} prepared files and the split statistics "
+          "are identical to the clean run's")
+
+
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "zqx-aws-secret-not-for-logs", "HF_TOKEN": "hf_zqxTokenNotForLogs",
+           "RAYLM_API_KEY": "zqx-api-key-not-for-logs"}
+PASSWORD = "zqx-mlflow-password-not-for-logs"
+
+
+def test_mlflow_server_outage_costs_training_nothing_and_no_secret_is_logged(straight, ray_cluster, tmp_path):
+    """A real `mlflow server` stops after step 4 and comes back after step 12 (8 steps trained
+    without it): the run goes on, every step's metrics arrive after the outage, the run ends
+    FINISHED. The same run carries fake secrets in the driver's environment and the tracking
+    URI's password: none of them appears in a param, tag, artifact or log line."""
+    from .mlflow_server import MlflowServer
+
+    tmp, _ = straight
+    server = MlflowServer(tmp_path).start()
+    uri = f"http://raylm:{PASSWORD}@127.0.0.1:{server.port}"
+    steps = 24
+    overrides = [*[o for o in tiny_overrides(tmp) if not o.startswith("tracking.")], f"tracking.tracking_uri={uri}",
+                 "run.name=outage", f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=100",
+                 "train.checkpoint_interval=4", "train.warmup_steps=3"]
+    command = driver_command(overrides)
+    log = tmp_path / "driver.log"
+    run_dir = tmp / "runs" / "train" / "outage"
+    try:
+        with log.open("w") as sink:
+            proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=DRIVER_ENV | SECRETS)
+            wait_for(run_dir / "checkpoint_000004" / "COMMIT.json", 120, proc, log)
+            server.stop()
+            print(f"[fault] stopped the MLflow server at {server.url} after checkpoint_000004")
+            wait_for(run_dir / "checkpoint_000012" / "COMMIT.json", 120, proc, log)
+            server.start()
+            print("[fault] started it again after checkpoint_000012")
+            assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "could not log metrics" in text and "answers again" in text and "could not be delivered" not in text
+        client = MlflowClient(server.url)
+        (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("outage"))
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))
+        print(f"[fault] survived: all {steps} steps' train_loss delivered, run FINISHED; seconds per step "
+              f"{step_seconds(history, 2, 4):.3f} before the outage, {step_seconds(history, 5, 12):.3f} during it, "
+              f"{step_seconds(history, 13, steps):.3f} after it (the server's restart and the backlog share the CPUs)")
+        leaks = secret_leaks(client, run, [text, *ray_session_logs()], tmp_path / "artifacts-copy")
+        assert not leaks, leaks
+        print(f"[fault] no secret in {len(run.data.params)} params, {len(run.data.tags)} tags, the artifacts, "
+              "the driver's output or the Ray session logs")
+    finally:
+        server.stop()
+
+
+def step_seconds(history, first: int, last: int) -> float:
+    """Mean seconds per step from the metrics' own timestamps (taken when the step ended)."""
+    at = {m.step: m.timestamp for m in history}
+    return (at[last] - at[first - 1]) / 1000 / (last - first + 1)
+
+
+def secret_leaks(client: MlflowClient, run, logs: list[str], download_to) -> list[str]:
+    """Where any of SECRETS or PASSWORD shows up: params, tags, artifact files, log texts."""
+    secrets = [*SECRETS.values(), PASSWORD]
+    places = {f"param {k}": v for k, v in run.data.params.items()} | {f"tag {k}": v for k, v in run.data.tags.items()}
+    local = client.download_artifacts(run.info.run_id, "", str(download_to))
+    places |= {f"artifact {p.name}": p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()}
+    places |= {f"log {i}": text for i, text in enumerate(logs)}
+    return [f"{secret!r} in {where}" for where, text in places.items() for secret in secrets if secret in text]
+
+
+def ray_session_logs() -> list[str]:
+    """The text of this Ray instance's log files (workers' output included)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
