@@ -13,8 +13,9 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from raylm.pipelines.config import ClusterSection, RaylmConfig, set_key, validate
+from raylm.pipelines.config import ClusterSection, RaylmConfig, flatten, set_key, validate
 from raylm.pipelines.errors import ConfigError
+from raylm.pipelines.provenance import redact
 
 from .manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
 from .platform import platform
@@ -66,8 +67,18 @@ def pod_config(raw: dict, cluster: ClusterSection) -> dict:
                           f"unset (jobs use cluster.mlflow_uri={cluster.mlflow_uri}) or give the server's URL")
     for key, value in flatten_paths(out):
         check_visible(key, value, cluster)
+    refuse_credentials(out)
     validate(out, "config for the cluster")
     return out
+
+
+def refuse_credentials(raw: dict) -> None:
+    """A user:password@ URI would be written into the ConfigMap in plain text."""
+    for key, value in flatten(raw).items():
+        if isinstance(value, str) and redact(value) != value:
+            raise ConfigError(f"{key}={redact(value)} carries a password, which would be written into the manifest: "
+                              "put it in a Secret named in cluster.secrets (e.g. MLFLOW_TRACKING_USERNAME and "
+                              "MLFLOW_TRACKING_PASSWORD for the MLflow server) and leave it out of the URI")
 
 
 def on_volume(path: str, cluster: ClusterSection, key: str) -> str:

@@ -115,6 +115,8 @@ def test_spot_gpus_add_the_spot_selector_and_toleration():
     (["scaling.cpus_per_worker=null"], "scaling.cpus_per_worker: set it for a cluster"),
     (["scaling.cpus_per_worker=9"], "scaling.cpus_per_worker=9 exceeds cluster.gpu.cpus_per_gpu=8"),
     (["cluster.imag=raylm"], "unknown key cluster.imag (did you mean cluster.image?)"),
+    (["tracking.tracking_uri=https://me:hunter2@mlflow.example.com"],
+     "tracking.tracking_uri=https://me:***@mlflow.example.com carries a password"),
 ])
 def test_configs_a_cluster_cannot_run_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
