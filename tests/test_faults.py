@@ -64,6 +64,12 @@ def driver_command(overrides: list[str]) -> list[str]:
 DRIVER_ENV = os.environ | {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def resumed_step(out: str, run_name: str) -> int:
+    """The step the workers of `run_name` resumed at. By run name: Ray forwards workers' output
+    to the driver a second or more late, so another test's "resumed from" line may land here."""
+    return int(re.search(rf"resumed from \S+/{run_name}/checkpoint_\d+ at step (\d+)", out).group(1))
+
+
 def launches_of(run_name: str) -> str:
     """The MLflow filter for the `raylm pretrain` runs of a run.name."""
     return f"tags.`raylm.run_name` = '{run_name}' and tags.`raylm.stage` = 'pretrain'"
@@ -137,17 +143,21 @@ def test_worker_sigkilled_at_a_random_step_resumes_from_the_last_checkpoint(stra
         pretrain(tmp, "killed", ["train.checkpoint_interval=1", "scaling.max_failures=1"])))
     job.start()
     run_dir = tmp / "runs" / "train" / "killed"
-    wait_for(run_dir / f"checkpoint_{kill_after:06d}" / "COMMIT.json", 120)
+    wait_for(run_dir / "checkpoint_000001" / "COMMIT.json", 120)
+    # The state API takes ~1 s: ask it now, so that the kill follows the chosen step at once.
     workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # not another Ray on this host
                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     victim = max(w.pid for w in workers)
-    last = whole_checkpoints(run_dir)[-1].name
+    wait_for(run_dir / f"checkpoint_{kill_after:06d}" / "COMMIT.json", 120)
     os.kill(victim, signal.SIGKILL)
-    print(f"[fault] seed {seed}: SIGKILLed training worker pid {victim} after checkpoint_{kill_after:06d} "
-          f"(last whole checkpoint at the kill: {last})")
+    last = whole_checkpoints(run_dir)[-1].name
+    injected = (f"[fault] seed {seed}: SIGKILLed training worker pid {victim} after checkpoint_{kill_after:06d} "
+                f"(last whole checkpoint at the kill: {last})")
     job.join(timeout=300)
     assert results == [0]
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", capfd.readouterr().out).group(1))
+    out = capfd.readouterr().out
+    print(injected)
+    resumed = resumed_step(out, "killed")
     assert resumed >= int(last.split("_")[1]), f"resumed at step {resumed}, before the last checkpoint {last}"
     (history,) = losses(tmp, "killed")  # steps after the last checkpoint appear twice: run, rerun
     assert sorted(history) == list(range(1, STEPS + 1))
@@ -178,7 +188,7 @@ def test_driver_sigkilled_then_relaunched_continues_from_its_checkpoint(straight
     capfd.readouterr()
     assert pretrain(tmp, "orphaned", ["train.checkpoint_interval=2"]) == 0
     out = capfd.readouterr().out
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", out).group(1))
+    resumed = resumed_step(out, "orphaned")
     assert resumed >= 6 and "was left RUNNING by a driver that died: marked KILLED" in out
     first, second = losses(tmp, "orphaned")
     assert sorted(second) == list(range(resumed + 1, STEPS + 1))

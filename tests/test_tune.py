@@ -121,7 +121,7 @@ def test_best_config_reproduces_its_trials_loss_with_raylm_run(sweep):
     assert main(["run", str(best_config)]) == 0
     client = MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                             filter_string="attributes.run_name = 'grid-best'")[0]
+                             filter_string="tags.`raylm.run_name` = 'grid-best'")[0]
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
     assert history[TRIAL_STEPS] == pytest.approx(best["val_loss"], abs=1e-6)  # same seed, data, threads: same loss
 
