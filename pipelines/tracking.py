@@ -8,6 +8,7 @@ instead of mlflow's global "active run" let a worker in another process join the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -140,6 +141,7 @@ class Tracker:
 def start_system_metrics(uri: str, run_id: str):
     """MLflow's system-metrics monitor on this run, or None where it cannot start (no psutil).
     It stops by itself once the run has ended, or when the server cannot be reached."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not "Started/Stopping monitoring"
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
