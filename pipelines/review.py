@@ -33,15 +33,19 @@ def log_model(tracker: Tracker, model_dir: Path, tracking: TrackingSection) -> N
 
 
 def log_loss_curve(tracker: Tracker) -> None:
-    """plots/loss.png: train and validation loss against step, read back from the run."""
+    """plots/loss.png: train and validation loss against step, read back from the run; none for
+    a launch that trained nothing (a relaunch whose budget was already spent)."""
+    curves = {key: sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, key))
+              for key in CURVES}
+    if not any(curves.values()):
+        return
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster head or in CI
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key in CURVES:
-        history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, key))
+    for key, history in curves.items():
         if history:
             steps, values = zip(*history)
             ax.plot(steps, values, label=key, marker="o" if key == "val_loss" else None, markersize=3)
