@@ -28,4 +28,9 @@ COPY --chown=ray:users cluster/ cluster/
 COPY --chown=ray:users configs/ configs/
 RUN pip install --no-deps . && raylm --help > /dev/null
 
+# The image has no .git: runs tag MLflow with the commit given at build time,
+# `docker build --build-arg RAYLM_GIT_COMMIT=$(git rev-parse HEAD) .`
+ARG RAYLM_GIT_COMMIT=""
+ENV RAYLM_GIT_COMMIT=${RAYLM_GIT_COMMIT}
+
 CMD ["raylm", "--help"]
