@@ -154,22 +154,27 @@ def find_run(client: MlflowClient, experiment: str, run_name: str | None, run_id
 def mlflow_server(backend_store_uri: str, timeout: float = 60.0):
     """`mlflow server` on `backend_store_uri`, bound to 127.0.0.1 on a free port; yields its URL."""
     with tempfile.TemporaryDirectory(prefix="mlflow-server-") as tmp, open(Path(tmp) / "server.log", "w+") as log:
+        # Artifacts that a store's runs logged straight to a local path are read from there;
+        # this destination only receives uploads through the server, which a screenshot makes none of.
         port = free_port()
-        # Only what a run page reads is needed: one worker and no job runner, which would start
-        # ~8 huey processes (~1.3 GB) on this 2-core machine. Artifacts that a store's runs
-        # logged straight to a local path are read from there; this destination only receives
-        # uploads through the server, which a screenshot makes none of.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        server = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(Path(tmp) / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # its own group: stopped whole
+        server = start_server(backend_store_uri, port, Path(tmp) / "artifacts", log)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_healthy(url, server, log, timeout)
             yield url
         finally:
             stop_process_group(server)
+
+
+def start_server(backend_store_uri: str, port: int, artifacts: Path, log) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port`, in a process group of its own (stopped whole)."""
+    # One worker and no job runner, which would start ~8 huey processes (~1.3 GB) on this
+    # 2-core machine: serving runs and metrics needs neither.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.Popen(
+        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def free_port() -> int:

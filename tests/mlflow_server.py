@@ -1,58 +1,40 @@
-"""A real `mlflow server` on 127.0.0.1 for tests: started in its own process group (its
-workers die with it), stopped and started again on the same port to make an outage."""
+"""A real `mlflow server` on 127.0.0.1 for tests, started and stopped with
+scripts/mlflow_screenshots.py's own functions; stopped and started again on the same port to
+make an outage."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
+import importlib.util
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-MLFLOW = Path(sys.executable).parent / "mlflow"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def load_script():
+    """scripts/mlflow_screenshots.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("mlflow_screenshots", REPO / "scripts" / "mlflow_screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None):
-        self.root, self.port = root, port or free_port()
+    def __init__(self, root: Path):
+        self.script = load_script()
+        self.root, self.port = root, self.script.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "MlflowServer":
-        command = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.answers():
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"mlflow server did not answer within {timeout} s"
-            time.sleep(0.2)
+        log = open(self.root / "server.log", "a+")
+        self.proc = self.script.start_server(f"sqlite:///{self.root / 'mlflow.db'}", self.port, self.root / "artifacts", log)
+        self.script.wait_until_healthy(self.url, self.proc, log, timeout)
         return self
-
-    def answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            self.script.stop_process_group(self.proc)
         self.proc = None

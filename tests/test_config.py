@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,25 +108,26 @@ def test_cli_bad_config_is_one_line_on_stderr(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def user_error_before_imports(args: list[str], cwd: Path, modules: tuple[str, ...] = ("ray", "torch")) -> str:
+    """Run `raylm ARGS` in a fresh interpreter; assert exit status 2 with none of `modules`
+    imported; return its stderr."""
+    probe = (
+        f"import sys; from raylm.cli import main; rc = main({args!r}); "
+        f"assert rc == 2; assert not [m for m in {modules!r} if m in sys.modules], 'imported too early'"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
 def test_bad_config_fails_before_ray_or_torch_is_imported(tmp_path):
     """A bad config must not cost a cluster start: the CLI validates before importing Ray."""
-    probe = (
-        "import sys; from raylm.cli import main; rc = main(['run', '--set', 'model.n_layer=-1']); "
-        "assert rc == 2; assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported too early'"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    user_error_before_imports(["run", "--set", "model.n_layer=-1"], tmp_path)
 
 
 def test_missing_data_path_fails_before_ray_is_imported(tmp_path):
-    probe = (
-        "import sys; from raylm.cli import main; "
-        f"rc = main(['prepare', '--data', {str(tmp_path / 'typo.txt')!r}]); "
-        "assert rc == 2; assert 'ray' not in sys.modules, 'imported too early'"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "data.sources.0.paths" in proc.stderr and "typo.txt" in proc.stderr and "matches no readable files" in proc.stderr
+    stderr = user_error_before_imports(["prepare", "--data", str(tmp_path / "typo.txt")], tmp_path, ("ray",))
+    assert "data.sources.0.paths" in stderr and "typo.txt" in stderr and "matches no readable files" in stderr
 
 
 def test_unreachable_mlflow_server_fails_before_ray_is_imported_naming_the_address(tmp_path):
@@ -136,16 +138,10 @@ def test_unreachable_mlflow_server_fails_before_ray_is_imported_naming_the_addre
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"http://raylm:hunter2@127.0.0.1:{port}"
-    probe = (
-        "import sys; from raylm.cli import main; "
-        f"rc = main(['pretrain', '--set', 'tracking.tracking_uri={uri}']); "
-        "assert rc == 2; assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported too early'"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    stderr = user_error_before_imports(["pretrain", "--set", f"tracking.tracking_uri={uri}"], tmp_path)
     assert f"tracking.tracking_uri: no MLflow server answers at http://raylm:***@127.0.0.1:{port} (connection refused)" \
-        in proc.stderr and "hunter2" not in proc.stderr
-    print(f"[test] pretrain against a closed port {port}: {proc.stderr.strip()}")
+        in stderr and "hunter2" not in stderr
+    print(f"[test] pretrain against a closed port {port}: {stderr.strip()}")
 
 
 def test_model_preset_with_overrides_beside_it(tmp_path):

@@ -2,9 +2,7 @@
 `mlflow server` on a sqlite store, opens the run in headless Chromium and saves screenshots of
 its overview and of a metric's chart; the page's text and the PNGs are checked (~20 s)."""
 
-import importlib.util
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -13,18 +11,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageStat
 
-from .conftest import REPO
+from .mlflow_server import load_script
 
 RUN = "pretrain-0.1m-grammar-3f9c"
 INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("mlflow_screenshots", REPO / "scripts" / "mlflow_screenshots.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def log_run(uri: str) -> dict[str, float]:
