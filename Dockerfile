@@ -9,17 +9,22 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 # Dependencies first, in their own layer: editing the source does not reinstall torch.
-# Empty package folders let pip resolve the project's dependencies from pyproject.toml alone.
+# pip resolves them from pyproject.toml alone, in a scratch folder holding an empty
+# __init__.py for each package that pyproject.toml lists.
 # On Linux x86_64, PyPI's torch is the CUDA build, which is what a GPU image wants.
 # The `server` extra: the MLflow server's PostgreSQL and S3/GCS clients (cluster/platform.yaml
 # runs MLflow from this same image).
-COPY --chown=ray:users pyproject.toml README.md ./
-RUN mkdir -p raylm models pipelines tuning cluster \
- && touch raylm/__init__.py models/__init__.py pipelines/__init__.py tuning/__init__.py cluster/__init__.py \
+COPY --chown=ray:users pyproject.toml README.md /tmp/deps/
+RUN cd /tmp/deps \
+ && python -c "import pathlib, tomllib; \
+[(pathlib.Path(p.replace('.', '/')).mkdir(parents=True), pathlib.Path(p.replace('.', '/'), '__init__.py').touch()) \
+ for p in tomllib.load(open('pyproject.toml', 'rb'))['tool']['setuptools']['packages']]" \
  && pip install '.[server]' \
- && pip uninstall -y raylm
+ && pip uninstall -y raylm \
+ && cd / && rm -rf /tmp/deps
 
-# The source itself, installed without touching the dependency layer.
+# The source itself, installed without touching the dependency layer. raylm/ holds symlinks
+# to the top-level folders (raylm/models -> ../models, ...); the build copies the files.
 COPY --chown=ray:users raylm/ raylm/
 COPY --chown=ray:users models/ models/
 COPY --chown=ray:users pipelines/ pipelines/

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from raylm.config import TrainSection
 from raylm.models import GPT, ModelConfig
-from raylm.pipelines.config import TrainSection
-from raylm.pipelines.loader import WindowLoader, read_windows
-from raylm.pipelines.optim import lr_at, make_optimizer, set_lr
+from raylm.pipelines.data.loader import WindowLoader, read_windows
+from raylm.pipelines.train.optim import lr_at, make_optimizer, set_lr
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def generate_without_cache(model: GPT, prompts: list[list[int]], max_new_tokens:
     for _ in range(max_new_tokens):
         next_id = pick_next(model(idx)[0][:, -1], temperature=0)
         idx = torch.cat([idx, next_id], dim=1)
-    return idx[:, len(prompts[0]):].tolist()
+    return idx[:, len(prompts[0]) :].tolist()
 
 
 def timed(fn, runs: int) -> tuple[float, list]:
@@ -47,8 +47,10 @@ def main() -> None:
     cached_s, cached = timed(lambda: generate(model, prompts, args.new, temperature=0), args.runs)
     full_s, full = timed(lambda: generate_without_cache(model, prompts, args.new), args.runs)
     tokens = len(prompts) * args.new
-    print(f"model: {cfg.n_layer} layers, {cfg.n_embd} wide, GQA {cfg.n_head}/{cfg.n_kv_head}; batch {len(prompts)}, "
-          f"prompt 64, {args.new} new tokens each; median of {args.runs}; same greedy tokens: {cached == full}")
+    print(
+        f"model: {cfg.n_layer} layers, {cfg.n_embd} wide, GQA {cfg.n_head}/{cfg.n_kv_head}; batch {len(prompts)}, "
+        f"prompt 64, {args.new} new tokens each; median of {args.runs}; same greedy tokens: {cached == full}"
+    )
     print(f"{'decoding':28} {'seconds':>8} {'tokens/s':>10} {'ratio':>7}")
     for name, sec in (("full recompute per token", full_s), ("KV cache", cached_s)):
         print(f"{name:28} {sec:8.2f} {tokens / sec:10,.0f} {full_s / sec:6.2f}x")

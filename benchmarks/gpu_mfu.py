@@ -1,6 +1,6 @@
 """GPU throughput: the GPT-2 124M preset, bf16 autocast, seq 1024, trained by `raylm pretrain`
 on one GPU worker; tokens/s and MFU (against the device's bf16 dense peak in
-pipelines/cost.py), eager and with train.compile, side by side.
+pipelines/train/cost.py), eager and with train.compile, side by side.
 
 Target (issue 5): >= 45% MFU on one H100 (llm.c reaches about 40%). The corpus is raylm's
 built-in grammar (generated offline, so the script runs on a machine without network);
@@ -22,14 +22,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(work: Path, args, compile: bool) -> list[str]:
-    return [f"run.output_dir={work / 'runs'}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            f"run.name=mfu-{'compiled' if compile else 'eager'}", "model.vocab_size=50304",
-            "data.grammar.num_docs=40000", "tokenizer.vocab_size=2048", "data.val_fraction=0.02",
-            f"train.max_steps={args.steps}", f"train.batch_size={args.micro}", f"train.micro_batch_size={args.micro}",
-            "train.batch_tokens=null", "train.warmup_steps=10", "train.log_interval=10",
-            f"train.eval_interval={args.steps}", "train.eval_windows=32", f"train.checkpoint_interval={args.steps}",
-            "train.max_usd=null", f"train.compile={str(compile).lower()}",
-            "scaling.num_workers=1", "scaling.use_gpu=true", "scaling.cpus_per_worker=8", "scaling.max_failures=0"]
+    return [
+        f"run.output_dir={work / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        f"run.name=mfu-{'compiled' if compile else 'eager'}",
+        "model.vocab_size=50304",
+        "data.grammar.num_docs=40000",
+        "tokenizer.vocab_size=2048",
+        "data.val_fraction=0.02",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.micro}",
+        f"train.micro_batch_size={args.micro}",
+        "train.batch_tokens=null",
+        "train.warmup_steps=10",
+        "train.log_interval=10",
+        f"train.eval_interval={args.steps}",
+        "train.eval_windows=32",
+        f"train.checkpoint_interval={args.steps}",
+        "train.max_usd=null",
+        f"train.compile={str(compile).lower()}",
+        "scaling.num_workers=1",
+        "scaling.use_gpu=true",
+        "scaling.cpus_per_worker=8",
+        "scaling.max_failures=0",
+    ]
 
 
 def raylm(command: str, work: Path, args, compile: bool) -> None:
@@ -43,10 +59,15 @@ def interval_metrics(work: Path, compile: bool) -> dict[str, float]:
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     name = f"pretrain-mfu-{'compiled' if compile else 'eager'}"
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string=f"tags.mlflow.runName = '{name}'")
-    median = lambda key: statistics.median(  # noqa: E731
-        m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)[1:])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], filter_string=f"tags.mlflow.runName = '{name}'"
+    )
+
+    def median(key):
+        return statistics.median(  # noqa: E731
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)[1:]
+        )
+
     return {key: median(key) for key in ("tokens_per_s", "mfu", "step_time_s", "memory_gb")}
 
 

@@ -38,8 +38,15 @@ def split_text(work: Path) -> None:
 
 
 def run(work: Path, overrides: list[str]) -> float:
-    args = [sys.executable, "-m", "raylm", "run", str(REPO / "configs" / "shakespeare.yaml"),
-            "--set", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "raylm",
+        "run",
+        str(REPO / "configs" / "shakespeare.yaml"),
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+    ]
     args += [x for o in overrides for x in ("--set", o)]
     started = time.perf_counter()
     subprocess.run(args, check=True, cwd=work)
@@ -51,8 +58,9 @@ def curve(work: Path) -> list[tuple[int, float, float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], order_by=["start_time DESC"],
-                                max_results=1)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], order_by=["start_time DESC"], max_results=1
+    )
     history = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
     bpb, seconds = history("val_bits_per_byte"), history("train_seconds")
     return [(step, seconds[step], bpb[step] * math.log(2)) for step in sorted(bpb)]

@@ -32,8 +32,11 @@ VOCAB = 8192
 
 
 def corpus_files(data: Path) -> list[Path]:
-    return [data / "tinyshakespeare" / "input.txt", *sorted((data / "gutenberg").glob("*.txt")),
-            *sorted((data / "tinystories").glob("*.txt"))]
+    return [
+        data / "tinyshakespeare" / "input.txt",
+        *sorted((data / "gutenberg").glob("*.txt")),
+        *sorted((data / "tinystories").glob("*.txt")),
+    ]
 
 
 def paragraphs(files: list[Path]) -> list[str]:
@@ -72,14 +75,25 @@ def run_datasets(files: list[Path], tokenizer_path: Path) -> int:
 
 
 def run_raylm(files: list[Path], tokenizer_path: Path | None, baseline_like: bool) -> int:
-    from raylm.pipelines.config import load_config
-    from raylm.pipelines.prepare import prepare
+    from raylm.config import load_config
+    from raylm.pipelines.data.prepare import prepare
 
-    overrides = [f"data.sources=[{{paths: {json.dumps([str(f) for f in files])}}}]", f"data.seq_len={SEQ_LEN}",
-                 f"tokenizer.vocab_size={VOCAB}", "data.val_fraction=0.01", "model.block_size=256"]
+    overrides = [
+        f"data.sources=[{{paths: {json.dumps([str(f) for f in files])}}}]",
+        f"data.seq_len={SEQ_LEN}",
+        f"tokenizer.vocab_size={VOCAB}",
+        "data.val_fraction=0.01",
+        "model.block_size=256",
+    ]
     if baseline_like:
-        overrides += ["data.dedup.exact=false", "data.dedup.near=false", "data.clean.normalize=false",
-                      "data.clean.scrub_pii=false", "data.clean.strip_boilerplate=false", f"tokenizer.path={tokenizer_path}"]
+        overrides += [
+            "data.dedup.exact=false",
+            "data.dedup.near=false",
+            "data.clean.normalize=false",
+            "data.clean.scrub_pii=false",
+            "data.clean.strip_boilerplate=false",
+            f"tokenizer.path={tokenizer_path}",
+        ]
     cfg = load_config(None, overrides)
     out = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
     try:
@@ -104,8 +118,12 @@ def train_reference_tokenizer(files: list[Path], path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(paragraphs(files), trainer=trainer)
     tok.save(str(path))
 
@@ -130,22 +148,31 @@ def main() -> None:
 
     results = {
         "(a) limit: encode_batch, one process": timed(lambda: run_limit(files, tok_path), args.runs),
-        "(a') encode_batch_fast (no offsets), one process": timed(lambda: run_limit(files, tok_path, fast=True), args.runs),
+        "(a') encode_batch_fast (no offsets), one process": timed(
+            lambda: run_limit(files, tok_path, fast=True), args.runs
+        ),
         "(b) HF datasets map, num_proc=2": timed(lambda: run_datasets(files, tok_path), args.runs),
         "raylm prepare, as the baselines (no clean/dedup, tokenizer given)": timed(
-            lambda: run_raylm(files, tok_path, baseline_like=True), args.runs),
+            lambda: run_raylm(files, tok_path, baseline_like=True), args.runs
+        ),
         "raylm prepare, defaults (clean, dedup, BPE training)": timed(
-            lambda: run_raylm(files, None, baseline_like=False), args.runs),
+            lambda: run_raylm(files, None, baseline_like=False), args.runs
+        ),
     }
     ray.shutdown()
     limit = results["(a) limit: encode_batch, one process"]
     peer = results["(b) HF datasets map, num_proc=2"]
-    print(f"\ncorpus: {len(files)} files, {mib:.1f} MiB; seq_len {SEQ_LEN}; vocab {VOCAB}; "
-          f"median of {args.runs} runs; Ray start-up {startup:.1f} s (not counted)")
+    print(
+        f"\ncorpus: {len(files)} files, {mib:.1f} MiB; seq_len {SEQ_LEN}; vocab {VOCAB}; "
+        f"median of {args.runs} runs; Ray start-up {startup:.1f} s (not counted)"
+    )
     print(f"{'run':66} {'seconds':>8} {'tokens/s':>12} {'vs (a)':>7} {'vs (b)':>7}")
     for name, (sec, tokens) in results.items():
         rate = tokens / sec
-        print(f"{name:66} {sec:8.2f} {rate:12,.0f} {rate / (limit[1] / limit[0]):6.2f}x {rate / (peer[1] / peer[0]):6.2f}x")
+        print(
+            f"{name:66} {sec:8.2f} {rate:12,.0f} "
+            f"{rate / (limit[1] / limit[0]):6.2f}x {rate / (peer[1] / peer[0]):6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,15 @@ WARMUP = 10
 
 
 def overrides(work: Path, steps: int, name: str = "overhead") -> list[str]:
-    return [f"run.output_dir={work / 'runs'}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            f"train.max_steps={steps}", f"train.log_interval={WARMUP}", f"train.eval_interval={steps}",
-            f"train.checkpoint_interval={steps}", f"run.name={name}"]
+    return [
+        f"run.output_dir={work / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        f"train.max_steps={steps}",
+        f"train.log_interval={WARMUP}",
+        f"train.eval_interval={steps}",
+        f"train.checkpoint_interval={steps}",
+        f"run.name={name}",
+    ]
 
 
 def cli(command: str, work: Path, steps: int, name: str) -> None:
@@ -46,15 +52,16 @@ def raylm_step_seconds(work: Path, name: str) -> list[float]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string=f"tags.mlflow.runName = 'pretrain-{name}'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], filter_string=f"tags.mlflow.runName = 'pretrain-{name}'"
+    )
     history = sorted(client.get_metric_history(run.info.run_id, "step_time_s"), key=lambda m: m.step)
     return [m.value for m in history]
 
 
 def torchrun_step_seconds(work: Path, steps: int) -> list[float]:
-    from raylm.pipelines.config import load_config
-    from raylm.pipelines.pretrain import build_model_config
+    from raylm.config import load_config
+    from raylm.pipelines.train.pretrain import build_model_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides(work, steps))
     (data_dir,) = (work / "runs" / "data").iterdir()
@@ -62,21 +69,41 @@ def torchrun_step_seconds(work: Path, steps: int) -> list[float]:
     model = build_model_config(cfg.model, manifest["vocab_size"])
     (work / "model.json").write_text(json.dumps(model.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as Ray gives a 1-CPU worker
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          str(REPO / "benchmarks" / "ddp_baseline.py"), str(data_dir),
-                          str(work / "model.json"), str(steps), str(cfg.train.batch_size), str(cfg.train.micro_batch_size)],
-                         check=True, capture_output=True, text=True, env=env, cwd=work)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "benchmarks" / "ddp_baseline.py"),
+            str(data_dir),
+            str(work / "model.json"),
+            str(steps),
+            str(cfg.train.batch_size),
+            str(cfg.train.micro_batch_size),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["step_seconds"]
 
 
 class CpuSampler:
     """CPU seconds per process group while a run trains, read from /proc every 0.5 s."""
 
-    GROUPS = (("training workers", ("ray::RayTrainWorker", "ddp_baseline.py")),
-              ("Ray system (raylet, GCS, dashboard, agents)", ("raylet", "gcs_server", "dashboard", "log_monitor",
-                                                              "monitor.py", "runtime_env", "Agent")),
-              ("Ray Train controller and helper actors", ("ray::",)),
-              ("driver (raylm / torchrun)", ("-m raylm", "torch.distributed.run")))
+    GROUPS = (
+        ("training workers", ("ray::RayTrainWorker", "ddp_baseline.py")),
+        (
+            "Ray system (raylet, GCS, dashboard, agents)",
+            ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "Agent"),
+        ),
+        ("Ray Train controller and helper actors", ("ray::",)),
+        ("driver (raylm / torchrun)", ("-m raylm", "torch.distributed.run")),
+    )
 
     def __init__(self):
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
@@ -116,8 +143,11 @@ class CpuSampler:
         processes existed; a process that starts or ends inside it counts from its first to
         its last sample."""
         by = by or (lambda cmd: self.group_of(cmd) or "other processes")
-        busy = [i for i, (_, snap) in enumerate(self.samples)
-                if any(self.group_of(cmd) == "training workers" for cmd, _ in snap.values())]
+        busy = [
+            i
+            for i, (_, snap) in enumerate(self.samples)
+            if any(self.group_of(cmd) == "training workers" for cmd, _ in snap.values())
+        ]
         if len(busy) < 2:
             return {}
         window = self.samples[busy[0] : busy[-1] + 1]
@@ -177,13 +207,16 @@ def main() -> None:
             cli("pretrain", work, args.steps, f"overhead-{r}")
         ours = statistics.median(raylm_step_seconds(work, f"overhead-{r}")[1:])  # one value per 10 steps
         rows.append((base, ours, base_cpu.breakdown(), ours_cpu.breakdown()))
+
         def name(cmd: str) -> str:
             training = CpuSampler.group_of(cmd) == "training workers"
             return "training workers" if training else " ".join(cmd.split(" ")[:2])[-48:]
 
         processes = {"(b)": base_cpu.breakdown(by=name), "(a)": ours_cpu.breakdown(by=name)}
-    print(f"\nquickstart model, 2 CPU workers, {args.steps} steps; median over 10-step intervals of steps "
-          f"{WARMUP + 1}-{args.steps}; rounds alternate (b), (a)")
+    print(
+        f"\nquickstart model, 2 CPU workers, {args.steps} steps; median over 10-step intervals of steps "
+        f"{WARMUP + 1}-{args.steps}; rounds alternate (b), (a)"
+    )
     print(f"{'round':>5} {'(b) torchrun s':>15} {'(a) raylm s':>12} {'ratio':>7}")
     for r, (base, ours, _, _) in enumerate(rows):
         print(f"{r + 1:5d} {base:15.4f} {ours:12.4f} {ours / base:6.2f}x")

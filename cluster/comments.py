@@ -21,7 +21,7 @@ COMMENTS = {
     "autoscalerOptions": "Autoscaler v2; idleTimeoutSeconds: how long a worker pod may sit idle before it goes.",
     "authOptions": "Ray token authentication: KubeRay makes a token Secret; every Ray client call must present it.",
     "serviceType": "ClusterIP: the dashboard and job API are reachable only inside the cluster (use kubectl port-forward).",
-    "rayStartParams": "num-cpus \"0\" keeps tasks off the head, so the driver and the autoscaler never starve.",
+    "rayStartParams": 'num-cpus "0" keeps tasks off the head, so the driver and the autoscaler never starve.',
     "securityContext": "The image's non-root user `ray` (uid 1000); no privilege escalation, no Linux capabilities.",
     "resources": "Requests equal limits (Guaranteed QoS); Ray reads its CPU/GPU/memory counts from the limits.",
     "env": "MLFLOW_TRACKING_URI: every stage logs to the in-cluster MLflow server.",
@@ -51,7 +51,9 @@ class Dumper(yaml.SafeDumper):
     """Multi-line strings (the job's config.yaml) as literal blocks, readable in the manifest."""
 
 
-Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def dump_commented(docs: list[dict]) -> str:

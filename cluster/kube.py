@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from raylm.pipelines.errors import ClusterError
+from raylm.errors import ClusterError
 
 GROUP, VERSION = "ray.io", "v1"
 CUSTOM = {"RayJob": "rayjobs", "RayCluster": "rayclusters"}  # kind -> plural
@@ -39,8 +39,10 @@ def api_client():
         return config.new_client_from_config(config_file=kubeconfig_path())
     except (ConfigException, FileNotFoundError) as err:
         where = kubeconfig_path()
-        raise ClusterError(f"no Kubernetes credentials ({where}): {err}. Point KUBECONFIG at your cluster's "
-                           "config, e.g. `gcloud container clusters get-credentials` or `aws eks update-kubeconfig`") from None
+        raise ClusterError(
+            f"no Kubernetes credentials ({where}): {err}. Point KUBECONFIG at your cluster's "
+            "config, e.g. `gcloud container clusters get-credentials` or `aws eks update-kubeconfig`"
+        ) from None
 
 
 def kubeconfig_path() -> str:
@@ -102,8 +104,10 @@ def apply(docs: list[dict]) -> list[str]:
     for doc in docs:
         if doc["kind"] == "RayJob" and exists(client, doc):
             name = doc["metadata"]["name"]
-            raise ClusterError(f"RayJob {name} already exists; `raylm cluster delete` it first (the new job "
-                               "resumes from the run's checkpoints on the volume)")
+            raise ClusterError(
+                f"RayJob {name} already exists; `raylm cluster delete` it first (the new job "
+                "resumes from the run's checkpoints on the volume)"
+            )
     return [apply_one(client, doc) for doc in docs]
 
 
@@ -186,8 +190,11 @@ def status(kind: str, name: str, ns: str) -> list[str]:
         raise ClusterError(f"{kind} {ns}/{name} does not exist")
     st = obj.get("status", {})
     if kind == "RayJob":
-        lines = [f"RayJob {ns}/{name}: job {st.get('jobStatus', '-')}, deployment {st.get('jobDeploymentStatus', '-')}, "
-                 f"cluster {st.get('rayClusterName', '-')}, started {st.get('startTime', '-')}, ended {st.get('endTime', '-')}"]
+        lines = [
+            f"RayJob {ns}/{name}: job {st.get('jobStatus', '-')}, deployment {st.get('jobDeploymentStatus', '-')}, "
+            f"cluster {st.get('rayClusterName', '-')}, "
+            f"started {st.get('startTime', '-')}, ended {st.get('endTime', '-')}"
+        ]
         if st.get("message"):
             lines.append(f"  message: {st['message']}")
         cluster = st.get("rayClusterName")
@@ -227,10 +234,14 @@ def delete(kind: str, name: str, ns: str) -> list[str]:
 
     client = api_client()
     done = []
-    for what, fn, args in [(f"{kind} {ns}/{name}", CustomObjectsApi(client).delete_namespaced_custom_object,
-                            (GROUP, VERSION, ns, CUSTOM[kind], name)),
-                           (f"ConfigMap {ns}/{name}-config", CoreV1Api(client).delete_namespaced_config_map,
-                            (f"{name}-config", ns))]:
+    for what, fn, args in [
+        (
+            f"{kind} {ns}/{name}",
+            CustomObjectsApi(client).delete_namespaced_custom_object,
+            (GROUP, VERSION, ns, CUSTOM[kind], name),
+        ),
+        (f"ConfigMap {ns}/{name}-config", CoreV1Api(client).delete_namespaced_config_map, (f"{name}-config", ns)),
+    ]:
         try:
             call(fn, *args, what=what)
             done.append(f"deleted {what}")

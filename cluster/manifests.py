@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from raylm.pipelines.config import ClusterSection, RunSection, ScalingSection
+from raylm.config import ClusterSection, RunSection, ScalingSection
 
 API_VERSION = "ray.io/v1"
 RAY_VERSION = "2.60.0"  # == the Dockerfile's base image tag and the pyproject pin (tests check)
@@ -109,24 +109,40 @@ def gpu_nodes(cluster: ClusterSection, scaling: ScalingSection) -> tuple[int, in
 def gpu_group(cluster: ClusterSection, scaling: ScalingSection) -> dict:
     g = cluster.gpu
     gpus, max_pods = gpu_nodes(cluster, scaling)
-    container = ray_container("ray-worker", cluster, resources(g.cpus_per_gpu * gpus, g.memory_gib_per_gpu * gpus, gpus))
+    container = ray_container(
+        "ray-worker", cluster, resources(g.cpus_per_gpu * gpus, g.memory_gib_per_gpu * gpus, gpus)
+    )
     spec = pod_spec(container, cluster)
     selector = {**g.node_selector, **(g.spot_node_selector if g.spot else {})}
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    tolerations += [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
-                    for k, v in (g.spot_node_selector.items() if g.spot else ())]
+    tolerations += [
+        {"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
+        for k, v in (g.spot_node_selector.items() if g.spot else ())
+    ]
     # Never: autoscaler v2 tracks each pod as one Ray node and replaces a failed one itself.
     spec.update(nodeSelector=selector, tolerations=tolerations, restartPolicy="Never")
-    return {"groupName": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": max_pods,
-            "rayStartParams": {}, "template": {"spec": spec}}
+    return {
+        "groupName": "gpu",
+        "replicas": 0,
+        "minReplicas": 0,
+        "maxReplicas": max_pods,
+        "rayStartParams": {},
+        "template": {"spec": spec},
+    }
 
 
 def cpu_group(cluster: ClusterSection) -> dict:
     c = cluster.cpu
     spec = pod_spec(ray_container("ray-worker", cluster, resources(c.cpus, c.memory_gib)), cluster)
     spec["restartPolicy"] = "Never"  # as for the GPU group
-    return {"groupName": "cpu", "replicas": 0, "minReplicas": 0, "maxReplicas": c.max_nodes,
-            "rayStartParams": {}, "template": {"spec": spec}}
+    return {
+        "groupName": "cpu",
+        "replicas": 0,
+        "minReplicas": 0,
+        "maxReplicas": c.max_nodes,
+        "rayStartParams": {},
+        "template": {"spec": spec},
+    }
 
 
 def ray_cluster_spec(cluster: ClusterSection, scaling: ScalingSection, config_map: str | None) -> dict:
@@ -134,8 +150,11 @@ def ray_cluster_spec(cluster: ClusterSection, scaling: ScalingSection, config_ma
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"version": "v2", "upscalingMode": "Default",
-                              "idleTimeoutSeconds": cluster.idle_timeout_seconds},
+        "autoscalerOptions": {
+            "version": "v2",
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": cluster.idle_timeout_seconds,
+        },
         "authOptions": {"mode": "token"},
         "headGroupSpec": head_group(cluster, config_map),
         "workerGroupSpecs": groups,
@@ -162,10 +181,12 @@ JOB_STOP_GRACE_S = 300
 
 def ray_job(name: str, cluster: ClusterSection, scaling: ScalingSection, entrypoint: str) -> dict:
     return {
-        "apiVersion": API_VERSION, "kind": "RayJob", "metadata": metadata(name, cluster),
+        "apiVersion": API_VERSION,
+        "kind": "RayJob",
+        "metadata": metadata(name, cluster),
         "spec": {
             "entrypoint": entrypoint,
-            "runtimeEnvYAML": f"env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: \"{JOB_STOP_GRACE_S}\"\n",
+            "runtimeEnvYAML": f'env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: "{JOB_STOP_GRACE_S}"\n',
             "shutdownAfterJobFinishes": True,  # the GPUs go back when the job ends
             "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
             "activeDeadlineSeconds": cluster.active_deadline_seconds,
@@ -176,11 +197,15 @@ def ray_job(name: str, cluster: ClusterSection, scaling: ScalingSection, entrypo
 
 
 def ray_cluster(name: str, cluster: ClusterSection, scaling: ScalingSection) -> dict:
-    return {"apiVersion": API_VERSION, "kind": "RayCluster", "metadata": metadata(name, cluster),
-            "spec": ray_cluster_spec(cluster, scaling, None)}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayCluster",
+        "metadata": metadata(name, cluster),
+        "spec": ray_cluster_spec(cluster, scaling, None),
+    }
 
 
 def dump(docs: list[dict]) -> str:
-    from .comments import dump_commented
+    from cluster.comments import dump_commented
 
     return dump_commented(docs)

@@ -13,19 +13,25 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from raylm.pipelines.config import ClusterSection, RaylmConfig, flatten, set_key, validate
-from raylm.pipelines.errors import ConfigError
-from raylm.pipelines.provenance import redact
-
-from .manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
-from .platform import platform
+from cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
+from cluster.platform import platform
+from raylm.config import ClusterSection, RaylmConfig, flatten, set_key, validate
+from raylm.errors import ConfigError
+from raylm.fmt import redact
 
 JOB_COMMANDS = ("run", "prepare", "pretrain", "finetune", "evaluate", "tune")
 URI_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://")
 
 # Config keys holding input paths: a pod sees only its image, the run volume and URIs.
-PATH_KEYS = ("data.sources.*.paths.*", "finetune.sft.sources.*.paths.*", "finetune.base", "tokenizer.path",
-             "eval.task_data_dir", "eval.texts.*", "data.decontaminate.eval_paths.*")
+PATH_KEYS = (
+    "data.sources.*.paths.*",
+    "finetune.sft.sources.*.paths.*",
+    "finetune.base",
+    "tokenizer.path",
+    "eval.task_data_dir",
+    "eval.texts.*",
+    "data.decontaminate.eval_paths.*",
+)
 
 
 def render_job(raw: dict, command: str, space_text: str | None = None) -> list[dict]:
@@ -63,8 +69,10 @@ def pod_config(raw: dict, cluster: ClusterSection) -> dict:
     set_key(out, "run.output_dir", on_volume(raw.get("run", {}).get("output_dir", "runs"), cluster, "run.output_dir"))
     uri = raw.get("tracking", {}).get("tracking_uri")
     if uri and not uri.startswith(("http://", "https://", "databricks")):
-        raise ConfigError(f"tracking.tracking_uri={uri} is a store on one machine; on a cluster leave it "
-                          f"unset (jobs use cluster.mlflow_uri={cluster.mlflow_uri}) or give the server's URL")
+        raise ConfigError(
+            f"tracking.tracking_uri={uri} is a store on one machine; on a cluster leave it "
+            f"unset (jobs use cluster.mlflow_uri={cluster.mlflow_uri}) or give the server's URL"
+        )
     for key, value in flatten_paths(out):
         check_visible(key, value, cluster)
     refuse_credentials(out)
@@ -76,9 +84,11 @@ def refuse_credentials(raw: dict) -> None:
     """A user:password@ URI would be written into the ConfigMap in plain text."""
     for key, value in flatten(raw).items():
         if isinstance(value, str) and redact(value) != value:
-            raise ConfigError(f"{key}={redact(value)} carries a password, which would be written into the manifest: "
-                              "put it in a Secret named in cluster.secrets (e.g. MLFLOW_TRACKING_USERNAME and "
-                              "MLFLOW_TRACKING_PASSWORD for the MLflow server) and leave it out of the URI")
+            raise ConfigError(
+                f"{key}={redact(value)} carries a password, which would be written into the manifest: "
+                "put it in a Secret named in cluster.secrets (e.g. MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD for the MLflow server) and leave it out of the URI"
+            )
 
 
 def on_volume(path: str, cluster: ClusterSection, key: str) -> str:
@@ -86,16 +96,20 @@ def on_volume(path: str, cluster: ClusterSection, key: str) -> str:
     if not PurePosixPath(path).is_absolute():
         return str(PurePosixPath(cluster.storage.mount_path) / path)
     if not under_mount(path, cluster):
-        raise ConfigError(f"{key}={path} is on the pod's own disk, lost with the pod: put it under "
-                          f"cluster.storage.mount_path={cluster.storage.mount_path}")
+        raise ConfigError(
+            f"{key}={path} is on the pod's own disk, lost with the pod: put it under "
+            f"cluster.storage.mount_path={cluster.storage.mount_path}"
+        )
     return path
 
 
 def check_visible(key: str, path: str, cluster: ClusterSection) -> None:
     if path.startswith(URI_SCHEMES) or under_mount(path, cluster):
         return
-    raise ConfigError(f"{key}={path} is a path on this machine, which the pods cannot see: copy it onto the run "
-                      f"volume (cluster.storage.mount_path={cluster.storage.mount_path}) or use an s3:// gs:// hf:// URI")
+    raise ConfigError(
+        f"{key}={path} is a path on this machine, which the pods cannot see: copy it onto the run "
+        f"volume (cluster.storage.mount_path={cluster.storage.mount_path}) or use an s3:// gs:// hf:// URI"
+    )
 
 
 def under_mount(path: str, cluster: ClusterSection) -> bool:
@@ -132,16 +146,23 @@ def check_cluster_fit(cfg: RaylmConfig) -> None:
     """Settings a laptop run tolerates but an autoscaling cluster cannot."""
     s, c = cfg.scaling, cfg.cluster
     if s.cpus_per_worker is None:
-        raise ConfigError("scaling.cpus_per_worker: set it for a cluster; an autoscaling cluster starts with no "
-                          "worker CPUs to share out (the head has num-cpus 0)")
+        raise ConfigError(
+            "scaling.cpus_per_worker: set it for a cluster; an autoscaling cluster starts with no "
+            "worker CPUs to share out (the head has num-cpus 0)"
+        )
     if c.gpu.spot and s.use_gpu and s.max_failures == 0:
-        raise ConfigError("scaling.max_failures=0 with cluster.gpu.spot: a reclaimed spot node would fail the run; "
-                          "set it above 0 (or -1) so the workers restart from the last checkpoint")
+        raise ConfigError(
+            "scaling.max_failures=0 with cluster.gpu.spot: a reclaimed spot node would fail the run; "
+            "set it above 0 (or -1) so the workers restart from the last checkpoint"
+        )
     pod_cpus = c.gpu.cpus_per_gpu if s.use_gpu else c.cpu.cpus
     if s.cpus_per_worker > pod_cpus:
         where = "cluster.gpu.cpus_per_gpu" if s.use_gpu else "cluster.cpu.cpus"
-        raise ConfigError(f"scaling.cpus_per_worker={s.cpus_per_worker:g} exceeds {where}={pod_cpus}: no pod could hold a worker")
+        raise ConfigError(
+            f"scaling.cpus_per_worker={s.cpus_per_worker:g} exceeds {where}={pod_cpus}: no pod could hold a worker"
+        )
     if not s.use_gpu and s.num_workers * s.cpus_per_worker > c.cpu.max_nodes * c.cpu.cpus:
-        raise ConfigError(f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} exceed "
-                          f"cluster.cpu.max_nodes={c.cpu.max_nodes} x cluster.cpu.cpus={c.cpu.cpus}")
-
+        raise ConfigError(
+            f"scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g} exceed "
+            f"cluster.cpu.max_nodes={c.cpu.max_nodes} x cluster.cpu.cpus={c.cpu.cpus}"
+        )

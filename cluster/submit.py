@@ -21,17 +21,26 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from raylm.pipelines.errors import Interrupted, RaylmError
-
-from .manifests import JOB_STOP_GRACE_S
+from cluster.manifests import JOB_STOP_GRACE_S
+from raylm.errors import Interrupted, RaylmError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Ray itself leaves out .git, .venv, venv, __pycache__ and whatever .gitignore/.rayignore list.
 # These are named again so that a folder without our .gitignore (or a submitter with
 # RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) still ships no run outputs: the zip must stay under
 # Ray's 512 MiB package limit, and a 43 MB mlruns/ is common. Anchored at the working dir.
-EXCLUDES = ["/.venv", "/venv", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db", "/.pytest_cache", "*.egg-info",
-            "__pycache__", "/.git"]
+EXCLUDES = [
+    "/.venv",
+    "/venv",
+    "/runs",
+    "/mlruns",
+    "/mlartifacts",
+    "/mlflow.db",
+    "/.pytest_cache",
+    "*.egg-info",
+    "__pycache__",
+    "/.git",
+]
 # A stopped job got SIGTERM from `ray job stop` (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S),
 # so it exits like a raylm run stopped by SIGTERM: 143.
 STOPPED_EXIT = Interrupted.exit_code
@@ -82,8 +91,11 @@ def runtime_env(working_dir: str | Path, env: dict[str, str]) -> dict:
         raise RaylmError(f"--working-dir {working_dir}: not a directory")
     # RAY_JOB_STOP_WAIT_TIME_S: `raylm submit --stop` (or `ray job stop`) lets the job checkpoint
     # and end its MLflow run KILLED before the SIGKILL; see JOB_STOP_GRACE_S.
-    return {"working_dir": str(path), "excludes": EXCLUDES,
-            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_GRACE_S), **env}}
+    return {
+        "working_dir": str(path),
+        "excludes": EXCLUDES,
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_GRACE_S), **env},
+    }
 
 
 @contextmanager
@@ -96,13 +108,17 @@ def job_server_errors(address: str):
     try:
         yield
     except AuthenticationError as err:
-        raise ClusterAuthError(f"{address} refused the request ({str(err).splitlines()[0]}): set RAY_AUTH_MODE=token "
-                               "and the cluster's token in $RAY_AUTH_TOKEN, a file named by $RAY_AUTH_TOKEN_PATH, "
-                               "or ~/.ray/auth_token") from None
+        raise ClusterAuthError(
+            f"{address} refused the request ({str(err).splitlines()[0]}): set RAY_AUTH_MODE=token "
+            "and the cluster's token in $RAY_AUTH_TOKEN, a file named by $RAY_AUTH_TOKEN_PATH, "
+            "or ~/.ray/auth_token"
+        ) from None
     except (ConnectionError, requests.exceptions.ConnectionError):
-        raise ClusterUnreachable(f"no Ray job server answers at {address}: start a head with "
-                                 "`ray start --head` (ray[default] serves jobs on the dashboard port, 8265), "
-                                 "or pass --address http://HEAD:8265") from None
+        raise ClusterUnreachable(
+            f"no Ray job server answers at {address}: start a head with "
+            "`ray start --head` (ray[default] serves jobs on the dashboard port, 8265), "
+            "or pass --address http://HEAD:8265"
+        ) from None
     except RuntimeError as err:
         raise JobServerError(f"{address}: {_last_line(str(err))}") from None
 
@@ -128,16 +144,28 @@ def connect(address: str | None):
         os.environ.update(hidden)
 
 
-def submit(address: str | None, entrypoint: list[str], working_dir: str | Path = ".", env: dict[str, str] | None = None,
-           num_cpus: float | None = None, num_gpus: float | None = None, submission_id: str | None = None,
-           wait: bool = True) -> int:
+def submit(
+    address: str | None,
+    entrypoint: list[str],
+    working_dir: str | Path = ".",
+    env: dict[str, str] | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    submission_id: str | None = None,
+    wait: bool = True,
+) -> int:
     """Submit `entrypoint` as a Ray job; with wait, stream its logs and return its exit status."""
     env = env or {}
     client, url = connect(address)
     renv = runtime_env(working_dir, env)
     with job_server_errors(url):
-        job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=renv, submission_id=submission_id,
-                                   entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus)
+        job_id = client.submit_job(
+            entrypoint=shlex.join(entrypoint),
+            runtime_env=renv,
+            submission_id=submission_id,
+            entrypoint_num_cpus=num_cpus,
+            entrypoint_num_gpus=num_gpus,
+        )
     # Names only: values (a tracking URI with a password, a token) must not reach logs.
     names = ", ".join(sorted(env)) or "none"
     print(f"raylm: submitted job {job_id} to {url} (working dir {renv['working_dir']}; env vars: {names})", flush=True)
@@ -157,8 +185,11 @@ def follow(address: str | None, job_id: str, client=None) -> int:
         with job_server_errors(url):
             _stream_logs(client, url, job_id)
     except KeyboardInterrupt:
-        print(f"\nraylm: stopped following; job {job_id} goes on running on the cluster.\n{_next_steps(url, job_id)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"\nraylm: stopped following; job {job_id} goes on running on the cluster.\n{_next_steps(url, job_id)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130  # 128 + SIGINT, as the shell reports Ctrl-C
     with job_server_errors(url):
         info = _wait_terminal(client, job_id, STATUS_WAIT_S)
@@ -173,8 +204,11 @@ def stop(address: str | None, job_id: str) -> int:
         was_running = client.stop_job(job_id)
         info = _wait_terminal(client, job_id, STOP_WAIT_S)
     if not info.status.is_terminal():
-        print(f"raylm: asked job {job_id} to stop; after {STOP_WAIT_S:.0f} s it is still {info.status} (a final "
-              f"checkpoint may be on its way): raylm submit --address {url} --follow {job_id} shows the end", flush=True)
+        print(
+            f"raylm: asked job {job_id} to stop; after {STOP_WAIT_S:.0f} s it is still {info.status} (a final "
+            f"checkpoint may be on its way): raylm submit --address {url} --follow {job_id} shows the end",
+            flush=True,
+        )
         return 1
     note = "" if was_running else " (it had already ended)"
     print(f"raylm: job {job_id} is {info.status}{note}", flush=True)
@@ -185,8 +219,10 @@ def _stream_logs(client, url: str, job_id: str) -> None:
     try:
         asyncio.run(_print_logs(client, job_id))
     except RuntimeError as err:  # the websocket closed abnormally: the head restarted, the network broke
-        raise JobServerError(f"lost the log stream of job {job_id} ({_last_line(str(err))}); it may still be "
-                             f"running: raylm submit --address {url} --follow {job_id}") from None
+        raise JobServerError(
+            f"lost the log stream of job {job_id} ({_last_line(str(err))}); it may still be "
+            f"running: raylm submit --address {url} --follow {job_id}"
+        ) from None
 
 
 async def _print_logs(client, job_id: str) -> None:
@@ -231,5 +267,7 @@ def exit_status(info) -> int:
 
 
 def _next_steps(url: str, job_id: str) -> str:
-    return (f"  follow: raylm submit --address {url} --follow {job_id}\n"
-            f"  stop:   raylm submit --address {url} --stop {job_id}")
+    return (
+        f"  follow: raylm submit --address {url} --follow {job_id}\n"
+        f"  stop:   raylm submit --address {url} --stop {job_id}"
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .manifests import RAY_VERSION
+from cluster.manifests import RAY_VERSION
 
 KUBERNETES_VERSION = "1.32.0"  # the API version core kinds are checked against (GKE/EKS stable in 2025)
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
@@ -63,9 +63,11 @@ def core_errors(doc: dict) -> list[str]:
     try:
         import kubernetes_validate
     except ImportError:
-        from raylm.pipelines.errors import ConfigError
+        from raylm.errors import ConfigError
 
-        raise ConfigError("checking core Kubernetes kinds needs kubernetes-validate: pip install 'raylm[cluster]'") from None
+        raise ConfigError(
+            "checking core Kubernetes kinds needs kubernetes-validate: pip install 'raylm[cluster]'"
+        ) from None
 
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -99,6 +101,7 @@ def lint(doc: dict) -> list[str]:
 
 def containers(doc: dict):
     """(path, container) for every container in the object, however deep its pod templates."""
+
     def walk(node, path):
         if isinstance(node, dict):
             for key, value in node.items():
@@ -110,6 +113,7 @@ def containers(doc: dict):
         elif isinstance(node, list):
             for i, value in enumerate(node):
                 yield from walk(value, f"{path}.{i}")
+
     return walk(doc, "")
 
 
@@ -129,8 +133,11 @@ def container_problems(where: str, c: dict) -> list[str]:
 
 
 def ray_job_problems(spec: dict) -> list[str]:
-    problems = [f"RayJob spec.{key} is not set" for key in ("ttlSecondsAfterFinished", "activeDeadlineSeconds",
-                                                            "backoffLimit") if key not in spec]
+    problems = [
+        f"RayJob spec.{key} is not set"
+        for key in ("ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit")
+        if key not in spec
+    ]
     if spec.get("shutdownAfterJobFinishes") is not True:
         problems.append("RayJob spec.shutdownAfterJobFinishes must be true: idle GPUs cost money")
     return problems
@@ -139,7 +146,7 @@ def ray_job_problems(spec: dict) -> list[str]:
 def ray_cluster_problems(kind: str, spec: dict) -> list[str]:
     problems, head = [], spec.get("headGroupSpec", {})
     if head.get("rayStartParams", {}).get("num-cpus") != "0":
-        problems.append(f"{kind} head rayStartParams num-cpus must be \"0\": tasks on the head starve the driver")
+        problems.append(f'{kind} head rayStartParams num-cpus must be "0": tasks on the head starve the driver')
     if spec.get("rayVersion") != RAY_VERSION:
         problems.append(f"{kind} rayVersion {spec.get('rayVersion')} != {RAY_VERSION} (the image's Ray)")
     if spec.get("authOptions", {}).get("mode") != "token":

@@ -4,18 +4,18 @@
 either, so configs are checked and sized without it; the names below load torch on first use.
 """
 
-from .config import PRESETS, ModelConfig, flops_per_token, param_counts
+from models.config import PRESETS, ModelConfig, flops_per_token, param_counts
 
 __all__ = ["GPT", "ModelConfig", "PRESETS", "flops_per_token", "load_model", "param_counts", "save_model"]
 
 
 def __getattr__(name: str):
     if name == "GPT":
-        from .gpt import GPT
+        from models.gpt import GPT
 
         return GPT
     if name in ("load_model", "save_model"):
-        from . import io
+        from models import io
 
         return getattr(io, name)
     raise AttributeError(f"module 'raylm.models' has no attribute {name!r}")

@@ -63,10 +63,12 @@ PRESETS: dict[str, dict] = {
     "350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
     "760m": dict(n_layer=24, n_head=16, n_embd=1536, block_size=2048),
     "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, block_size=2048),
-    "llama-1b": dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, block_size=8192,
-                     rope_theta=500000.0),
-    "llama-3b": dict(n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, ffn_hidden=8192, block_size=8192,
-                     rope_theta=500000.0),
+    "llama-1b": dict(
+        n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, block_size=8192, rope_theta=500000.0
+    ),
+    "llama-3b": dict(
+        n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, ffn_hidden=8192, block_size=8192, rope_theta=500000.0
+    ),
     "llama-7b": dict(n_layer=32, n_head=32, n_embd=4096, ffn_hidden=11008, block_size=4096, tie_embeddings=False),
 }
 

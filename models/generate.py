@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gpt import GPT, KVCache
+from models.gpt import GPT, KVCache
 
 
 @torch.no_grad()
@@ -52,8 +52,13 @@ def generate(
     return out
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def pick_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)

@@ -3,7 +3,7 @@
 Llama-style blocks: RoPE positions, RMSNorm, SwiGLU MLP and grouped-query attention through
 `scaled_dot_product_attention` (flash kernels on GPU), optional QK-norm, and a KV cache for
 decoding batches of left-padded prompts. Nothing here knows about Ray or distribution: data
-parallelism is applied to this module from the outside (pipelines/train_loop.py).
+parallelism is applied to this module from the outside (pipelines/train/loop.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from models.config import ModelConfig
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, nkv, T, hs) keys and values; return all of them so far."""
         end = self.filled + k.shape[2]
-        self.k[layer, :, :, self.filled:end], self.v[layer, :, :, self.filled:end] = k, v
+        self.k[layer, :, :, self.filled : end], self.v[layer, :, :, self.filled : end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -75,7 +75,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs), S = cached + T
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             is_causal=mask is None and k.shape[2] == T,  # False only for one token after a cache
             dropout_p=self.dropout if self.training else 0.0,
@@ -138,8 +140,14 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, pad: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean loss over
         targets other than -100 (fine-tuning masks prompts that way).
         With a cache, idx continues the cached slots; pad (B,) is each row's left padding.
@@ -164,7 +172,7 @@ class GPT(nn.Module):
     def _positions(self, start: int, T: int, pad: torch.Tensor | None):
         """RoPE tables for slots start..start+T, and the attention mask (None: plain causal)."""
         if pad is None and (start == 0 or T == 1):  # training, prefill, or one token after the cache
-            return self.rope_cos[start:start + T], self.rope_sin[start:start + T], None
+            return self.rope_cos[start : start + T], self.rope_sin[start : start + T], None
         if pad is None:  # a chunk after cached tokens: causal, shifted by `start`
             pad = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
         slots = torch.arange(start, start + T, device=pad.device)  # (T,)

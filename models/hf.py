@@ -14,11 +14,15 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .config import ModelConfig
-from .gpt import GPT
-from .io import load_model, read_safetensors, save_model
+from models.config import ModelConfig
+from models.gpt import GPT
+from models.io import load_model, read_safetensors, save_model
 
-TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+TOP = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.wq.weight": "self_attn.q_proj.weight",
@@ -108,10 +112,21 @@ def _copy_tokenizer(model_dir: Path, out: Path, cfg: ModelConfig) -> int | None:
     if not special:
         return None
     eos = special[0]
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos["content"], "bos_token": eos["content"],
-        "model_max_length": cfg.block_size}, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eos["id"], "eos_token_id": eos["id"]}) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": eos["content"],
+                "bos_token": eos["content"],
+                "model_max_length": cfg.block_size,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": eos["id"], "eos_token_id": eos["id"]}) + "\n"
+    )
     return eos["id"]
 
 
@@ -142,24 +157,36 @@ def model_config_from_hf(c: dict) -> ModelConfig:
         "attention_bias": (not c.get("attention_bias"), "no attention biases"),
         "mlp_bias": (not c.get("mlp_bias"), "no MLP biases"),
         "rope": (rope.get("rope_type", rope.get("type", "default")) == "default", "plain RoPE, no rope scaling"),
-        "head_dim": (c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]),
-                     "head_dim = hidden_size / num_attention_heads"),
+        "head_dim": (
+            c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]),
+            "head_dim = hidden_size / num_attention_heads",
+        ),
     }
     for key, (ok, what) in checks.items():
         if not ok:
             raise NotConvertible(f"config.json {key}: raylm imports {what}")
     return ModelConfig(
-        vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
-        n_kv_head=c.get("num_key_value_heads"), n_embd=c["hidden_size"], block_size=c["max_position_embeddings"],
-        ffn_hidden=c["intermediate_size"], tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), norm_eps=c.get("rms_norm_eps", 1e-6),
+        vocab_size=c["vocab_size"],
+        n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"],
+        n_kv_head=c.get("num_key_value_heads"),
+        n_embd=c["hidden_size"],
+        block_size=c["max_position_embeddings"],
+        ffn_hidden=c["intermediate_size"],
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        norm_eps=c.get("rms_norm_eps", 1e-6),
     )
 
 
 def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     if not (hf_dir / files[0]).is_file():
-        pickles = ", ".join(p.name for p in sorted(hf_dir.iterdir()) if p.suffix in PICKLE_SUFFIXES) or "pytorch_model.bin"
+        pickles = (
+            ", ".join(p.name for p in sorted(hf_dir.iterdir()) if p.suffix in PICKLE_SUFFIXES) or "pytorch_model.bin"
+        )
         raise NotConvertible(f"{hf_dir}: no model.safetensors; raylm never unpickles {pickles}")
     return {k: v for f in files for k, v in read_safetensors(hf_dir / f).items()}

@@ -13,11 +13,10 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from raylm.pipelines.errors import DataError  # a leaf module: no Ray, no torch
-
-from .config import ModelConfig
-from .gpt import GPT
-from .lora import LoraConfig, apply_lora, merge_lora
+from models.config import ModelConfig
+from models.gpt import GPT
+from models.lora import LoraConfig, apply_lora, merge_lora
+from raylm.errors import DataError  # a leaf module: no Ray, no torch
 
 WEIGHTS_FILE = "model.safetensors"
 TIED_ALIAS = "tok_emb.weight"  # with tie_embeddings, the same tensor as lm_head.weight
@@ -29,8 +28,9 @@ def save_model(model: GPT, directory: str | Path) -> None:
     save_weights(model.config, model.state_dict(), directory)
 
 
-def save_weights(config: ModelConfig, weights: dict[str, torch.Tensor], directory: str | Path,
-                 lora: LoraConfig | None = None) -> None:
+def save_weights(
+    config: ModelConfig, weights: dict[str, torch.Tensor], directory: str | Path, lora: LoraConfig | None = None
+) -> None:
     """Write a model directory from a state dict (e.g. one gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,9 @@ def safetensors_only(path: Path):
     try:
         yield
     except SafetensorError as err:
-        raise DataError(f"{path} is not a safetensors file ({err}); raylm loads weights only from safetensors") from None
+        raise DataError(
+            f"{path} is not a safetensors file ({err}); raylm loads weights only from safetensors"
+        ) from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

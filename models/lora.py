@@ -54,8 +54,13 @@ class LoRALinear(nn.Linear):
         return super().forward(x) + self.scale * update
 
     def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A))
             if self.bias is not None:

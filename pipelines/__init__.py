@@ -1,4 +1,13 @@
-"""The jobs (prepare, pretrain, evaluate) and the pieces they share (config, checkpoint,
-tracking). Ray is used only in runtime.py, prepare.py, packing.py, pretrain.py, train_loop.py
-and evaluate.py: the modules whose job is distribution. The rest (readers, cleaning, dedup,
-decontam, data_report, loader, checkpoint, ...) is plain Python that those modules call."""
+"""raylm's stages, one subpackage each, and the two modules that compose them.
+
+- `data/`: raw files -> clean, deduplicated documents -> tokenizer -> packed windows on disk.
+- `train/`: the Ray Train job: pretraining and fine-tuning, checkpoints, cost, interrupts.
+- `eval/`: scoring checkpoints on prepared splits and tasks, sampling text.
+- `track/`: MLflow runs: metrics, provenance tags, review artifacts, `raylm runs`.
+- `runtime.py`: where raylm meets a Ray cluster and an MLflow store; any stage may use it.
+- `jobs.py`: the lifecycle behind the CLI, composing the stages.
+
+Arrows point one way: data <- eval <- train <- jobs, and track is a leaf every stage may use
+(tests/test_layers.py enforces it). Ray is imported only where distribution happens: runtime,
+data/prepare, data/packing, train/pretrain, train/loop and eval/evaluate.
+"""

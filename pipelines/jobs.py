@@ -11,22 +11,29 @@ from pathlib import Path
 
 import torch
 
+from raylm.config import RaylmConfig, section_fingerprint
+from raylm.errors import DataError, Interrupted
+from raylm.fmt import redact
 from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
-
-from .checkpoint import latest_checkpoint, whole_checkpoints
-from .config import RaylmConfig, section_fingerprint
-from .errors import DataError, Interrupted
-from .evaluate import evaluate, evaluate_tasks, evaluate_text
-from .finetune import check_fits, finetune_windows, load_base_config, lora_config, merge_checkpoint, resolve_base
-from .prepare import find_prepared, prepare
-from .pretrain import build_model_config, pretrain, train_storage
-from .provenance import data_label, provenance_tags, redact, run_title
-from .review import log_loss_curve, log_model
-from .runtime import start_ray, tracking_uri
-from .sampling import sample_text
-from .tasks import load_task
-from .tracking import Tracker
+from raylm.pipelines.data.prepare import find_prepared, prepare
+from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text
+from raylm.pipelines.eval.sampling import sample_text
+from raylm.pipelines.eval.tasks import load_task
+from raylm.pipelines.runtime import start_ray, tracking_uri
+from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
+from raylm.pipelines.track.review import log_loss_curve, log_model
+from raylm.pipelines.track.tracking import Tracker
+from raylm.pipelines.train.checkpoint import latest_checkpoint, whole_checkpoints
+from raylm.pipelines.train.finetune import (
+    check_fits,
+    finetune_windows,
+    load_base_config,
+    lora_config,
+    merge_checkpoint,
+    resolve_base,
+)
+from raylm.pipelines.train.pretrain import build_model_config, pretrain, train_storage
 
 
 @dataclass
@@ -53,11 +60,17 @@ def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     """A new MLflow run named for what it is (pretrain-124m-tinystories-3f9c), tagged with the
     code, config and library versions, holding the config; earlier launches of this run.name
     and stage that a dead driver left RUNNING are marked KILLED first."""
-    tags = {"raylm.stage": stage, "raylm.run_name": cfg.run.name, "raylm.config_hash": section_fingerprint(cfg),
-            "mlflow.note.content": f"`raylm {stage}` of run.name `{cfg.run.name}`; the same command resumes it.",
-            **provenance_tags()}
+    tags = {
+        "raylm.stage": stage,
+        "raylm.run_name": cfg.run.name,
+        "raylm.config_hash": section_fingerprint(cfg),
+        "mlflow.note.content": f"`raylm {stage}` of run.name `{cfg.run.name}`; the same command resumes it.",
+        **provenance_tags(),
+    }
     t = cfg.tracking
-    tracker = Tracker(tracking_uri(t.tracking_uri), t.experiment, run_title(cfg, stage), tags, system_metrics=t.system_metrics)
+    tracker = Tracker(
+        tracking_uri(t.tracking_uri), t.experiment, run_title(cfg, stage), tags, system_metrics=t.system_metrics
+    )
     tracker.retire_orphans(cfg.run.name, stage)
     tracker.log_params(cfg.flat())
     tracker.log_text(redact(cfg.to_yaml()), "config.yaml")
@@ -70,8 +83,13 @@ def record_data(cfg: RaylmConfig, tracker: Tracker, manifest: dict, stage: str) 
     tracker.log_dataset(manifest, data_label(cfg, stage), "training")
 
 
-def run_lifecycle(cfg: RaylmConfig, address: str | None, stages: tuple[str, ...],
-                  checkpoint: Path | None = None, resume: Path | None = None) -> Outcome:
+def run_lifecycle(
+    cfg: RaylmConfig,
+    address: str | None,
+    stages: tuple[str, ...],
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+) -> Outcome:
     """Run some of prepare -> pretrain -> evaluate in order, inside one MLflow run.
     Evaluate alone scores `checkpoint`, or else the run's latest one."""
     stage = stages[0] if len(stages) == 1 else "run"
@@ -115,7 +133,9 @@ def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> dict:
 
 def data_metrics(manifest: dict) -> dict[str, float]:
     """Per split windows and tokens; per source and stage documents and bytes out; baselines."""
-    metrics = {f"data/{split}/{k}": v for split, s in manifest["splits"].items() for k, v in s.items() if k != "content_hash"}
+    metrics = {
+        f"data/{split}/{k}": v for split, s in manifest["splits"].items() for k, v in s.items() if k != "content_hash"
+    }
     for name, source in manifest["sources"].items():
         for stage in source["stages"]:
             metrics[f"data/{name}/{stage['stage']}/docs_out"] = stage["docs_out"]
@@ -131,11 +151,17 @@ def data_metrics(manifest: dict) -> dict[str, float]:
 def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path | None = None) -> Path:
     model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
     counts = param_counts(model_cfg)
-    tracker.log_params({"model.vocab_size_resolved": model_cfg.vocab_size, "model.params_total": counts["total"],
-                        "model.params_non_embedding": counts["non_embedding"],
-                        "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"])})
-    result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
-                               {"uri": tracker.uri, "run_id": tracker.run_id}, resume)
+    tracker.log_params(
+        {
+            "model.vocab_size_resolved": model_cfg.vocab_size,
+            "model.params_total": counts["total"],
+            "model.params_non_embedding": counts["non_embedding"],
+            "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"]),
+        }
+    )
+    result, stopped = pretrain(
+        model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id}, resume
+    )
     checkpoint = finished_checkpoint(result, stopped)
     log_trained(cfg, tracker, checkpoint)
     return checkpoint
@@ -168,12 +194,29 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     lora = lora_config(cfg)
     with torch.device("meta"):  # shapes only: a 7B base would otherwise take 28 GB here
         trainable, total = trainable_counts(apply_lora(GPT(model_cfg), lora) if lora else GPT(model_cfg))
-    tracker.log_params({"finetune.base_resolved": str(base), "model.params_total": total, "model.params_trainable": trainable})
-    tracker.log_metrics({f"data/{split}/{k}": v for split, st in manifest["splits"].items() for k, v in st.items()
-                         if isinstance(v, (int, float))})
+    tracker.log_params(
+        {"finetune.base_resolved": str(base), "model.params_total": total, "model.params_trainable": trainable}
+    )
+    tracker.log_metrics(
+        {
+            f"data/{split}/{k}": v
+            for split, st in manifest["splits"].items()
+            for k, v in st.items()
+            if isinstance(v, (int, float))
+        }
+    )
     print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
-    result, stopped = pretrain(model_cfg, cfg.train, cfg.scaling, cfg.run, manifest,
-                               {"uri": tracker.uri, "run_id": tracker.run_id}, resume, init=base, lora=lora)
+    result, stopped = pretrain(
+        model_cfg,
+        cfg.train,
+        cfg.scaling,
+        cfg.run,
+        manifest,
+        {"uri": tracker.uri, "run_id": tracker.run_id},
+        resume,
+        init=base,
+        lora=lora,
+    )
     checkpoint = finished_checkpoint(result, stopped)
     merged = None
     if lora:  # the adapters folded in: a plain model directory for export-hf and serving
@@ -191,7 +234,9 @@ def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tra
     if not e.sample_tokens:
         return metrics, None
     sample = sample_text(checkpoint, e.sample_prompt, e.sample_tokens, e.temperature, e.top_k, cfg.run.seed)
-    tracker.log_text(f"# Sample from {checkpoint.name}\n\nPrompt: `{e.sample_prompt!r}`\n\n```\n{sample}\n```\n", "samples.md")
+    tracker.log_text(
+        f"# Sample from {checkpoint.name}\n\nPrompt: `{e.sample_prompt!r}`\n\n```\n{sample}\n```\n", "samples.md"
+    )
     return metrics, sample
 
 
@@ -202,7 +247,9 @@ def do_texts(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, 
     return scores
 
 
-def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker, step: int | None = None) -> dict[str, dict[str, float]]:
+def do_tasks(
+    cfg: RaylmConfig, checkpoint: Path, tracker: Tracker, step: int | None = None
+) -> dict[str, dict[str, float]]:
     """Score eval.tasks; metrics as task/<name>/<metric>, each task's per-example table as
     eval/<name>.json (the MLflow UI's artifact view shows it as a table); with a step (one
     checkpoint of several), metrics at that step and tables as eval/step_<step>/<name>.json."""
@@ -215,8 +262,11 @@ def do_tasks(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker, step: int | N
     results = evaluate_tasks(checkpoint, specs, Path(cfg.eval.task_data_dir))
     seconds = time.perf_counter() - started
     examples = sum(m["examples"] for m, _ in results.values())
-    tracker.log_metrics({f"task/{name}/{k}": v for name, (m, _) in results.items() for k, v in m.items()}
-                        | {"task/examples_per_s": examples / seconds}, step)
+    tracker.log_metrics(
+        {f"task/{name}/{k}": v for name, (m, _) in results.items() for k, v in m.items()}
+        | {"task/examples_per_s": examples / seconds},
+        step,
+    )
     folder = "eval" if step is None else f"eval/step_{step:06d}"
     for name, (_, rows) in results.items():
         tracker.log_table(rows, f"{folder}/{name}.json")
@@ -263,26 +313,45 @@ def evaluate_at_step(cfg: RaylmConfig, manifest: dict, checkpoint: Path, step: i
         print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
         return False
     shown = " | ".join(f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in tasks.items())
-    print(f"[evaluate] {checkpoint.name}: val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"
-          + (f" | {shown}" if shown else ""), flush=True)
+    print(
+        f"[evaluate] {checkpoint.name}: val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"
+        + (f" | {shown}" if shown else ""),
+        flush=True,
+    )
     return True
 
 
-def lm_eval_job(cfg: RaylmConfig, checkpoint: Path, tasks: list[str], include_path: str | None, limit: int | None,
-                num_fewshot: int | None) -> tuple[dict[str, dict[str, float]], Tracker]:
+def lm_eval_job(
+    cfg: RaylmConfig,
+    checkpoint: Path,
+    tasks: list[str],
+    include_path: str | None,
+    limit: int | None,
+    num_fewshot: int | None,
+) -> tuple[dict[str, dict[str, float]], Tracker]:
     """lm-eval tasks on a checkpoint, in this process; metrics as lm_eval/<task>/<metric> and
     lm-eval's whole results as eval/lm_eval.json, in an MLflow run of stage lm-eval."""
-    from .lm_eval_adapter import run_lm_eval
+    from raylm.pipelines.eval.lm_eval_adapter import run_lm_eval
 
     with open_tracker(cfg, "lm-eval") as tracker:
         tracker.log_params({"lm_eval.checkpoint": str(checkpoint), "lm_eval.tasks": ",".join(tasks)})
         results = run_lm_eval(checkpoint, tasks, include_path, limit, num_fewshot)
-        scores = {task: {k.split(",")[0]: float(v) for k, v in m.items()
-                         if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"}
-                  | {"examples": float(m.get("sample_len", 0))} for task, m in results["results"].items()}
+        scores = {
+            task: {
+                k.split(",")[0]: float(v)
+                for k, v in m.items()
+                if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"
+            }
+            | {"examples": float(m.get("sample_len", 0))}
+            for task, m in results["results"].items()
+        }
         tracker.log_metrics({f"lm_eval/{t}/{k}": v for t, m in scores.items() for k, v in m.items()})
-        tracker.log_text(json.dumps({k: results[k] for k in ("results", "configs", "n-samples") if k in results},
-                                    indent=2, default=str), "eval/lm_eval.json")
+        tracker.log_text(
+            json.dumps(
+                {k: results[k] for k in ("results", "configs", "n-samples") if k in results}, indent=2, default=str
+            ),
+            "eval/lm_eval.json",
+        )
     return scores, tracker
 
 

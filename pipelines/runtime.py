@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ConfigError
-from .provenance import redact
+from raylm.errors import ConfigError
+from raylm.fmt import redact
 
 
 def start_ray(address: str | None = None) -> dict:
@@ -95,8 +95,10 @@ def check_tracking_uri(configured: str | None) -> None:
     if parsed.scheme in ("http", "https"):
         reason = unreachable(uri)
         if reason:
-            raise ConfigError(f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start one, e.g. "
-                              "`mlflow server --host 127.0.0.1 --port 5000`, or fix the URI")
+            raise ConfigError(
+                f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start one, e.g. "
+                "`mlflow server --host 127.0.0.1 --port 5000`, or fix the URI"
+            )
     elif parsed.scheme == "sqlite":
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
@@ -114,5 +116,11 @@ def unreachable(url: str, seconds: float = 5.0) -> str | None:
         return f"no answer within {seconds:g} s"
     except requests.exceptions.ConnectionError as err:
         text = str(err)
-        return "connection refused" if "refused" in text else "name not resolved" if "resolve" in text else "cannot connect"
+        return (
+            "connection refused"
+            if "refused" in text
+            else "name not resolved"
+            if "resolve" in text
+            else "cannot connect"
+        )
     return None

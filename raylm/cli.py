@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from raylm.cluster.commands import add_cluster_commands, add_submit_command
-from raylm.pipelines.config import RaylmConfig, load_config, load_raw, validate
-from raylm.pipelines.errors import ConfigError, DataError, Interrupted, RaylmError
-from raylm.pipelines.provenance import redact
+from raylm.config import RaylmConfig, load_config, load_raw, validate
+from raylm.errors import ConfigError, DataError, Interrupted, RaylmError
+from raylm.fmt import redact
 from raylm.pipelines.runtime import check_tracking_uri
 
 STAGES = {
@@ -47,30 +47,67 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
         if name in ("run", "prepare"):
-            p.add_argument("--data", action="append", metavar="PATH",
-                           help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)")
+            p.add_argument(
+                "--data",
+                action="append",
+                metavar="PATH",
+                help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)",
+            )
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
-            p.add_argument("--follow", action="store_true",
-                           help="score each new checkpoint of the run as training writes it, until the last step")
-            p.add_argument("--idle-minutes", type=float, default=30.0, metavar="M",
-                           help="with --follow: stop after M minutes without a new checkpoint (default 30)")
+            p.add_argument(
+                "--follow",
+                action="store_true",
+                help="score each new checkpoint of the run as training writes it, until the last step",
+            )
+            p.add_argument(
+                "--idle-minutes",
+                type=float,
+                default=30.0,
+                metavar="M",
+                help="with --follow: stop after M minutes without a new checkpoint (default 30)",
+            )
         if name == "finetune":
-            p.add_argument("--base", metavar="PATH",
-                           help="checkpoint, raylm model directory or Hugging Face Llama directory (finetune.base)")
-            p.add_argument("--sft", action="append", metavar="JSONL",
-                           help="instruction data; each --sft is one source, format detected (replaces finetune.sft.sources)")
-            p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (finetune.lora.enabled)")
+            p.add_argument(
+                "--base",
+                metavar="PATH",
+                help="checkpoint, raylm model directory or Hugging Face Llama directory (finetune.base)",
+            )
+            p.add_argument(
+                "--sft",
+                action="append",
+                metavar="JSONL",
+                help="instruction data; each --sft is one source, format detected (replaces finetune.sft.sources)",
+            )
+            p.add_argument(
+                "--lora",
+                action="store_true",
+                help="train LoRA adapters instead of every weight (finetune.lora.enabled)",
+            )
         if name in ("run", "evaluate", "finetune"):
-            p.add_argument("--task", action="append", metavar="YAML",
-                           help="also score a task (configs/tasks/*.yaml); repeatable (replaces eval.tasks)")
-            p.add_argument("--data-dir", metavar="DIR", help="the folder task files' paths are under (eval.task_data_dir)")
+            p.add_argument(
+                "--task",
+                action="append",
+                metavar="YAML",
+                help="also score a task (configs/tasks/*.yaml); repeatable (replaces eval.tasks)",
+            )
+            p.add_argument(
+                "--data-dir", metavar="DIR", help="the folder task files' paths are under (eval.task_data_dir)"
+            )
             p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task")
-            p.add_argument("--text", action="append", metavar="FILE",
-                           help="also score loss, perplexity and bits per byte on a text file (repeatable; eval.texts)")
+            p.add_argument(
+                "--text",
+                action="append",
+                metavar="FILE",
+                help="also score loss, perplexity and bits per byte on a text file (repeatable; eval.texts)",
+            )
         if name in ("run", "pretrain", "finetune"):
-            p.add_argument("--resume", type=Path, metavar="PATH",
-                           help="start from this checkpoint directory (a run's own checkpoints, if any, win)")
+            p.add_argument(
+                "--resume",
+                type=Path,
+                metavar="PATH",
+                help="start from this checkpoint directory (a run's own checkpoints, if any, win)",
+            )
         p.set_defaults(func=cmd_stages)
     le = sub.add_parser("lm-eval", help=HELP["lm-eval"], description=HELP["lm-eval"])
     _config_args(le)
@@ -83,14 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help=HELP["generate"], description=HELP["generate"])
     _config_args(g)
     g.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
-    g.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="text to continue; repeat for a batch (default: start a new document)")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="text to continue; repeat for a batch (default: start a new document)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=200, help="at most this many (and within the model's context)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this mass")
-    g.add_argument("--stop", action="append", default=[], metavar="TOKEN",
-                   help="also stop at this one-token string (repeatable; EOS always stops)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="also stop at this one-token string (repeatable; EOS always stops)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
     e = sub.add_parser("export-hf", help=HELP["export-hf"], description=HELP["export-hf"])
@@ -100,11 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export_hf)
     t = sub.add_parser("tune", help=HELP["tune"], description=HELP["tune"])
     _config_args(t)
-    t.add_argument("--space", required=True, metavar="YAML", help="the sweep file: search space, algorithm, scheduler, budgets")
+    t.add_argument(
+        "--space", required=True, metavar="YAML", help="the sweep file: search space, algorithm, scheduler, budgets"
+    )
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
-    t.add_argument("--resume", nargs="?", const=True, type=_auto_only, metavar="auto",
-                   help="continue the interrupted sweep of this run.name; finished trials are kept. "
-                        "--resume auto: continue it if there is one, else start (what a cluster job's retry needs)")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        type=_auto_only,
+        metavar="auto",
+        help="continue the interrupted sweep of this run.name; finished trials are kept. "
+        "--resume auto: continue it if there is one, else start (what a cluster job's retry needs)",
+    )
     t.set_defaults(func=cmd_tune)
     k = sub.add_parser("cluster", help=HELP["cluster"], description=HELP["cluster"])
     add_cluster_commands(k, _config_args)
@@ -114,10 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_import_hf)
     c = sub.add_parser("cost", help=HELP["cost"], description=HELP["cost"])
     _config_args(c)
-    c.add_argument("--gpu", help="GPU type, priced and peaked in pipelines/cost.py (default: cluster.gpu.type, H100)")
-    c.add_argument("--gpus", type=int, metavar="N",
-                   help="GPUs of the run (default: scaling.num_workers if scaling.use_gpu, else 8)")
-    c.add_argument("--mfu", type=float, default=None, metavar="F", help="expected model FLOPs utilization (default 0.40)")
+    c.add_argument(
+        "--gpu", help="GPU type, priced and peaked in pipelines/train/cost.py (default: cluster.gpu.type, H100)"
+    )
+    c.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPUs of the run (default: scaling.num_workers if scaling.use_gpu, else 8)",
+    )
+    c.add_argument(
+        "--mfu", type=float, default=None, metavar="F", help="expected model FLOPs utilization (default 0.40)"
+    )
     c.add_argument("--spot", action="store_true", help="price at the spot column (default: cluster.gpu.spot)")
     c.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour, over every table and the config")
     c.add_argument("--prices", metavar="YAML", help="a price file over the table: {H100: {on_demand: 2.49, spot: 1.8}}")
@@ -130,23 +192,40 @@ def build_parser() -> argparse.ArgumentParser:
 def _runs_parser(sub) -> None:
     r = sub.add_parser("runs", help=HELP["runs"], description=HELP["runs"])
     _config_args(r)  # the config gives tracking.tracking_uri and tracking.experiment, nothing else
-    r.add_argument("--compare", nargs="+", metavar="RUN",
-                   help="these runs side by side, with the params that differ (RUN: an MLflow run name, the newest "
-                        "of that name, or a run id prefix)")
-    r.add_argument("--tracking-uri", metavar="URI",
-                   help="the MLflow store (default: tracking.tracking_uri, else $MLFLOW_TRACKING_URI, "
-                        "else ./mlflow.db)")
+    r.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="these runs side by side, with the params that differ (RUN: an MLflow run name, the newest "
+        "of that name, or a run id prefix)",
+    )
+    r.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="the MLflow store (default: tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
     r.add_argument("--experiment", metavar="NAME", help="default: tracking.experiment (raylm)")
-    r.add_argument("--stage", metavar="S", help="only runs of this stage: run, prepare, pretrain, evaluate, finetune, "
-                                                "tune, trial or lm-eval")
-    r.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED"],
-                   help="only runs in this state (the table says RUNNING? for a run silent for 10 minutes: "
-                        "its driver may be gone)")
+    r.add_argument(
+        "--stage",
+        metavar="S",
+        help="only runs of this stage: run, prepare, pretrain, evaluate, finetune, tune, trial or lm-eval",
+    )
+    r.add_argument(
+        "--status",
+        type=str.upper,
+        choices=["RUNNING", "FINISHED", "FAILED", "KILLED"],
+        help="only runs in this state (the table says RUNNING? for a run silent for 10 minutes: "
+        "its driver may be gone)",
+    )
     r.add_argument("--name", metavar="TEXT", help="only runs whose name contains TEXT (any case)")
     r.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
-    r.add_argument("--sort", choices=["start", "cost", "tokens", "best_val_loss"], default="start",
-                   help="start: the newest first (default); cost, tokens: the largest first; best_val_loss: the "
-                        "lowest first (reads every matching run: ~15 s for 1000 from sqlite)")
+    r.add_argument(
+        "--sort",
+        choices=["start", "cost", "tokens", "best_val_loss"],
+        default="start",
+        help="start: the newest first (default); cost, tokens: the largest first; best_val_loss: the "
+        "lowest first (reads every matching run: ~15 s for 1000 from sqlite)",
+    )
     r.add_argument("--json", action="store_true", help="print a JSON list of the rows instead of a table")
     r.set_defaults(func=cmd_runs)
 
@@ -160,8 +239,14 @@ def _auto_only(value: str) -> str:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (default: built-in quickstart defaults)")
     p.add_argument("--config", dest="config_flag", metavar="CONFIG", help="same as the positional CONFIG")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by its dotted path, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted path, e.g. --set train.lr=3e-4 (repeatable)",
+    )
 
 
 def _sources(paths: list[str]) -> list[dict]:
@@ -194,7 +279,9 @@ def config_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     refine what they give."""
     if args.config and args.config_flag:
         raise ConfigError("give the config either as CONFIG or as --config, not both")
-    overrides = [f"{key}={json.dumps(value(getattr(args, flag)))}" for flag, key, value in FLAG_KEYS if getattr(args, flag, None)]
+    overrides = [
+        f"{key}={json.dumps(value(getattr(args, flag)))}" for flag, key, value in FLAG_KEYS if getattr(args, flag, None)
+    ]
     return args.config or args.config_flag, overrides + list(args.overrides)
 
 
@@ -218,7 +305,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.command == "finetune" and not cfg.finetune.base:
         raise ConfigError("finetune.base: give the model to start from (--base PATH or finetune.base in the config)")
-    from raylm.pipelines.readers import check_sources  # pyarrow only: no Ray yet
+    from raylm.pipelines.data.readers import check_sources  # pyarrow only: no Ray yet
 
     if "prepare" in STAGES[args.command] or (args.command == "finetune" and cfg.finetune.mode == "cpt"):
         check_sources(cfg.data.sources)
@@ -237,20 +324,29 @@ def cmd_stages(args: argparse.Namespace) -> int:
         return 0
     from raylm.pipelines.jobs import run_lifecycle  # imports Ray and torch
 
-    out = run_lifecycle(cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None),
-                        getattr(args, "resume", None))
+    out = run_lifecycle(
+        cfg, args.address, STAGES[args.command], getattr(args, "checkpoint", None), getattr(args, "resume", None)
+    )
     print_summary(args.command, cfg, out)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
+    from raylm.pipelines.eval.sampling import sample_texts
     from raylm.pipelines.jobs import find_checkpoint
-    from raylm.pipelines.sampling import sample_texts
 
     checkpoint = _model_dir(args.checkpoint or find_checkpoint(cfg), "--checkpoint")
-    texts = sample_texts(checkpoint, args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k or None,
-                         args.top_p, tuple(args.stop), args.seed)
+    texts = sample_texts(
+        checkpoint,
+        args.prompt or [""],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k or None,
+        args.top_p,
+        tuple(args.stop),
+        args.seed,
+    )
     print("\n\n".join(texts))
     return 0
 
@@ -302,7 +398,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from functools import partial
 
     from raylm.models.config import flops_per_token
-    from raylm.pipelines.cost import EXPECTED_MFU, PEAK_FLOPS, estimate, gpu_name, planned_model, planned_tokens
+    from raylm.pipelines.train.cost import EXPECTED_MFU, PEAK_FLOPS, estimate, gpu_name, planned_model, planned_tokens
 
     cfg = resolve_config(args)  # pydantic, yaml and the model's arithmetic: no Ray, no torch
     gpu, mfu = gpu_name(args.gpu or cfg.cluster.gpu.type), EXPECTED_MFU if args.mfu is None else args.mfu
@@ -314,12 +410,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
     fpt, tokens = flops_per_token(model, cfg.data.seq_len), planned_tokens(cfg.train, cfg.data.seq_len)
     price, source = _cost_price(args, cfg, gpu)
     plan = partial(estimate, fpt, tokens, PEAK_FLOPS[gpu], mfu=mfu, price_per_hour=price)  # plan(gpus)
-    lines = [f"raylm cost '{cfg.run.name}': an estimate before launch", *_cost_work(cfg, model, fpt, tokens),
-             f"  assumes      {PEAK_FLOPS[gpu] / 1e12:,.0f} TFLOP/s dense bf16 peak per {gpu} at {mfu:.0%} MFU; "
-             f"${price:,.2f} per GPU-hour ({source})"]
+    lines = [
+        f"raylm cost '{cfg.run.name}': an estimate before launch",
+        *_cost_work(cfg, model, fpt, tokens),
+        f"  assumes      {PEAK_FLOPS[gpu] / 1e12:,.0f} TFLOP/s dense bf16 peak per {gpu} at {mfu:.0%} MFU; "
+        f"${price:,.2f} per GPU-hour ({source})",
+    ]
     mine = plan(gpus)
-    lines.append(f"  estimate     {gpus} x {gpu}: {mine.tokens_per_s:,.0f} tokens/s, {_duration(mine.hours)} to train, "
-                 f"{_gpu_hours(mine.unit_hours)} GPU-hours, {_dollars(mine.usd)}")
+    lines.append(
+        f"  estimate     {gpus} x {gpu}: {mine.tokens_per_s:,.0f} tokens/s, {_duration(mine.hours)} to train, "
+        f"{_gpu_hours(mine.unit_hours)} GPU-hours, {_dollars(mine.usd)}"
+    )
     if cfg.train.max_usd:
         share = mine.usd / cfg.train.max_usd
         lines.append(f"  budget       train.max_usd {_dollars(cfg.train.max_usd)}: the estimate is {share:.1%} of it")
@@ -330,7 +431,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 def _cost_price(args: argparse.Namespace, cfg: RaylmConfig, gpu: str) -> tuple[float, str]:
     """--price wins; --spot or --prices ask for the table's column; else scaling.price_per_hour
     if set, else the table's on-demand column: what training would charge."""
-    from raylm.pipelines.cost import PRICES, load_prices, quote
+    from raylm.pipelines.train.cost import PRICES, load_prices, quote
 
     if args.price is not None:
         return args.price, "--price"
@@ -346,15 +447,21 @@ def _cost_work(cfg: RaylmConfig, model, fpt: int, tokens: int) -> list[str]:
 
     counts, seq_len = param_counts(model), cfg.data.seq_len
     matmul = counts["non_embedding"] + model.vocab_size * model.n_embd  # flops_per_token's N: the output head counts
-    vocab = "model.vocab_size" if cfg.model.vocab_size else f"tokenizer.vocab_size {cfg.tokenizer.vocab_size:,} padded to 64"
+    vocab = (
+        "model.vocab_size"
+        if cfg.model.vocab_size
+        else f"tokenizer.vocab_size {cfg.tokenizer.vocab_size:,} padded to 64"
+    )
     steps = tokens // (cfg.train.batch_size * seq_len)
     capped = " (train.max_tokens ends it before max_steps)" if steps < cfg.train.max_steps else ""
-    return [f"  model        {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding; "
-            f"vocab {model.vocab_size:,} = {vocab})",
-            f"  FLOPs/token  {fpt:,} = 6 x {matmul:,} matmul weights + {fpt - 6 * matmul:,} attention "
-            f"at seq_len {seq_len:,}",
-            f"  tokens       {tokens:,} = {steps:,} steps x {cfg.train.batch_size:,} sequences x {seq_len:,} tokens{capped}",
-            f"  compute      {fpt * tokens:.4g} FLOPs"]
+    return [
+        f"  model        {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding; "
+        f"vocab {model.vocab_size:,} = {vocab})",
+        f"  FLOPs/token  {fpt:,} = 6 x {matmul:,} matmul weights + {fpt - 6 * matmul:,} attention "
+        f"at seq_len {seq_len:,}",
+        f"  tokens       {tokens:,} = {steps:,} steps x {cfg.train.batch_size:,} sequences x {seq_len:,} tokens{capped}",
+        f"  compute      {fpt * tokens:.4g} FLOPs",
+    ]
 
 
 def _cost_table(plan, gpus: int, batch_size: int) -> list[str]:
@@ -363,11 +470,15 @@ def _cost_table(plan, gpus: int, batch_size: int) -> list[str]:
     rows = [f"  {'GPUs':>5} {'seqs/GPU':>9} {'tokens/s':>14} {'time to train':>14} {'GPU-hours':>10} {'cost':>12}"]
     for n in sorted({n for n in (1, 8, 64, 512) if n <= batch_size} | {gpus}):
         e = plan(n)
-        rows.append(f"  {n:>5} {batch_size / n:>9.4g} {e.tokens_per_s:>14,.0f} {_duration(e.hours):>14} "
-                    f"{_gpu_hours(e.unit_hours):>10} {_dollars(e.usd):>12}" + ("  <- this run" if n == gpus else ""))
-    return rows + ["  Constant MFU, i.e. linear scaling: GPU-hours and cost are the same at every size. In practice",
-                   "  MFU drops as GPUs are added (communication, fewer sequences per GPU), so large sizes take",
-                   "  longer and cost more than shown; measure a few hundred steps at the size you mean to use."]
+        rows.append(
+            f"  {n:>5} {batch_size / n:>9.4g} {e.tokens_per_s:>14,.0f} {_duration(e.hours):>14} "
+            f"{_gpu_hours(e.unit_hours):>10} {_dollars(e.usd):>12}" + ("  <- this run" if n == gpus else "")
+        )
+    return rows + [
+        "  Constant MFU, i.e. linear scaling: GPU-hours and cost are the same at every size. In practice",
+        "  MFU drops as GPUs are added (communication, fewer sequences per GPU), so large sizes take",
+        "  longer and cost more than shown; measure a few hundred steps at the size you mean to use.",
+    ]
 
 
 def _duration(hours: float) -> str:
@@ -387,8 +498,13 @@ def _dollars(usd: float) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from raylm.pipelines.runs import compare_json, compare_runs, format_runs, open_store  # mlflow: no Ray, no torch
     from raylm.pipelines.runtime import tracking_uri
+    from raylm.pipelines.track.runs import (
+        compare_json,
+        compare_runs,
+        format_runs,
+        open_store,
+    )  # mlflow: no Ray, no torch
 
     cfg = resolve_config(args)
     if args.limit < 1:
@@ -412,8 +528,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def _check_base(path: Path) -> None:
     if not ((path / "model.json").is_file() or (path / "config.json").is_file()):
-        raise DataError(f"finetune.base: {path} is neither a raylm model directory (model.json) "
-                        "nor a Hugging Face one (config.json)")
+        raise DataError(
+            f"finetune.base: {path} is neither a raylm model directory (model.json) "
+            "nor a Hugging Face one (config.json)"
+        )
 
 
 def _model_dir(path: Path, flag: str) -> Path:
@@ -427,23 +545,31 @@ def _model_dir(path: Path, flag: str) -> Path:
 
 def print_summary(command: str, cfg: RaylmConfig, out) -> None:
     t = out.tracker
-    lines = [f"raylm {command} '{cfg.run.name}' finished in {out.seconds['total']:.0f} s "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in out.seconds.items() if k != 'total')})"]
+    lines = [
+        f"raylm {command} '{cfg.run.name}' finished in {out.seconds['total']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in out.seconds.items() if k != 'total')})"
+    ]
     if out.manifest:
         tr = out.manifest["splits"]["train"]
         examples = f"{tr['examples']:,} examples, {tr['trained_tokens']:,} trained tokens, " if "examples" in tr else ""
-        lines.append(f"  data        {out.manifest['path']} ({examples}{tr['tokens']:,} train tokens, vocab {out.manifest['vocab_size']})")
+        lines.append(
+            f"  data        {out.manifest['path']} ({examples}{tr['tokens']:,} train tokens, vocab {out.manifest['vocab_size']})"
+        )
     if out.checkpoint:
         lines.append(f"  checkpoint  {out.checkpoint}")
     if out.metrics:
         m = out.metrics
-        lines.append(f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
-                     f"{m['final_val_bits_per_byte']:.4f} bits/byte")
+        lines.append(
+            f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
+            f"{m['final_val_bits_per_byte']:.4f} bits/byte"
+        )
         if "unigram_baseline" in out.manifest:
             lines.append(f"  baselines   {_baselines(out.manifest)}")
     for name, m in out.texts.items():
-        lines.append(f"  text        {name}: loss {m['loss']:.4f} nats/token | perplexity {m['perplexity']:.2f} | "
-                     f"{m['bits_per_byte']:.4f} bits/byte ({m['windows']} windows)")
+        lines.append(
+            f"  text        {name}: loss {m['loss']:.4f} nats/token | perplexity {m['perplexity']:.2f} | "
+            f"{m['bits_per_byte']:.4f} bits/byte ({m['windows']} windows)"
+        )
     for task, scores in out.tasks.items():
         shown = " | ".join(f"{k} {v:.4f}" if k != "examples" else f"{v:.0f} examples" for k, v in scores.items())
         lines.append(f"  task        {task}: {shown}")
@@ -451,8 +577,10 @@ def print_summary(command: str, cfg: RaylmConfig, out) -> None:
         lines.append(f"  sample      {out.sample[:200]!r}")
     lines.append(f"  MLflow      run {t.run_id} in experiment '{cfg.tracking.experiment}' at {redact(t.uri)}")
     if t.uri.startswith(("sqlite:", "file:", "/")):
-        lines.append(f"  MLflow UI   mlflow ui --backend-store-uri {redact(t.uri)} --host 127.0.0.1 --port 5000"
-                     f"  then open http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs/{t.run_id}")
+        lines.append(
+            f"  MLflow UI   mlflow ui --backend-store-uri {redact(t.uri)} --host 127.0.0.1 --port 5000"
+            f"  then open http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs/{t.run_id}"
+        )
     elif t.uri.startswith(("http:", "https:")):
         lines.append(f"  MLflow UI   {redact(t.uri).rstrip('/')}/#/experiments/{t.experiment_id}/runs/{t.run_id}")
     print("\n".join(lines))

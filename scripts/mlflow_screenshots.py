@@ -4,8 +4,10 @@ Users review runs in the MLflow UI; this shows what they see. It opens the run's
 and one metric's chart, saves them as `run-overview.png` and `metric-<name>.png`, and prints the
 overview's visible text (what `screenshot_run` returns, for a test to assert on).
 
-    .venv/bin/python scripts/mlflow_screenshots.py --backend-store-uri sqlite:///mlflow.db --run quickstart --out screenshots/
-    .venv/bin/python scripts/mlflow_screenshots.py --tracking-uri http://127.0.0.1:5000 --run-id 1f0c... --metric val_loss
+    .venv/bin/python scripts/mlflow_screenshots.py --backend-store-uri sqlite:///mlflow.db \
+        --run quickstart --out screenshots/
+    .venv/bin/python scripts/mlflow_screenshots.py --tracking-uri http://127.0.0.1:5000 \
+        --run-id 1f0c... --metric val_loss
 
 With --backend-store-uri it starts `mlflow server` on that store (on 127.0.0.1, a free port) and
 stops it at the end; with --tracking-uri it uses a server that is already running. The run is
@@ -45,10 +47,15 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 MLFLOW = Path(sys.executable).with_name("mlflow")  # the venv's, so that server and client agree
 WINDOW = (1400, 1000)
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
     # Without internet access Chromium would otherwise keep retrying its own background
     # connections (updates, sync, field trials) and fill the log with refused connections.
-    "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
     "--disable-sync",
 ]
 # The UI opens its Assistant chat panel on a first visit, taking a quarter of the page. These
@@ -71,9 +78,16 @@ class Screenshots:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        shots = screenshot_run(args.out, tracking_uri=args.tracking_uri, backend_store_uri=args.backend_store_uri,
-                               experiment=args.experiment, run_name=args.run, run_id=args.run_id,
-                               metric=args.metric, timeout=args.timeout)
+        shots = screenshot_run(
+            args.out,
+            tracking_uri=args.tracking_uri,
+            backend_store_uri=args.backend_store_uri,
+            experiment=args.experiment,
+            run_name=args.run,
+            run_id=args.run_id,
+            metric=args.metric,
+            timeout=args.timeout,
+        )
     except (LookupError, MlflowException, TimeoutError, RuntimeError) as err:
         print(f"mlflow_screenshots: {err}", file=sys.stderr)
         return 1
@@ -85,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     store = parser.add_mutually_exclusive_group()
-    store.add_argument("--backend-store-uri", default="sqlite:///mlflow.db",
-                       help="start an MLflow server on this store (default: %(default)s, raylm's default store)")
+    store.add_argument(
+        "--backend-store-uri",
+        default="sqlite:///mlflow.db",
+        help="start an MLflow server on this store (default: %(default)s, raylm's default store)",
+    )
     store.add_argument("--tracking-uri", help="use this running MLflow server instead (http://host:port)")
     parser.add_argument("--experiment", default="raylm", help="default: %(default)s")
     which = parser.add_mutually_exclusive_group()
@@ -94,23 +111,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--run-id", help="the run with this id")
     parser.add_argument("--metric", default="train_loss", help="the metric to chart (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("screenshots"), help="default: %(default)s/")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each page (default: %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for each page (default: %(default)s)"
+    )
     return parser.parse_args(argv)
 
 
-def screenshot_run(out: Path, *, tracking_uri: str | None = None, backend_store_uri: str = "sqlite:///mlflow.db",
-                   experiment: str = "raylm", run_name: str | None = None, run_id: str | None = None,
-                   metric: str = "train_loss", timeout: float = 60.0) -> Screenshots:
+def screenshot_run(
+    out: Path,
+    *,
+    tracking_uri: str | None = None,
+    backend_store_uri: str = "sqlite:///mlflow.db",
+    experiment: str = "raylm",
+    run_name: str | None = None,
+    run_id: str | None = None,
+    metric: str = "train_loss",
+    timeout: float = 60.0,
+) -> Screenshots:
     """Screenshots of a run's overview and of `metric`'s chart in `out`; the server is
     `tracking_uri`'s, or one started on `backend_store_uri` for the duration."""
     check_store(tracking_uri or backend_store_uri)
     run = find_run(MlflowClient(tracking_uri or backend_store_uri), experiment, run_name, run_id)
     if metric not in run.data.metrics:
         some = ", ".join(sorted(run.data.metrics)[:8]) or "none"
-        raise LookupError(f"run '{run.info.run_name}' has no metric '{metric}' ({len(run.data.metrics)} metrics: {some}, ...)")
+        raise LookupError(
+            f"run '{run.info.run_name}' has no metric '{metric}' ({len(run.data.metrics)} metrics: {some}, ...)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        base = tracking_uri.rstrip("/") if tracking_uri else stack.enter_context(mlflow_server(backend_store_uri, timeout))
+        base = (
+            tracking_uri.rstrip("/") if tracking_uri else stack.enter_context(mlflow_server(backend_store_uri, timeout))
+        )
         driver = stack.enter_context(headless_chromium())
         close_assistant_panel(driver, base)
         page = run_page(base, run.info.experiment_id, run.info.run_id)
@@ -172,9 +203,25 @@ def start_server(backend_store_uri: str, port: int, artifacts: Path, log) -> sub
     # 2-core machine: serving runs and metrics needs neither.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     return subprocess.Popen(
-        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            str(MLFLOW),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--artifacts-destination",
+            str(artifacts),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def free_port() -> int:
@@ -252,8 +299,12 @@ def screenshot_overview(driver, page: str, run_name: str, metric: str, png: Path
     """The overview tab once it shows the run's name and `metric` (in its metrics table);
     returns the page's visible text."""
     driver.get(f"{page}?{MODEL_TRAINING}")
-    wait_until(driver, lambda d: run_name in body_text(d) and metric in body_text(d),
-               f"the run name '{run_name}' and metric '{metric}'", timeout)
+    wait_until(
+        driver,
+        lambda d: run_name in body_text(d) and metric in body_text(d),
+        f"the run name '{run_name}' and metric '{metric}'",
+        timeout,
+    )
     wait_until(driver, animations_done, "the end of its animations", timeout)
     driver.save_screenshot(str(png))
     return body_text(driver)
@@ -264,12 +315,18 @@ def screenshot_metric_chart(driver, page: str, metric: str, png: Path, timeout: 
     driver.get(f"{page}/model-metrics?{MODEL_TRAINING}")
     # A run with many metrics has many chart sections, and charts out of view are not drawn:
     # the tab's own search leaves only the charts whose names contain `metric`.
-    search = wait_until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, CHART_SEARCH), "its chart search box", timeout)
+    search = wait_until(
+        driver, lambda d: d.find_elements(By.CSS_SELECTOR, CHART_SEARCH), "its chart search box", timeout
+    )
     search[0].send_keys(metric)
     card = wait_until(driver, lambda d: chart_card(d, metric), f"a chart card titled '{metric}'", timeout)
     card.find_element(By.CSS_SELECTOR, '[data-component-id="fullscreen_button_chartcard"]').click()
-    wait_until(driver, lambda d: any(line.get_attribute("d") for line in d.find_elements(By.CSS_SELECTOR, CHART_LINE)),
-               f"the full-screen chart of '{metric}' with a drawn line", timeout)
+    wait_until(
+        driver,
+        lambda d: any(line.get_attribute("d") for line in d.find_elements(By.CSS_SELECTOR, CHART_LINE)),
+        f"the full-screen chart of '{metric}' with a drawn line",
+        timeout,
+    )
     wait_until(driver, animations_done, "the end of its animations", timeout)  # the dialog zooms in
     driver.save_screenshot(str(png))
 
@@ -290,18 +347,22 @@ def animations_done(driver) -> bool:
     """No finite CSS animation or transition is running (an endless one, a spinner, is ignored)."""
     return driver.execute_script(
         "return document.getAnimations().every(a => a.playState !== 'running'"
-        " || a.effect.getComputedTiming().iterations === Infinity)")
+        " || a.effect.getComputedTiming().iterations === Infinity)"
+    )
 
 
 def wait_until(driver, condition, what: str, timeout: float):
     """WebDriverWait(condition), failing with what was awaited and what the page showed instead.
     An element that React replaced while it was read counts as not there yet."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2,
-                             ignored_exceptions=[StaleElementReferenceException]).until(condition)
+        return WebDriverWait(
+            driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+        ).until(condition)
     except TimeoutException:
         shown = " | ".join(body_text(driver).split("\n")[:40])
-        raise TimeoutError(f"{driver.current_url} did not show {what} within {timeout:.0f} s; it showed: {shown}") from None
+        raise TimeoutError(
+            f"{driver.current_url} did not show {what} within {timeout:.0f} s; it showed: {shown}"
+        ) from None
 
 
 if __name__ == "__main__":

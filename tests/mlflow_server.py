@@ -28,9 +28,11 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90) -> "MlflowServer":
+    def start(self, timeout: float = 90) -> MlflowServer:
         log = open(self.root / "server.log", "a+")
-        self.proc = self.script.start_server(f"sqlite:///{self.root / 'mlflow.db'}", self.port, self.root / "artifacts", log)
+        self.proc = self.script.start_server(
+            f"sqlite:///{self.root / 'mlflow.db'}", self.port, self.root / "artifacts", log
+        )
         self.script.wait_until_healthy(self.url, self.proc, log, timeout)
         return self
 

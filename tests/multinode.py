@@ -17,10 +17,10 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
-from raylm.pipelines.config import load_config
-from raylm.pipelines.prepare import prepare
-from raylm.pipelines.pretrain import build_model_config, pretrain
+from raylm.config import load_config
+from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.runtime import quiet_ray_data
+from raylm.pipelines.train.pretrain import build_model_config, pretrain
 
 
 def free_port() -> int:
@@ -39,17 +39,42 @@ def main(corpus: str, out: str, overrides: list[str]) -> None:
     try:
         cfg = load_config(None, [f"data.sources=[{{paths: ['{corpus}']}}]", *overrides])
         manifest = prepare(cfg.data, cfg.tokenizer, Path(out))
-        tasks = list_tasks(address=cluster.address, filters=[("type", "=", "NORMAL_TASK")], detail=True,
-                           limit=10_000, raise_on_missing_output=False)
+        tasks = list_tasks(
+            address=cluster.address,
+            filters=[("type", "=", "NORMAL_TASK")],
+            detail=True,
+            limit=10_000,
+            raise_on_missing_output=False,
+        )
         nodes = sorted({t.node_id for t in tasks if t.node_id and "_parse_file" in t.name})
         workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-        result, _ = pretrain(build_model_config(cfg.model, manifest["vocab_size"]), cfg.train, cfg.scaling, cfg.run,
-                             manifest, tracking=None)
-        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                             raise_on_missing_output=False)
-        print("RESULT " + json.dumps({"manifest": manifest, "parse_nodes": nodes, "cpu_nodes": sorted(workers),
-                                      "train_nodes": sorted(a.node_id for a in actors),
-                                      "checkpoint": result.checkpoint.path, "metrics": result.metrics}))
+        result, _ = pretrain(
+            build_model_config(cfg.model, manifest["vocab_size"]),
+            cfg.train,
+            cfg.scaling,
+            cfg.run,
+            manifest,
+            tracking=None,
+        )
+        actors = list_actors(
+            address=cluster.address,
+            filters=[("class_name", "=", "RayTrainWorker")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "manifest": manifest,
+                    "parse_nodes": nodes,
+                    "cpu_nodes": sorted(workers),
+                    "train_nodes": sorted(a.node_id for a in actors),
+                    "checkpoint": result.checkpoint.path,
+                    "metrics": result.metrics,
+                }
+            )
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

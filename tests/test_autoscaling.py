@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -181,8 +181,13 @@ class FakeAutoscalingCluster:
             self.env.pop(var, None)
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self) -> None:
         cfg = yaml.safe_load(CONFIG.read_text())
@@ -190,22 +195,35 @@ class FakeAutoscalingCluster:
         head_env = dict(self.env)
         if self.version == "v2":  # what AutoscalingCluster(autoscaler_v2=True) sets
             cfg["provider"].update(launch_multiple=True, head_node_id=FAKE_HEAD_ID)
-            head_env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
-                            RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
-                            RAY_NODE_TYPE_NAME="ray.head.default")  # v2 asserts a head type
+            head_env.update(
+                RAY_enable_autoscaler_v2="1",
+                RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
+                RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
+                RAY_NODE_TYPE_NAME="ray.head.default",
+            )  # v2 asserts a head type
             self.env["RAY_enable_autoscaler_v2"] = "1"
         self.config = self.tmp / "autoscaler.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus=0",
-               f"--port={self.gcs.rsplit(':', 1)[1]}",
-               f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
-               f"--ray-client-server-port={free_port()}", f"--temp-dir={self.tmp / 'ray'}",
-               "--object-store-memory=200000000", f"--autoscaling-config={self.config}",
-               "--disable-usage-stats", "--block"]  # --block: SIGTERM to it stops its children
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--num-cpus=0",
+            f"--port={self.gcs.rsplit(':', 1)[1]}",
+            f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={self.tmp / 'ray'}",
+            "--object-store-memory=200000000",
+            f"--autoscaling-config={self.config}",
+            "--disable-usage-stats",
+            "--block",
+        ]  # --block: SIGTERM to it stops its children
         if self.version == "v2":
             cmd.append("--no-monitor")  # as KubeRay does: the autoscaler runs beside the head
-        head = subprocess.Popen(cmd, env=head_env, start_new_session=True,
-                                stdout=open(self.tmp / "head.out", "w"), stderr=subprocess.STDOUT)
+        head = subprocess.Popen(
+            cmd, env=head_env, start_new_session=True, stdout=open(self.tmp / "head.out", "w"), stderr=subprocess.STDOUT
+        )
         self.groups.append(head.pid)  # session leader: its pid is the process group id
         self.head = head
         deadline = time.time() + 120
@@ -233,8 +251,13 @@ class FakeAutoscalingCluster:
             f"            '--autoscaling-config={self.config}', '--monitor-ip={self.ip}']\n"
             f"runpy.run_path({str(monitor)!r}, run_name='__main__')\n"
         )
-        mon = subprocess.Popen([sys.executable, "-u", "-c", code], env=self.env, start_new_session=True,
-                               stdout=open(self.tmp / "v2-monitor.out", "w"), stderr=subprocess.STDOUT)
+        mon = subprocess.Popen(
+            [sys.executable, "-u", "-c", code],
+            env=self.env,
+            start_new_session=True,
+            stdout=open(self.tmp / "v2-monitor.out", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.groups.append(mon.pid)
 
     def _wait_ready(self) -> None:
@@ -279,8 +302,9 @@ def first(rows: list[dict], cond, after: float = 0.0) -> float | None:
     return next((r["t"] for r in rows if r["t"] >= after and cond(r)), None)
 
 
-@pytest.mark.parametrize("version,job", [("v1", PG_JOB), ("v2", PG_JOB), ("v2", TRAIN_JOB)],
-                         ids=["v1-pg", "v2-pg", "v2-train"])
+@pytest.mark.parametrize(
+    "version,job", [("v1", PG_JOB), ("v2", PG_JOB), ("v2", TRAIN_JOB)], ids=["v1-pg", "v2-pg", "v2-train"]
+)
 def test_job_scales_workers_up_and_idle_workers_down(version, job):
     started = time.time()
     cluster = FakeAutoscalingCluster(version)
@@ -289,12 +313,18 @@ def test_job_scales_workers_up_and_idle_workers_down(version, job):
         cluster.start()
         head_up = time.time()
         sid = f"raylm-autoscale-{secrets.token_hex(4)}"
-        observer = subprocess.Popen([sys.executable, "-c", OBSERVER, cluster.gcs, cluster.dashboard, sid],
-                                    env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    text=True, cwd=REPO)
+        observer = subprocess.Popen(
+            [sys.executable, "-c", OBSERVER, cluster.gcs, cluster.dashboard, sid],
+            env=cluster.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
         rows: list[dict] = []
-        threading.Thread(target=lambda: [rows.append(json.loads(line)) for line in observer.stdout],
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: [rows.append(json.loads(line)) for line in observer.stdout], daemon=True
+        ).start()
         deadline = time.time() + 60
         while not rows:
             assert time.time() < deadline and observer.poll() is None, "observer did not start"
@@ -302,8 +332,17 @@ def test_job_scales_workers_up_and_idle_workers_down(version, job):
         assert rows[-1]["workers"] == [], f"worker nodes before any job: {rows[-1]}"
 
         t0 = time.time()
-        sub = cluster.ray("job", "submit", f"--address={cluster.dashboard}", f"--submission-id={sid}",
-                          "--no-wait", "--", "python", "-c", job)
+        sub = cluster.ray(
+            "job",
+            "submit",
+            f"--address={cluster.dashboard}",
+            f"--submission-id={sid}",
+            "--no-wait",
+            "--",
+            "python",
+            "-c",
+            job,
+        )
         assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
 
         def wait_for(cond, timeout: float, what: str) -> float:
@@ -319,8 +358,9 @@ def test_job_scales_workers_up_and_idle_workers_down(version, job):
         t_first = wait_for(lambda r: len(r["workers"]) >= 1, UP_TIMEOUT_S, "a first worker node")
         t_two = wait_for(lambda r: len(r["workers"]) >= 2, UP_TIMEOUT_S, "2 worker nodes")
         t_done = wait_for(lambda r: r["job"] in ("SUCCEEDED", "FAILED", "STOPPED"), JOB_TIMEOUT_S, "job end")
-        t_gone = wait_for(lambda r: r["t"] >= t_done and r["workers"] == [], DOWN_TIMEOUT_S,
-                          "idle workers to be removed")
+        t_gone = wait_for(
+            lambda r: r["t"] >= t_done and r["workers"] == [], DOWN_TIMEOUT_S, "idle workers to be removed"
+        )
         snapshot = list(rows)
 
         status = next(r["job"] for r in snapshot if r["t"] >= t_done)
@@ -351,7 +391,9 @@ def test_job_scales_workers_up_and_idle_workers_down(version, job):
             observer.wait()
         stopping = time.time()
         left = cluster.stop()
-        print(f"cleanup: {time.time() - stopping:.1f} s; still up 5 s after SIGTERM, then killed: "
-              f"{cluster.survived_sigterm or 'none'}")
+        print(
+            f"cleanup: {time.time() - stopping:.1f} s; still up 5 s after SIGTERM, then killed: "
+            f"{cluster.survived_sigterm or 'none'}"
+        )
     assert not left, f"processes of this test still alive after SIGKILL: {left}"
     print(f"total (start, run, cleanup): {time.time() - started:.1f} s")

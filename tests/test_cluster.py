@@ -19,10 +19,9 @@ from raylm.cli import main
 from raylm.cluster.manifests import RAY_VERSION
 from raylm.cluster.render import pod_config, render_cluster, render_job, render_platform
 from raylm.cluster.validate import check, lint, schema_errors
-from raylm.pipelines.config import ClusterSection, load_raw, validate
-from raylm.pipelines.errors import ConfigError
-
-from .conftest import REPO, SHARED_DATA
+from raylm.config import ClusterSection, load_raw, validate
+from raylm.errors import ConfigError
+from tests.conftest import REPO, SHARED_DATA
 
 CRDS = SHARED_DATA.parent / "k8s" / "crds"
 EXAMPLES = sorted((REPO / "cluster").glob("*.yaml"))
@@ -34,7 +33,7 @@ def docs_of(path: Path) -> list[dict]:
 
 
 def render_command(path: Path) -> list[str]:
-    (line,) = [l for l in path.read_text().splitlines() if l.startswith("#   raylm cluster render")]
+    (line,) = [line for line in path.read_text().splitlines() if line.startswith("#   raylm cluster render")]
     return shlex.split(line.removeprefix("#   raylm "))
 
 
@@ -48,7 +47,7 @@ def test_committed_example_is_exactly_what_render_prints(path, tmp_path, monkeyp
     out = tmp_path / "out.yaml"
     assert main(render_command(path) + ["--out", str(out)]) == 0
     header = path.read_text().splitlines(keepends=True)[:4]
-    assert all(l.startswith("#") for l in header)
+    assert all(line.startswith("#") for line in header)
     assert path.read_text() == "".join(header) + out.read_text()
 
 
@@ -78,8 +77,9 @@ def test_platform_validates_and_keeps_secrets_out():
     assert check(docs, CRDS) == []
     (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
     env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env == [{"name": "MLFLOW_BACKEND_STORE_URI",
-                    "valueFrom": {"secretKeyRef": {"name": "mlflow-db", "key": "uri"}}}]
+    assert env == [
+        {"name": "MLFLOW_BACKEND_STORE_URI", "valueFrom": {"secretKeyRef": {"name": "mlflow-db", "key": "uri"}}}
+    ]
     assert "postgresql://" not in yaml.safe_dump_all(docs)
 
 
@@ -93,7 +93,11 @@ def test_job_layout_for_gpt2_on_8_gpus():
     assert cluster["authOptions"] == {"mode": "token"} and cluster["autoscalerOptions"]["version"] == "v2"
     cpu, gpu = cluster["workerGroupSpecs"]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert (gpu["minReplicas"], gpu["maxReplicas"], limits["nvidia.com/gpu"]) == (0, 1, "8")  # 8 workers, one 8-GPU node
+    assert (gpu["minReplicas"], gpu["maxReplicas"], limits["nvidia.com/gpu"]) == (
+        0,
+        1,
+        "8",
+    )  # 8 workers, one 8-GPU node
     assert cpu["minReplicas"] == 0
     job_cfg = validate(yaml.safe_load(cm["data"]["config.yaml"]), "job")
     assert job_cfg.run.output_dir == "/mnt/raylm/runs" and job_cfg.run.name == "gpt2-124m"
@@ -104,27 +108,39 @@ def test_spot_gpus_add_the_spot_selector_and_toleration():
     raw = load_raw(GPT2, ["cluster.gpu.spot=true"])
     pod = render_job(raw, "pretrain")[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]
     assert pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
-    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["run.output_dir=/data/runs"], "run.output_dir=/data/runs is on the pod's own disk"),
-    (["data.sources=[{paths: [corpus/a.txt]}]"], "data.sources.0.paths.0=corpus/a.txt is a path on this machine"),
-    (["tracking.tracking_uri=sqlite:///mlflow.db"], "tracking.tracking_uri=sqlite:///mlflow.db is a store on one machine"),
-    (["scaling.max_failures=0", "cluster.gpu.spot=true"], "scaling.max_failures=0 with cluster.gpu.spot"),
-    (["scaling.cpus_per_worker=null"], "scaling.cpus_per_worker: set it for a cluster"),
-    (["scaling.cpus_per_worker=9"], "scaling.cpus_per_worker=9 exceeds cluster.gpu.cpus_per_gpu=8"),
-    (["cluster.imag=raylm"], "unknown key cluster.imag (did you mean cluster.image?)"),
-    (["tracking.tracking_uri=https://me:hunter2@mlflow.example.com"],
-     "tracking.tracking_uri=https://me:***@mlflow.example.com carries a password"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.output_dir=/data/runs"], "run.output_dir=/data/runs is on the pod's own disk"),
+        (["data.sources=[{paths: [corpus/a.txt]}]"], "data.sources.0.paths.0=corpus/a.txt is a path on this machine"),
+        (
+            ["tracking.tracking_uri=sqlite:///mlflow.db"],
+            "tracking.tracking_uri=sqlite:///mlflow.db is a store on one machine",
+        ),
+        (["scaling.max_failures=0", "cluster.gpu.spot=true"], "scaling.max_failures=0 with cluster.gpu.spot"),
+        (["scaling.cpus_per_worker=null"], "scaling.cpus_per_worker: set it for a cluster"),
+        (["scaling.cpus_per_worker=9"], "scaling.cpus_per_worker=9 exceeds cluster.gpu.cpus_per_gpu=8"),
+        (["cluster.imag=raylm"], "unknown key cluster.imag (did you mean cluster.image?)"),
+        (
+            ["tracking.tracking_uri=https://me:hunter2@mlflow.example.com"],
+            "tracking.tracking_uri=https://me:***@mlflow.example.com carries a password",
+        ),
+    ],
+)
 def test_configs_a_cluster_cannot_run_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         render_job(load_raw(GPT2, overrides), "pretrain")
 
 
 def test_inputs_on_the_volume_or_in_buckets_are_fine():
-    raw = load_raw(GPT2, ["data.sources=[{paths: [s3://b/corpus/, /mnt/raylm/extra.txt]}]", "run.output_dir=/mnt/raylm/x"])
+    raw = load_raw(
+        GPT2, ["data.sources=[{paths: [s3://b/corpus/, /mnt/raylm/extra.txt]}]", "run.output_dir=/mnt/raylm/x"]
+    )
     out = pod_config(raw, ClusterSection())
     assert out["run"]["output_dir"] == "/mnt/raylm/x"
 
@@ -160,20 +176,34 @@ def test_core_schema_catches_unknown_keys():
     assert any("'acessModes' was unexpected" in e for e in schema_errors(pvc, CRDS))
 
 
-@pytest.mark.parametrize("breakage, problem", [
-    (lambda s: s["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
-     "nvidia.com/gpu requests 8 != limits None"),
-    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="raylm:latest"), "is not pinned"),
-    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="raylm"), "is not pinned"),
-    (lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": "4"}), "num-cpus must be \"0\""),
-    (lambda s: s.update(rayVersion="2.9.0"), "rayVersion 2.9.0 != 2.60.0"),
-    (lambda s: s.pop("authOptions"), "authOptions.mode must be token"),
-    (lambda s: s["headGroupSpec"].update(serviceType="LoadBalancer"), "dashboard must not be exposed"),
-    (lambda s: s["workerGroupSpecs"][1].update(minReplicas=1), "GPU groups scale from minReplicas 0"),
-    (lambda s: s["workerGroupSpecs"][1]["template"]["spec"].pop("tolerations"), "no toleration"),
-    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}), "has a literal value"),
-])
+@pytest.mark.parametrize(
+    "breakage, problem",
+    [
+        (
+            lambda s: s["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"].pop(
+                "nvidia.com/gpu"
+            ),
+            "nvidia.com/gpu requests 8 != limits None",
+        ),
+        (
+            lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="raylm:latest"),
+            "is not pinned",
+        ),
+        (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="raylm"), "is not pinned"),
+        (lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": "4"}), 'num-cpus must be "0"'),
+        (lambda s: s.update(rayVersion="2.9.0"), "rayVersion 2.9.0 != 2.60.0"),
+        (lambda s: s.pop("authOptions"), "authOptions.mode must be token"),
+        (lambda s: s["headGroupSpec"].update(serviceType="LoadBalancer"), "dashboard must not be exposed"),
+        (lambda s: s["workerGroupSpecs"][1].update(minReplicas=1), "GPU groups scale from minReplicas 0"),
+        (lambda s: s["workerGroupSpecs"][1]["template"]["spec"].pop("tolerations"), "no toleration"),
+        (
+            lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+                {"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}
+            ),
+            "has a literal value",
+        ),
+    ],
+)
 def test_lint_catches(breakage, problem):
     job = gpt2_job()
     assert lint(job) == []
@@ -224,12 +254,18 @@ def test_status_without_kubeconfig_says_so(no_kubeconfig, capsys):
 
 def kubeconfig(tmp_path: Path, server: str) -> Path:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": server}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-        "users": [{"name": "test", "user": {"token": "not-a-real-token"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": {"server": server}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+                "users": [{"name": "test", "user": {"token": "not-a-real-token"}}],
+            }
+        )
+    )
     return path
 
 
@@ -242,8 +278,14 @@ class KubeApiWithoutKubeRay(BaseHTTPRequestHandler):
         if self.path.startswith("/apis/ray.io/"):
             self._send(404, b"404 page not found\n", "text/plain")
         elif "/namespaces/nowhere/" in self.path:
-            status = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
-                      "message": 'namespaces "nowhere" not found', "details": {"name": "nowhere", "kind": "namespaces"}}
+            status = {
+                "kind": "Status",
+                "status": "Failure",
+                "reason": "NotFound",
+                "code": 404,
+                "message": 'namespaces "nowhere" not found',
+                "details": {"name": "nowhere", "kind": "namespaces"},
+            }
             self._send(404, json.dumps(status).encode(), "application/json")
         else:
             self._send(500, b"{}", "application/json")

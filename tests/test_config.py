@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from raylm.pipelines.config import RaylmConfig, load_config
-from raylm.pipelines.errors import ConfigError
-
-from .conftest import REPO
+from raylm.config import RaylmConfig, load_config
+from raylm.errors import ConfigError
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -29,8 +28,15 @@ def test_override_keeps_strings_that_look_like_numbers_for_string_fields():
 
 
 def test_override_sets_nested_value_and_parses_numbers():
-    cfg = load_config(None, ["train.lr=3e-4", "model.n_layer=6", "data.sources=[{paths: [a.txt, b.txt], weight: 2}]",
-                             "scaling.use_gpu=true"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "model.n_layer=6",
+            "data.sources=[{paths: [a.txt, b.txt], weight: 2}]",
+            "scaling.use_gpu=true",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.model.n_layer == 6
     assert cfg.data.sources[0].paths == ["a.txt", "b.txt"] and cfg.data.sources[0].weight == 2
@@ -86,7 +92,9 @@ def test_data_section_checks():
         load_config(None, ["data.sources=[{paths: [a], weight: 1}, {paths: [b]}]"])
     with pytest.raises(ConfigError, match=r"data\.sources\.0\.paths: List should have at least 1 item"):
         load_config(None, ["data.sources=[{paths: []}]"])
-    with pytest.raises(ConfigError, match=r"unknown key data\.sources\.0\.pathz \(did you mean data\.sources\.0\.paths\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key data\.sources\.0\.pathz \(did you mean data\.sources\.0\.paths\?\)"
+    ):
         load_config(None, ["data.sources=[{pathz: [a]}]"])
     with pytest.raises(ConfigError, match=r"data\.dedup: num_perm=100 must be divisible by bands=16"):
         load_config(None, ["data.dedup.num_perm=100", "data.dedup.bands=16"])
@@ -100,7 +108,10 @@ def test_flat_params_use_dotted_paths():
 def test_cli_bad_config_is_one_line_on_stderr(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "raylm", "run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.n_layer=-1"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("raylm: error: ") and proc.stderr.strip().count("\n") == 0
@@ -139,8 +150,11 @@ def test_unreachable_mlflow_server_fails_before_ray_is_imported_naming_the_addre
         port = s.getsockname()[1]
     uri = f"http://raylm:hunter2@127.0.0.1:{port}"
     stderr = user_error_before_imports(["pretrain", "--set", f"tracking.tracking_uri={uri}"], tmp_path)
-    assert f"tracking.tracking_uri: no MLflow server answers at http://raylm:***@127.0.0.1:{port} (connection refused)" \
-        in stderr and "hunter2" not in stderr
+    assert (
+        f"tracking.tracking_uri: no MLflow server answers at http://raylm:***@127.0.0.1:{port} (connection refused)"
+        in stderr
+        and "hunter2" not in stderr
+    )
     print(f"[test] pretrain against a closed port {port}: {stderr.strip()}")
 
 
@@ -162,23 +176,36 @@ def test_preset_shapes_are_still_validated():
         load_config(None, ["model.preset=124m", "model.n_embd=770"])
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["finetune", "--sft", "x.jsonl"], "finetune.base: give the model to start from"),
-    (["finetune", "--base", "b", "--sft", "typo.jsonl"], "finetune.sft.sources.0.paths"),
-    (["finetune", "--base", "b"], "mode sft needs finetune.sft.sources"),
-    (["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.lora.targets=[wz]"], "finetune.lora.targets.0"),
-    (["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.sft.template.user=no placeholder"],
-     "finetune.sft.template: user must contain {content} exactly once"),
-    (["finetune", "--base", "nowhere", "--sft", str(REPO / "pyproject.toml")], "nowhere is neither a raylm model directory"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["finetune", "--sft", "x.jsonl"], "finetune.base: give the model to start from"),
+        (["finetune", "--base", "b", "--sft", "typo.jsonl"], "finetune.sft.sources.0.paths"),
+        (["finetune", "--base", "b"], "mode sft needs finetune.sft.sources"),
+        (
+            ["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.lora.targets=[wz]"],
+            "finetune.lora.targets.0",
+        ),
+        (
+            ["finetune", "--base", "b", "--sft", "x.jsonl", "--set", "finetune.sft.template.user=no placeholder"],
+            "finetune.sft.template: user must contain {content} exactly once",
+        ),
+        (
+            ["finetune", "--base", "nowhere", "--sft", str(REPO / "pyproject.toml")],
+            "nowhere is neither a raylm model directory",
+        ),
+    ],
+)
 def test_bad_finetune_input_fails_before_ray_is_imported(tmp_path, args, expected):
-    probe = (f"import sys; from raylm.cli import main; rc = main({args!r}); "
-             "assert rc == 2; assert 'ray' not in sys.modules, 'imported too early'")
+    probe = (
+        f"import sys; from raylm.cli import main; rc = main({args!r}); "
+        "assert rc == 2; assert 'ray' not in sys.modules, 'imported too early'"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stderr, proc.stderr
 
 
 def test_set_reaches_into_a_list_of_sections():
-    cfg = load_config(None, ['data.sources=[{paths: [a.txt]}, {paths: [b.txt]}]', "data.sources.1.split=val"])
+    cfg = load_config(None, ["data.sources=[{paths: [a.txt]}, {paths: [b.txt]}]", "data.sources.1.split=val"])
     assert cfg.data.sources[1].split == "val" and cfg.data.sources[0].split == "auto"

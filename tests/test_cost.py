@@ -1,4 +1,4 @@
-"""MFU, cost, budgets and the pre-launch estimate (pipelines/cost.py, `raylm cost`), by hand."""
+"""MFU, cost, budgets and the pre-launch estimate (pipelines/train/cost.py, `raylm cost`), by hand."""
 
 import subprocess
 import sys
@@ -6,14 +6,26 @@ import sys
 import pytest
 
 from raylm.cli import main
+from raylm.config import TrainSection, load_config
+from raylm.errors import ConfigError
 from raylm.models.config import flops_per_token, param_counts
-from raylm.pipelines.config import TrainSection, load_config
-from raylm.pipelines.cost import (EXPECTED_MFU, PEAK_FLOPS, PRICES, CostMeter, Hardware, budget_reason, detect_hardware,
-                                  estimate, gpu_name, load_prices, measured_matmul_flops, planned_model, planned_tokens,
-                                  quote)
-from raylm.pipelines.errors import ConfigError
-
-from .conftest import REPO
+from raylm.pipelines.train.cost import (
+    EXPECTED_MFU,
+    PEAK_FLOPS,
+    PRICES,
+    CostMeter,
+    Hardware,
+    budget_reason,
+    detect_hardware,
+    estimate,
+    gpu_name,
+    load_prices,
+    measured_matmul_flops,
+    planned_model,
+    planned_tokens,
+    quote,
+)
+from tests.conftest import REPO
 
 GPT2 = str(REPO / "configs" / "gpt2-124m.yaml")
 
@@ -40,7 +52,9 @@ def test_cpu_hardware_is_measured_and_priced_per_core():
     assert hw.name == "cpu" and hw.units == 2 and hw.price_per_hour == PRICES["cpu"].on_demand
     assert 1e8 < hw.peak_flops < 1e13  # a real measurement of a core, not a constant
     assert detect_hardware(False, 2, 1.0, price_override=0.5).price_per_hour == 0.5
-    assert detect_hardware(False, 2, 1.0, price_override=0.0).price_per_hour == 0.0  # owned hardware: free, not the table
+    assert (
+        detect_hardware(False, 2, 1.0, price_override=0.0).price_per_hour == 0.0
+    )  # owned hardware: free, not the table
 
 
 def test_matmul_peak_is_positive_and_repeatable_in_order_of_magnitude():
@@ -48,13 +62,16 @@ def test_matmul_peak_is_positive_and_repeatable_in_order_of_magnitude():
     assert a > 0 and 0.1 < a / b < 10
 
 
-@pytest.mark.parametrize("args, expected", [
-    ((1000, 10.0, 1.0, 1000, None, None), "train.max_tokens=1,000 reached"),
-    ((999, 10.0, 1.0, 1000, None, None), None),
-    ((0, 7200.0, None, None, 2.0, None), "train.max_hours=2 reached"),
-    ((0, 10.0, 5.0, None, None, 5.0), "train.max_usd=5 reached"),
-    ((0, 10.0, None, None, None, 5.0), None),  # no price: a dollar budget cannot be spent
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((1000, 10.0, 1.0, 1000, None, None), "train.max_tokens=1,000 reached"),
+        ((999, 10.0, 1.0, 1000, None, None), None),
+        ((0, 7200.0, None, None, 2.0, None), "train.max_hours=2 reached"),
+        ((0, 10.0, 5.0, None, None, 5.0), "train.max_usd=5 reached"),
+        ((0, 10.0, None, None, None, 5.0), None),  # no price: a dollar budget cannot be spent
+    ],
+)
 def test_budget_reason(args, expected):
     reason = budget_reason(*args)
     assert (reason is None) if expected is None else reason.startswith(expected)
@@ -96,7 +113,7 @@ def test_max_tokens_ends_the_plan_at_the_first_step_reaching_it():
 
 
 def test_planned_model_is_the_model_training_builds():
-    from raylm.pipelines.pretrain import build_model_config
+    from raylm.pipelines.train.pretrain import build_model_config
 
     cfg = load_config(GPT2, [])
     assert planned_model(cfg.model, 50257) == build_model_config(cfg.model, 50257)
@@ -133,7 +150,9 @@ def test_price_file_overrides_one_column_and_keeps_the_rest(tmp_path):
 
 
 def test_meter_estimate_is_the_pre_launch_estimate():
-    meter = CostMeter(Hardware("H100", 8, 989e12, 2.99), flops_per_token=854_770_176, tokens_per_step=524_288, max_steps=10)
+    meter = CostMeter(
+        Hardware("H100", 8, 989e12, 2.99), flops_per_token=854_770_176, tokens_per_step=524_288, max_steps=10
+    )
     assert meter.estimate(10**9) == estimate(854_770_176, 10**9, 989e12, 8, EXPECTED_MFU, 2.99)
     assert CostMeter(Hardware("B300", 1, None, 5.0), 100, 10, 10).estimate(100) is None
 
@@ -161,7 +180,9 @@ def test_cli_prices_spot_a_price_file_and_the_config(capsys, tmp_path):
 
 
 def test_cli_cost_starts_neither_ray_nor_torch():
-    code = ("import sys; from raylm.cli import main; main(['cost']); "
-            "sys.exit(sorted({'ray', 'torch'} & set(sys.modules)) or 0)")
+    code = (
+        "import sys; from raylm.cli import main; main(['cost']); "
+        "sys.exit(sorted({'ray', 'torch'} & set(sys.modules)) or 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr

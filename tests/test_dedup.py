@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from raylm.pipelines.decontam import build_index, contaminating_sets
-from raylm.pipelines.dedup import dedup_columns, exact_keys, first_of_each, lsh_bands, near_duplicates, words
+from raylm.pipelines.data.decontam import build_index, contaminating_sets
+from raylm.pipelines.data.dedup import dedup_columns, exact_keys, first_of_each, lsh_bands, near_duplicates, words
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -71,7 +71,9 @@ def test_lsh_bands_catch_pairs_at_the_threshold():
 def test_contamination_finds_shared_13_grams(tmp_path):
     question = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
     (tmp_path / "gsm.jsonl").write_text(json.dumps({"question": question, "answer": "72"}) + "\n")
-    (tmp_path / "other.jsonl").write_text(json.dumps({"ctx": "a completely different sentence about rivers and hills"}) + "\n")
+    (tmp_path / "other.jsonl").write_text(
+        json.dumps({"ctx": "a completely different sentence about rivers and hills"}) + "\n"
+    )
     index = build_index([str(tmp_path / "*.jsonl")], n=13)
     assert set(index) == {f"{tmp_path.name}/gsm", f"{tmp_path.name}/other"}
     leaked = "Homework: " + question.upper() + ". How many clips did she sell?"

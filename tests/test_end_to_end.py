@@ -14,17 +14,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
+from raylm.config import TrainSection
 from raylm.models import GPT, load_model
-from raylm.pipelines.checkpoint import load_checkpoint
-from raylm.pipelines.config import TrainSection
-from raylm.pipelines.loader import read_windows, token_matrix
-from raylm.pipelines.optim import make_optimizer
-from raylm.pipelines.sampling import sample_text
-from raylm.pipelines.scoring import score_windows, summarize
-from raylm.pipelines.tasks import load_task, read_examples, score
-from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths
-
-from .conftest import REPO, SHARED_DATA, tiny_overrides
+from raylm.pipelines.data.loader import read_windows, token_matrix
+from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
+from raylm.pipelines.eval.sampling import sample_text
+from raylm.pipelines.eval.scoring import score_windows, summarize
+from raylm.pipelines.eval.tasks import load_task, read_examples, score
+from raylm.pipelines.train.checkpoint import load_checkpoint
+from raylm.pipelines.train.optim import make_optimizer
+from tests.conftest import REPO, SHARED_DATA, tiny_overrides
 
 STEPS = 60
 
@@ -74,7 +73,10 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     assert tags["raylm.run_name"] == "quickstart" and tags["raylm.torch_version"] == torch.__version__
     assert tags["raylm.ray_version"] == ray.__version__ and len(tags["raylm.config_hash"]) == 12
     assert tags["raylm.data_fingerprint"] == (quickstart / "runs" / "data").iterdir().__next__().name
-    assert re.fullmatch(r"[0-9a-f]{40}", tags["raylm.git_commit"]) and tags["mlflow.source.git.commit"] == tags["raylm.git_commit"]
+    assert (
+        re.fullmatch(r"[0-9a-f]{40}", tags["raylm.git_commit"])
+        and tags["mlflow.source.git.commit"] == tags["raylm.git_commit"]
+    )
     (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert dataset.dataset.name == "grammar" and dataset.dataset.digest == tags["raylm.data_fingerprint"][:36]
     assert run.data.params["model.n_layer"] == "2" and run.data.params["train.lr"] == "0.01"
@@ -89,11 +91,22 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     assert run.data.metrics["cost_estimate_usd"] > 0 and run.data.metrics["cost_vs_estimate"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data", "data_report", "tokenizer", "model", "plots", "samples.md"} <= artifacts
-    nested = {a.path for d in ("data", "data_report", "tokenizer", "model", "plots")
-              for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"data/manifest.json", "data_report/report.json", "data_report/report.md", "data_report/report.png",
-            "tokenizer/tokenizer.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
-            "plots/loss.png"} <= nested
+    nested = {
+        a.path
+        for d in ("data", "data_report", "tokenizer", "model", "plots")
+        for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {
+        "data/manifest.json",
+        "data_report/report.json",
+        "data_report/report.md",
+        "data_report/report.png",
+        "tokenizer/tokenizer.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+        "plots/loss.png",
+    } <= nested
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), "system metrics are off"
     assert run.data.metrics["data/grammar/read/docs_out"] == 4000
     assert run.data.metrics["data/train/windows"] > 0
@@ -101,7 +114,10 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
 
 def test_checkpoints_reload_to_the_trained_weights(quickstart):
     run_dir = quickstart / "runs" / "train" / "quickstart"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000030", "checkpoint_000060"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_000030",
+        "checkpoint_000060",
+    ]
     final = run_dir / "checkpoint_000060"
     client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
     (data_dir,) = (quickstart / "runs" / "data").iterdir()
@@ -119,8 +135,23 @@ def test_checkpoints_reload_to_the_trained_weights(quickstart):
 
 def test_generate_prints_text_from_the_run(quickstart, capsys):
     overrides = [f"run.output_dir={quickstart / 'runs'}"]
-    assert main(["generate", str(REPO / "configs" / "quickstart.yaml"), "--set", overrides[0],
-                 "--prompt", "The", "--max-new-tokens", "20", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(REPO / "configs" / "quickstart.yaml"),
+                "--set",
+                overrides[0],
+                "--prompt",
+                "The",
+                "--max-new-tokens",
+                "20",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.rstrip("\n")
     # Greedy decoding of the grammar model may reach EOS after a few words: the CLI must print
     # the prompt plus exactly what the library generates from the final checkpoint.
@@ -130,7 +161,9 @@ def test_generate_prints_text_from_the_run(quickstart, capsys):
 
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists(), reason="needs ../shared/data")
 def test_user_text_file_beats_unigram_bits_per_byte(ray_cluster, tmp_path):
-    args = cli_args("run", [*tiny_overrides(tmp_path), "train.max_steps=80", "train.eval_interval=80", "tokenizer.vocab_size=1024"])
+    args = cli_args(
+        "run", [*tiny_overrides(tmp_path), "train.max_steps=80", "train.eval_interval=80", "tokenizer.vocab_size=1024"]
+    )
     assert main([*args, "--data", str(SHARED_DATA / "tinyshakespeare" / "input.txt")]) == 0
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     m = run.data.metrics
@@ -146,8 +179,13 @@ def test_relaunch_with_another_model_shape_is_refused(quickstart, capsys):
 
 
 def test_diverging_run_fails_with_one_line_and_keeps_only_good_checkpoints(ray_cluster, tmp_path, capsys):
-    overrides = tiny_overrides(tmp_path) + ["train.lr=1e5", "train.warmup_steps=0", "train.grad_clip=0",
-                                           "train.max_steps=30", "train.checkpoint_interval=1"]
+    overrides = tiny_overrides(tmp_path) + [
+        "train.lr=1e5",
+        "train.warmup_steps=0",
+        "train.grad_clip=0",
+        "train.max_steps=30",
+        "train.checkpoint_interval=1",
+    ]
     assert main(cli_args("run", overrides)) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     failed_at = int(re.search(r"raylm: error: training failed: loss is \w+ at step (\d+);", last).group(1))
@@ -159,7 +197,7 @@ def test_diverging_run_fails_with_one_line_and_keeps_only_good_checkpoints(ray_c
 
 
 def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_path):
-    from raylm.pipelines.packing import stream_train_windows
+    from raylm.pipelines.data.packing import stream_train_windows
 
     overrides = tiny_overrides(tmp_path) + ["data.streaming=true", "train.max_steps=20", "train.eval_interval=20"]
     assert main(cli_args("run", overrides)) == 0
@@ -187,9 +225,10 @@ def test_exported_checkpoint_generates_the_same_greedy_text_in_transformers(quic
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     prompt = tok("The sailor", return_tensors="pt").input_ids
     with torch.no_grad():
-        out = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.eos_token_id)
-    new = out[0, prompt.shape[1]:].tolist()
+        out = hf.generate(
+            prompt, max_new_tokens=30, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
+        )
+    new = out[0, prompt.shape[1] :].tolist()
     new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
     assert tok.decode(prompt[0].tolist() + new) == sample_text(final, "The sailor", max_new_tokens=30, temperature=0)
 
@@ -197,12 +236,25 @@ def test_exported_checkpoint_generates_the_same_greedy_text_in_transformers(quic
 def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     """`raylm evaluate --task ...` on the run's checkpoint: a multiple-choice and a generative
     task from ../shared/data, metrics and per-example tables in a new MLflow run."""
-    tasks = [x for name in ("arc_easy", "svamp", "bias_pairs") for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))]
+    tasks = [
+        x
+        for name in ("arc_easy", "svamp", "bias_pairs")
+        for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))
+    ]
     store = f"sqlite:///{quickstart / 'tasks.db'}"  # its own store: other tests count the runs in mlflow.db
     overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"]
     text = quickstart / "alice.txt"  # any text file: intrinsic scores beside the tasks
     text.write_text((SHARED_DATA / "gutenberg" / "pg11_alice_in_wonderland.txt").read_text()[:20_000])
-    args = [*cli_args("evaluate", overrides), *tasks, "--data-dir", str(SHARED_DATA), "--limit", "6", "--text", str(text)]
+    args = [
+        *cli_args("evaluate", overrides),
+        *tasks,
+        "--data-dir",
+        str(SHARED_DATA),
+        "--limit",
+        "6",
+        "--text",
+        str(text),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "task        arc_easy: acc " in out and "task        svamp: accuracy " in out
@@ -214,7 +266,9 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     assert m["task/arc_easy/examples"] == 6 and 0 <= m["task/arc_easy/acc_norm"] <= 1
     assert m["task/svamp/examples"] == 6 and m["task/svamp/accuracy"] >= 0
     assert m["task/bias_pairs/examples"] == 6 and "task/bias_pairs/mean_abs_gap_nats/gender" in m
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/arc_easy.json", str(quickstart))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "eval/arc_easy.json", str(quickstart))).read_text()
+    )
     assert len(table["data"]) == 6 and "pred_norm" in table["columns"]
 
 
@@ -227,17 +281,34 @@ def test_lm_eval_task_agrees_with_raylm_scorer(quickstart, monkeypatch, capsys):
     monkeypatch.setenv("HF_HOME", str(quickstart / "hf"))  # the datasets cache stays in the test's folder
     checkpoint = quickstart / "runs" / "train" / "quickstart" / f"checkpoint_{STEPS:06d}"
     store = f"sqlite:///{quickstart / 'lm_eval.db'}"
-    args = ["lm-eval", *[x for o in [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"] for x in ("--set", o)],
-            "--checkpoint", str(checkpoint), "--tasks", "arc_easy_shared", "--include-path", "configs/lm_eval", "--limit", "40"]
+    args = [
+        "lm-eval",
+        *[x for o in [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"] for x in ("--set", o)],
+        "--checkpoint",
+        str(checkpoint),
+        "--tasks",
+        "arc_easy_shared",
+        "--include-path",
+        "configs/lm_eval",
+        "--limit",
+        "40",
+    ]
     assert main(args) == 0
     assert "lm-eval     arc_easy_shared: acc " in capsys.readouterr().out
     _, run = only_run(store)
     harness = {k: run.data.metrics[f"lm_eval/arc_easy_shared/{k}"] for k in ("acc", "acc_norm")}
     spec = load_task(REPO / "configs" / "tasks" / "arc_easy.yaml")
     spec.limit = 40
-    ours, _ = score(load_model(checkpoint).eval(), load_tokenizer(checkpoint / "tokenizer.json"), spec, read_examples(spec, SHARED_DATA))
-    print(f"[test] ARC-Easy (40): lm-eval acc {harness['acc']:.3f} acc_norm {harness['acc_norm']:.3f}; "
-          f"raylm acc {ours['acc']:.3f} acc_norm {ours['acc_norm']:.3f}")
+    ours, _ = score(
+        load_model(checkpoint).eval(),
+        load_tokenizer(checkpoint / "tokenizer.json"),
+        spec,
+        read_examples(spec, SHARED_DATA),
+    )
+    print(
+        f"[test] ARC-Easy (40): lm-eval acc {harness['acc']:.3f} acc_norm {harness['acc_norm']:.3f}; "
+        f"raylm acc {ours['acc']:.3f} acc_norm {ours['acc_norm']:.3f}"
+    )
     assert abs(harness["acc"] - ours["acc"]) <= 0.01 and abs(harness["acc_norm"] - ours["acc_norm"]) <= 0.01
 
 
@@ -246,8 +317,18 @@ def test_evaluate_follow_scores_every_checkpoint_of_the_run(quickstart, capsys):
     checkpoint of train.max_steps (here the run has finished, so both are already there)."""
     store = f"sqlite:///{quickstart / 'follow.db'}"
     overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}", f"train.max_steps={STEPS}"]
-    args = [*cli_args("evaluate", overrides), "--follow", "--idle-minutes", "1",
-            "--task", str(REPO / "configs" / "tasks" / "arc_easy.yaml"), "--data-dir", str(SHARED_DATA), "--limit", "4"]
+    args = [
+        *cli_args("evaluate", overrides),
+        "--follow",
+        "--idle-minutes",
+        "1",
+        "--task",
+        str(REPO / "configs" / "tasks" / "arc_easy.yaml"),
+        "--data-dir",
+        str(SHARED_DATA),
+        "--limit",
+        "4",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[evaluate] checkpoint_000030: val loss" in out and "[evaluate] checkpoint_000060: val loss" in out

@@ -23,8 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
-
-from .conftest import REPO, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 STEPS, STOP = 16, 6
 TOKENS_PER_STEP = 16 * 64  # train.batch_size x data.seq_len of tiny_overrides
@@ -36,8 +35,19 @@ def cli(command: str, tmp, overrides: list[str]) -> int:
 
 
 def pretrain(tmp, name: str, extra: list[str] = ()) -> int:
-    return cli("pretrain", tmp, [f"run.name={name}", f"train.max_steps={STEPS}", "train.log_interval=1",
-                                 "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3", *extra])
+    return cli(
+        "pretrain",
+        tmp,
+        [
+            f"run.name={name}",
+            f"train.max_steps={STEPS}",
+            "train.log_interval=1",
+            "train.eval_interval=100",
+            "train.checkpoint_interval=100",
+            "train.warmup_steps=3",
+            *extra,
+        ],
+    )
 
 
 def wait_for(path, seconds: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -47,7 +57,9 @@ def wait_for(path, seconds: float, proc: subprocess.Popen | None = None, log: Pa
     while not path.exists():
         tail = log.read_text()[-3000:] if log else ""
         assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s\n{tail}"
-        assert proc is None or proc.poll() is None, f"the driver exited ({proc.returncode}) before {path} appeared\n{tail}"
+        assert proc is None or proc.poll() is None, (
+            f"the driver exited ({proc.returncode}) before {path} appeared\n{tail}"
+        )
         time.sleep(0.02)
 
 
@@ -55,8 +67,16 @@ def driver_command(overrides: list[str]) -> list[str]:
     """`raylm pretrain` as a process of its own, joining this suite's Ray instance."""
     import ray
 
-    return [sys.executable, "-m", "raylm", "pretrain", str(REPO / "configs" / "quickstart.yaml"),
-            "--address", ray.get_runtime_context().gcs_address, *[x for o in overrides for x in ("--set", o)]]
+    return [
+        sys.executable,
+        "-m",
+        "raylm",
+        "pretrain",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        *[x for o in overrides for x in ("--set", o)],
+    ]
 
 
 # raylm's local instance listens on 127.0.0.1 with Ray's token auth (pipelines/runtime.py): a
@@ -67,11 +87,20 @@ DRIVER_ENV = os.environ | {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_
 def start_driver(tmp, name: str) -> tuple[subprocess.Popen, Path]:
     """`raylm pretrain` of run `name` as pretrain() runs it, with a checkpoint every 2 steps, in
     a process of its own (to be killed), writing to <tmp>/<name>.log."""
-    overrides = [*tiny_overrides(tmp), f"run.name={name}", f"train.max_steps={STEPS}", "train.log_interval=1",
-                 "train.eval_interval=100", "train.checkpoint_interval=2", "train.warmup_steps=3"]
+    overrides = [
+        *tiny_overrides(tmp),
+        f"run.name={name}",
+        f"train.max_steps={STEPS}",
+        "train.log_interval=1",
+        "train.eval_interval=100",
+        "train.checkpoint_interval=2",
+        "train.warmup_steps=3",
+    ]
     log = tmp / f"{name}.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(driver_command(overrides), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=DRIVER_ENV)
+        proc = subprocess.Popen(
+            driver_command(overrides), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=DRIVER_ENV
+        )
     return proc, log
 
 
@@ -89,8 +118,11 @@ def launches_of(run_name: str) -> str:
 def losses(tmp, run_name: str) -> list[dict[int, float]]:
     """Per `raylm pretrain` launch of run.name `run_name`, oldest first: step -> train loss."""
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                              filter_string=launches_of(run_name), order_by=["start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id],
+        filter_string=launches_of(run_name),
+        order_by=["start_time ASC"],
+    )
     return [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_loss")} for r in runs]
 
 
@@ -143,27 +175,35 @@ def test_worker_sigkilled_at_a_random_step_resumes_from_the_last_checkpoint(stra
     import ray
     from ray.util.state import list_actors
 
-    from raylm.pipelines.checkpoint import whole_checkpoints
+    from raylm.pipelines.train.checkpoint import whole_checkpoints
 
     tmp, reference = straight
     seed = int(os.environ.get("RAYLM_FAULT_SEED", random.randrange(10_000)))
     kill_after = random.Random(seed).randint(int(0.3 * STEPS), int(0.7 * STEPS))  # steps 4..11 of 16
     # A checkpoint every step slows the run enough (Ray's report per step) to kill it midway.
     results: list[int] = []
-    job = threading.Thread(target=lambda: results.append(
-        pretrain(tmp, "killed", ["train.checkpoint_interval=1", "scaling.max_failures=1"])))
+    job = threading.Thread(
+        target=lambda: results.append(
+            pretrain(tmp, "killed", ["train.checkpoint_interval=1", "scaling.max_failures=1"])
+        )
+    )
     job.start()
     run_dir = tmp / "runs" / "train" / "killed"
     wait_for(run_dir / "checkpoint_000001" / "COMMIT.json", 120)
     # The state API takes ~1 s: ask it now, so that the kill follows the chosen step at once.
-    workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # not another Ray on this host
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        detail=True,  # not another Ray on this host
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     victim = max(w.pid for w in workers)
     wait_for(run_dir / f"checkpoint_{kill_after:06d}" / "COMMIT.json", 120)
     os.kill(victim, signal.SIGKILL)
     last = whole_checkpoints(run_dir)[-1].name
-    injected = (f"[fault] seed {seed}: SIGKILLed training worker pid {victim} after checkpoint_{kill_after:06d} "
-                f"(last whole checkpoint at the kill: {last})")
+    injected = (
+        f"[fault] seed {seed}: SIGKILLed training worker pid {victim} after checkpoint_{kill_after:06d} "
+        f"(last whole checkpoint at the kill: {last})"
+    )
     job.join(timeout=300)
     assert results == [0]
     out = capfd.readouterr().out
@@ -173,12 +213,16 @@ def test_worker_sigkilled_at_a_random_step_resumes_from_the_last_checkpoint(stra
     (history,) = losses(tmp, "killed")  # steps after the last checkpoint appear twice: run, rerun
     assert sorted(history) == list(range(1, STEPS + 1))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("killed"))
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("killed")
+    )
     every = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert all(value == reference[step] for step, value in every)
     assert run.info.status == "FINISHED"
-    print(f"[fault] survived: resumed at step {resumed}, 0 steps lost beyond the last checkpoint, "
-          f"{len(every)} logged losses all equal to the uninterrupted run's, run FINISHED")
+    print(
+        f"[fault] survived: resumed at step {resumed}, 0 steps lost beyond the last checkpoint, "
+        f"{len(every)} logged losses all equal to the uninterrupted run's, run FINISHED"
+    )
 
 
 def test_driver_sigkilled_then_relaunched_continues_from_its_checkpoint(straight, ray_cluster, capfd):
@@ -200,12 +244,17 @@ def test_driver_sigkilled_then_relaunched_continues_from_its_checkpoint(straight
     assert sorted(second) == list(range(resumed + 1, STEPS + 1))
     assert {**first, **second} == reference
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("orphaned"),
-                              order_by=["start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id],
+        filter_string=launches_of("orphaned"),
+        order_by=["start_time ASC"],
+    )
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     assert runs[0].data.tags["raylm.end_reason"].startswith("its driver died")
-    print(f"[fault] survived: the relaunch resumed at step {resumed}; the orphaned run is KILLED, the new one FINISHED; "
-          "losses equal the uninterrupted run's")
+    print(
+        f"[fault] survived: the relaunch resumed at step {resumed}; the orphaned run is KILLED, the new one FINISHED; "
+        "losses equal the uninterrupted run's"
+    )
 
 
 @pytest.mark.slow  # ~35 s, moved out to keep CI under 30 minutes; `pytest -m slow`
@@ -213,8 +262,15 @@ def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, cap
     tmp, _ = straight
     source = tmp / "runs" / "train" / "straight" / f"checkpoint_{STEPS:06d}"
     args = ["pretrain", str(REPO / "configs" / "quickstart.yaml"), "--resume", str(source)]
-    overrides = [*tiny_overrides(tmp), "run.name=branch", "train.max_steps=20", "train.log_interval=1",
-                 "train.eval_interval=100", "train.checkpoint_interval=100", "train.warmup_steps=3"]
+    overrides = [
+        *tiny_overrides(tmp),
+        "run.name=branch",
+        "train.max_steps=20",
+        "train.log_interval=1",
+        "train.eval_interval=100",
+        "train.checkpoint_interval=100",
+        "train.warmup_steps=3",
+    ]
     assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0
     (continued,) = losses(tmp, "branch")
     assert sorted(continued) == [17, 18, 19, 20]  # on from the other run's step 16
@@ -256,7 +312,7 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     at the end of the step with a checkpoint, the command exits 143, the MLflow run ends
     KILLED, and the same command continues bit for bit."""
 
-    from raylm.pipelines.checkpoint import torn_reason
+    from raylm.pipelines.train.checkpoint import torn_reason
 
     tmp, reference = straight
     proc, log = start_driver(tmp, "terminated")
@@ -272,8 +328,9 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     assert 2 <= stopped < STEPS
     assert torn_reason(tmp / "runs" / "train" / "terminated" / f"checkpoint_{stopped:06d}") is None
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                                filter_string=launches_of("terminated"))
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("terminated")
+    )
     assert run.info.status == "KILLED"
 
     assert pretrain(tmp, "terminated", ["train.checkpoint_interval=2"]) == 0
@@ -320,8 +377,10 @@ def prepared_content(output_dir) -> dict[str, str]:
     """Every file of the prepared data that depends on the input (shards, tokenizer, split
     statistics), by content hash; timings and paths left out."""
     (data_dir,) = (output_dir / "data").iterdir()
-    files = {str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(data_dir.rglob("*.parquet")) + [data_dir / "tokenizer.json"]}
+    files = {
+        str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data_dir.rglob("*.parquet")) + [data_dir / "tokenizer.json"]
+    }
     manifest = json.loads((data_dir / "manifest.json").read_text())
     return files | {"splits": json.dumps(manifest["splits"], sort_keys=True)}
 
@@ -341,12 +400,17 @@ def test_ray_data_worker_killed_during_prepare_changes_nothing(straight, capfd):
     assert results == [0]
     clean, after = prepared_content(tmp / "runs"), prepared_content(faulty)
     assert after == clean
-    print(f"[fault] survived: the task was retried; {len(after) - 1} prepared files and the split statistics "
-          "are identical to the clean run's")
+    print(
+        f"[fault] survived: the task was retried; {len(after) - 1} prepared files and the split statistics "
+        "are identical to the clean run's"
+    )
 
 
-SECRETS = {"AWS_SECRET_ACCESS_KEY": "zqx-aws-secret-not-for-logs", "HF_TOKEN": "hf_zqxTokenNotForLogs",
-           "RAYLM_API_KEY": "zqx-api-key-not-for-logs"}
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "zqx-aws-secret-not-for-logs",
+    "HF_TOKEN": "hf_zqxTokenNotForLogs",
+    "RAYLM_API_KEY": "zqx-api-key-not-for-logs",
+}
 PASSWORD = "zqx-mlflow-password-not-for-logs"
 
 
@@ -355,15 +419,22 @@ def test_mlflow_server_outage_costs_training_nothing_and_no_secret_is_logged(str
     without it): the run goes on, every step's metrics arrive after the outage, the run ends
     FINISHED. The same run carries fake secrets in the driver's environment and the tracking
     URI's password: none of them appears in a param, tag, artifact or log line."""
-    from .mlflow_server import MlflowServer
+    from tests.mlflow_server import MlflowServer
 
     tmp, _ = straight
     server = MlflowServer(tmp_path).start()
     uri = f"http://raylm:{PASSWORD}@127.0.0.1:{server.port}"
     steps = 24
-    overrides = [*[o for o in tiny_overrides(tmp) if not o.startswith("tracking.")], f"tracking.tracking_uri={uri}",
-                 "run.name=outage", f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=100",
-                 "train.checkpoint_interval=4", "train.warmup_steps=3"]
+    overrides = [
+        *[o for o in tiny_overrides(tmp) if not o.startswith("tracking.")],
+        f"tracking.tracking_uri={uri}",
+        "run.name=outage",
+        f"train.max_steps={steps}",
+        "train.log_interval=1",
+        "train.eval_interval=100",
+        "train.checkpoint_interval=4",
+        "train.warmup_steps=3",
+    ]
     command = driver_command(overrides)
     log = tmp_path / "driver.log"
     run_dir = tmp / "runs" / "train" / "outage"
@@ -380,18 +451,24 @@ def test_mlflow_server_outage_costs_training_nothing_and_no_secret_is_logged(str
         text = log.read_text()
         assert "could not log metrics" in text and "answers again" in text and "could not be delivered" not in text
         client = MlflowClient(server.url)
-        (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("outage"))
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("outage")
+        )
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == list(range(1, steps + 1))
         step_time = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "step_time_s")}
-        print(f"[fault] survived: all {steps} steps' train_loss delivered, run FINISHED; seconds per step "
-              f"{mean(step_time, 2, 4):.3f} before the outage, {mean(step_time, 5, 12):.3f} during it, "
-              f"{mean(step_time, 13, steps):.3f} after it")
+        print(
+            f"[fault] survived: all {steps} steps' train_loss delivered, run FINISHED; seconds per step "
+            f"{mean(step_time, 2, 4):.3f} before the outage, {mean(step_time, 5, 12):.3f} during it, "
+            f"{mean(step_time, 13, steps):.3f} after it"
+        )
         leaks = secret_leaks(client, run, [text, *ray_session_logs()], tmp_path / "artifacts-copy")
         assert not leaks, leaks
-        print(f"[fault] no secret in {len(run.data.params)} params, {len(run.data.tags)} tags, the artifacts, "
-              "the driver's output or the Ray session logs")
+        print(
+            f"[fault] no secret in {len(run.data.params)} params, {len(run.data.tags)} tags, the artifacts, "
+            "the driver's output or the Ray session logs"
+        )
     finally:
         server.stop()
 
@@ -407,7 +484,9 @@ def secret_leaks(client: MlflowClient, run, logs: list[str], download_to) -> lis
     secrets = [*SECRETS.values(), PASSWORD]
     places = {f"param {k}": v for k, v in run.data.params.items()} | {f"tag {k}": v for k, v in run.data.tags.items()}
     local = client.download_artifacts(run.info.run_id, "", str(download_to))
-    places |= {f"artifact {p.name}": p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()}
+    places |= {
+        f"artifact {p.name}": p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()
+    }
     places |= {f"log {i}": text for i, text in enumerate(logs)}
     return [f"{secret!r} in {where}" for where, text in places.items() for secret in secrets if secret in text]
 

@@ -13,25 +13,54 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
+from raylm.config import SftSourceSection, TemplateSection, TokenizerSection
+from raylm.errors import DataError
 from raylm.models import GPT, ModelConfig, load_model, save_model
 from raylm.models.io import read_weights
 from raylm.models.lora import LoraConfig, apply_lora, merge_lora, trainable_counts
-from raylm.pipelines.config import SftSourceSection, TemplateSection, TokenizerSection
-from raylm.pipelines.errors import DataError
-from raylm.pipelines.loader import as_batch, read_windows
-from raylm.pipelines.scoring import score_windows
-from raylm.pipelines.sft import encode_examples, pack, prompt_text, read_source, render, turns_of
-from raylm.pipelines.tasks import TaskSpec, read_examples, score
-from raylm.pipelines.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from raylm.pipelines.data.loader import as_batch, read_windows
+from raylm.pipelines.data.sft import encode_examples, pack, prompt_text, read_source, render, turns_of
+from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from raylm.pipelines.eval.scoring import score_windows
+from raylm.pipelines.eval.tasks import TaskSpec, read_examples, score
+from tests.conftest import SHARED_DATA
 
-from .conftest import SHARED_DATA
-
-COLORS = {"apple": "red", "banana": "yellow", "grass": "green", "sky": "blue", "coal": "black", "snow": "white",
-          "carrot": "orange", "plum": "purple", "lemon": "yellow", "cherry": "red", "leaf": "green", "ocean": "blue",
-          "crow": "black", "milk": "white", "pumpkin": "orange", "grape": "purple"}
-SIZES = {"apple": "small", "banana": "small", "grass": "small", "sky": "huge", "coal": "small", "snow": "huge",
-         "carrot": "small", "plum": "small", "lemon": "small", "cherry": "tiny", "leaf": "small", "ocean": "huge",
-         "crow": "small", "milk": "small", "pumpkin": "big", "grape": "tiny"}
+COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "grass": "green",
+    "sky": "blue",
+    "coal": "black",
+    "snow": "white",
+    "carrot": "orange",
+    "plum": "purple",
+    "lemon": "yellow",
+    "cherry": "red",
+    "leaf": "green",
+    "ocean": "blue",
+    "crow": "black",
+    "milk": "white",
+    "pumpkin": "orange",
+    "grape": "purple",
+}
+SIZES = {
+    "apple": "small",
+    "banana": "small",
+    "grass": "small",
+    "sky": "huge",
+    "coal": "small",
+    "snow": "huge",
+    "carrot": "small",
+    "plum": "small",
+    "lemon": "small",
+    "cherry": "tiny",
+    "leaf": "small",
+    "ocean": "huge",
+    "crow": "small",
+    "milk": "small",
+    "pumpkin": "big",
+    "grape": "tiny",
+}
 PHRASINGS = ("What color is the {}?", "What is the color of the {}?", "Name the color of the {}.")
 SIZE_PHRASINGS = ("How big is the {}?", "What size is the {}?", "Name the size of the {}.")
 TEMPLATE = TemplateSection()
@@ -57,7 +86,9 @@ def test_packed_examples_score_as_if_each_were_alone():
 
 def test_loss_counts_response_tokens_and_their_eos_only(tmp_path):
     tok = colors_tokenizer(tmp_path)
-    examples = [render([("user", f"What color is the {o}?"), ("assistant", c)], TEMPLATE) for o, c in list(COLORS.items())[:3]]
+    examples = [
+        render([("user", f"What color is the {o}?"), ("assistant", c)], TEMPLATE) for o, c in list(COLORS.items())[:3]
+    ]
     encoded = encode_examples(examples, tok)
     eos = tok.token_to_id("<|endoftext|>")
     for (ids, mask), (_, color) in zip(encoded, list(COLORS.items())[:3]):
@@ -75,18 +106,32 @@ def test_loss_counts_response_tokens_and_their_eos_only(tmp_path):
 
 
 def test_each_shared_instruction_format_becomes_turns():
-    first = {name: json.loads(open(SHARED_DATA / path).readline()) for name, path in {
-        "gsm8k": "gsm8k/train.jsonl", "dolly": "dolly/dolly_sample.jsonl", "self_instruct": "self_instruct/seed_tasks.jsonl"}.items()}
+    first = {
+        name: json.loads(open(SHARED_DATA / path).readline())
+        for name, path in {
+            "gsm8k": "gsm8k/train.jsonl",
+            "dolly": "dolly/dolly_sample.jsonl",
+            "self_instruct": "self_instruct/seed_tasks.jsonl",
+        }.items()
+    }
     source = SftSourceSection(paths=["x"])
     gsm8k = turns_of(first["gsm8k"], "auto", source)[0]
-    assert gsm8k[0] == ("user", first["gsm8k"]["question"]) and "<<" not in gsm8k[1][1] and gsm8k[1][1].endswith("#### 72")
+    assert (
+        gsm8k[0] == ("user", first["gsm8k"]["question"]) and "<<" not in gsm8k[1][1] and gsm8k[1][1].endswith("#### 72")
+    )
     dolly = turns_of(first["dolly"], "auto", source)[0]
     assert dolly[0][1].startswith(first["dolly"]["instruction"]) and dolly[1][1] == first["dolly"]["response"]
     instances = turns_of(first["self_instruct"], "auto", source)
     assert len(instances) == len(first["self_instruct"]["instances"])
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-                         {"role": "assistant", "content": "Bye."}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye."},
+        ]
+    }
     pieces = render(turns_of(chat, "auto", source)[0], TEMPLATE)
     assert [p for p, trained in pieces if trained] == ["Hello.", "Bye."]  # both assistant turns, nothing else
 
@@ -95,9 +140,15 @@ def test_bad_instruction_rows_are_counted_or_fail_with_file_and_line(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{not json\n{"prompt": "a"}\n{"prompt": 3, "response": "b"}\n')
     source = SftSourceSection(paths=[str(path)])
-    examples, counts = read_source(source, "finetune.sft.sources.0", TEMPLATE, strict=False)
+    examples, counts = read_source(source, "finetune.sft.sources.0", TEMPLATE)
     assert len(examples) == 1
-    assert counts == {"rows": 4, "examples": 1, "skipped_malformed_json": 1, "skipped_missing_field": 1, "skipped_wrong_type": 1}
+    assert counts == {
+        "rows": 4,
+        "examples": 1,
+        "skipped_malformed_json": 1,
+        "skipped_missing_field": 1,
+        "skipped_wrong_type": 1,
+    }
     with pytest.raises(DataError, match=r"mixed.jsonl:2: malformed_json"):
         read_source(source, "finetune.sft.sources.0", TEMPLATE, strict=True)
 
@@ -124,7 +175,9 @@ def test_lora_starts_as_the_base_trains_adapters_only_and_merges_exactly(tmp_pat
     assert (changed - before).abs().max() > 1e-3
     from raylm.models.io import save_weights
 
-    save_weights(model.config, model.state_dict(), tmp_path / "adapted", LoraConfig(rank=4, alpha=8, targets=("wq", "wv", "w2")))
+    save_weights(
+        model.config, model.state_dict(), tmp_path / "adapted", LoraConfig(rank=4, alpha=8, targets=("wq", "wv", "w2"))
+    )
     reloaded, _ = load_model(tmp_path / "adapted").eval()(x)  # load_model merges the adapters
     merged, _ = merge_lora(model)(x)
     torch.testing.assert_close(reloaded, changed, atol=1e-5, rtol=0)
@@ -136,8 +189,11 @@ def test_lora_starts_as_the_base_trains_adapters_only_and_merges_exactly(tmp_pat
 
 def colors_tokenizer(directory: Path):
     """A byte-level BPE trained on the task's own text, as a base model's tokenizer would be."""
-    text = [TEMPLATE.user.replace("{content}", p.format(o)) + TEMPLATE.assistant.replace("{content}", c)
-            for o, c in COLORS.items() for p in PHRASINGS]
+    text = [
+        TEMPLATE.user.replace("{content}", p.format(o)) + TEMPLATE.assistant.replace("{content}", c)
+        for o, c in COLORS.items()
+        for p in PHRASINGS
+    ]
     train_tokenizer(iter([text * 5]), TokenizerSection(vocab_size=300, min_frequency=1), directory / "tokenizer.json")
     return load_tokenizer(directory / "tokenizer.json")
 
@@ -148,24 +204,38 @@ def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune")
     tok = colors_tokenizer(tmp)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64 * -(-tok.get_vocab_size() // 64), n_layer=2, n_head=2, n_embd=64, block_size=64))
+    model = GPT(
+        ModelConfig(vocab_size=64 * -(-tok.get_vocab_size() // 64), n_layer=2, n_head=2, n_embd=64, block_size=64)
+    )
     save_model(model, tmp / "base")
     shutil.copyfile(tmp / "tokenizer.json", tmp / "base" / "tokenizer.json")
     (tmp / "task").mkdir()
     for name, table, phrasings in (("colors", COLORS, PHRASINGS), ("sizes", SIZES, SIZE_PHRASINGS)):
         rows = [{"prompt": p.format(o), "response": a} for o, a in table.items() for p in phrasings]
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / "task" / f"{name}.jsonl").write_text("".join(json.dumps({"object": o, "answer": a}) + "\n" for o, a in table.items()))
+        (tmp / "task" / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"object": o, "answer": a}) + "\n" for o, a in table.items())
+        )
     return tmp
 
 
 def lookup_task(name: str, question: str) -> TaskSpec:
-    return TaskSpec(name=name, kind="generate", path=f"{name}.jsonl", context=prompt_text(question, TEMPLATE), reference="{answer}",
-                    metric="exact_match_f1", max_new_tokens=8, stop=["\n", "#"])
+    return TaskSpec(
+        name=name,
+        kind="generate",
+        path=f"{name}.jsonl",
+        context=prompt_text(question, TEMPLATE),
+        reference="{answer}",
+        metric="exact_match_f1",
+        max_new_tokens=8,
+        stop=["\n", "#"],
+    )
 
 
 def task_score(model_dir: Path, data: Path, spec: TaskSpec) -> float:
-    metrics, _ = score(load_model(model_dir).eval(), load_tokenizer(model_dir / "tokenizer.json"), spec, read_examples(spec, data))
+    metrics, _ = score(
+        load_model(model_dir).eval(), load_tokenizer(model_dir / "tokenizer.json"), spec, read_examples(spec, data)
+    )
     return metrics["exact_match"]
 
 
@@ -177,19 +247,41 @@ def size_score(model_dir: Path, data: Path) -> float:
     return task_score(model_dir, data, lookup_task("sizes", "How big is the {object}?"))
 
 
-def finetune_args(tmp: Path, name: str, steps: int, lr: float, extra: list[str] = (), base: Path | None = None,
-                  data: str = "colors") -> list[str]:
-    sets = [f"run.name={name}", f"run.output_dir={tmp / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-            "data.seq_len=64", "train.batch_size=16", "train.micro_batch_size=8", f"train.lr={lr}", "train.warmup_steps=3",
-            f"train.max_steps={steps}", "train.eval_interval=10", f"train.checkpoint_interval={steps}",
-            "train.log_interval=10", "finetune.sft.val_fraction=0.15", "eval.sample_tokens=0", *extra]
-    return ["finetune", "--base", str(base or tmp / "base"), "--sft", str(tmp / f"{data}.jsonl"),
-            *[x for s in sets for x in ("--set", s)]]
+def finetune_args(
+    tmp: Path, name: str, steps: int, lr: float, extra: list[str] = (), base: Path | None = None, data: str = "colors"
+) -> list[str]:
+    sets = [
+        f"run.name={name}",
+        f"run.output_dir={tmp / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "data.seq_len=64",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        f"train.lr={lr}",
+        "train.warmup_steps=3",
+        f"train.max_steps={steps}",
+        "train.eval_interval=10",
+        f"train.checkpoint_interval={steps}",
+        "train.log_interval=10",
+        "finetune.sft.val_fraction=0.15",
+        "eval.sample_tokens=0",
+        *extra,
+    ]
+    return [
+        "finetune",
+        "--base",
+        str(base or tmp / "base"),
+        "--sft",
+        str(tmp / f"{data}.jsonl"),
+        *[x for s in sets for x in ("--set", s)],
+    ]
 
 
 def run_metrics(tmp: Path, name: str) -> dict:
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("raylm").experiment_id], f"tags.`raylm.run_name` = '{name}'")[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], f"tags.`raylm.run_name` = '{name}'"
+    )[0]
     history = client.get_metric_history(run.info.run_id, "val_loss")
     return {"run": run, "val_loss": [m.value for m in sorted(history, key=lambda m: m.step)]}
 
@@ -208,8 +300,10 @@ def test_sft_raises_the_task_score_and_leaves_prompts_unlearned(base, colors_tun
     after = color_score(checkpoint, base / "task")
     prompt_before, answer_before = token_losses(base / "base", base)
     prompt_after, answer_after = token_losses(checkpoint, base)
-    print(f"[test] colour task exact match 0 -> {after:.2f}; prompt loss {prompt_before:.2f} -> {prompt_after:.2f}, "
-          f"answer loss {answer_before:.2f} -> {answer_after:.2f}")
+    print(
+        f"[test] colour task exact match 0 -> {after:.2f}; prompt loss {prompt_before:.2f} -> {prompt_after:.2f}, "
+        f"answer loss {answer_before:.2f} -> {answer_after:.2f}"
+    )
     assert after >= 0.75, after
     prompt_before, answer_before = token_losses(base / "base", base)
     prompt_after, answer_after = token_losses(checkpoint, base)
@@ -249,12 +343,16 @@ def token_losses(model_dir: Path, tmp: Path) -> tuple[float, float]:
     """Mean next-token loss on prompt tokens and on answer tokens over the training rows."""
     model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir / "tokenizer.json")
     rows = [json.loads(line) for line in (tmp / "colors.jsonl").read_text().splitlines()]
-    examples = encode_examples([render([("user", r["prompt"]), ("assistant", r["response"])], TEMPLATE) for r in rows], tok)
+    examples = encode_examples(
+        [render([("user", r["prompt"]), ("assistant", r["response"])], TEMPLATE) for r in rows], tok
+    )
     sums = {False: [], True: []}
     with torch.no_grad():
         for ids, mask in examples:
             logits, _ = model(torch.from_numpy(ids[None, :-1].astype(np.int64)))
-            nats = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(ids[1:].astype(np.int64)), reduction="none")
+            nats = torch.nn.functional.cross_entropy(
+                logits[0], torch.from_numpy(ids[1:].astype(np.int64)), reduction="none"
+            )
             for trained in (False, True):
                 sums[trained] += nats[torch.from_numpy(mask[1:] == trained)].tolist()
     return float(np.mean(sums[False])), float(np.mean(sums[True]))
@@ -262,7 +360,7 @@ def token_losses(model_dir: Path, tmp: Path) -> tuple[float, float]:
 
 def test_a_hugging_face_base_is_imported_once_and_starts_as_the_same_model(base, tmp_path):
     from raylm.models.hf import export_hf
-    from raylm.pipelines.finetune import resolve_base
+    from raylm.pipelines.train.finetune import resolve_base
 
     hf = export_hf(base / "base", tmp_path / "hf")
     imported = resolve_base(str(hf), tmp_path / "runs")
@@ -278,13 +376,32 @@ def test_continued_pretraining_uses_the_base_tokenizer_and_lowers_loss_on_the_ne
     """mode cpt: a new corpus goes through `raylm prepare`'s pipeline with the base's tokenizer
     (not a new one), and training from the base lowers the validation loss on it."""
     corpus = base / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Day {day}: the {o} is {c}. Every {o} I saw was {c}, like the last {o}."
-                                  for day in range(40) for o, c in COLORS.items()))
-    sets = [f"run.output_dir={base / 'runs'}", f"tracking.tracking_uri=sqlite:///{base / 'mlflow.db'}", "run.name=cpt",
-            "finetune.mode=cpt", f"data.sources=[{{paths: [{corpus}]}}]", "data.seq_len=64", "data.val_fraction=0.1",
-            "data.dedup.exact=false", "data.dedup.near=false", "train.batch_size=16", "train.micro_batch_size=8",
-            "train.lr=3e-3", "train.warmup_steps=3", "train.max_steps=40", "train.eval_interval=20",
-            "train.checkpoint_interval=40", "eval.sample_tokens=0"]
+    corpus.write_text(
+        "\n\n".join(
+            f"Day {day}: the {o} is {c}. Every {o} I saw was {c}, like the last {o}."
+            for day in range(40)
+            for o, c in COLORS.items()
+        )
+    )
+    sets = [
+        f"run.output_dir={base / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{base / 'mlflow.db'}",
+        "run.name=cpt",
+        "finetune.mode=cpt",
+        f"data.sources=[{{paths: [{corpus}]}}]",
+        "data.seq_len=64",
+        "data.val_fraction=0.1",
+        "data.dedup.exact=false",
+        "data.dedup.near=false",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=3",
+        "train.max_steps=40",
+        "train.eval_interval=20",
+        "train.checkpoint_interval=40",
+        "eval.sample_tokens=0",
+    ]
     assert main(["finetune", "--base", str(base / "base"), *[x for s in sets for x in ("--set", s)]]) == 0
     checkpoint = base / "runs" / "train" / "cpt" / "checkpoint_000040"
     assert (checkpoint / "tokenizer.json").read_bytes() == (base / "base" / "tokenizer.json").read_bytes()
@@ -301,7 +418,7 @@ def test_continued_pretraining_uses_the_base_tokenizer_and_lowers_loss_on_the_ne
 def test_eos_of_an_imported_llama_style_tokenizer_is_its_end_token_not_its_lowest_special():
     from tokenizers import Tokenizer, models
 
-    from raylm.pipelines.tokenizer import eos_id
+    from raylm.pipelines.data.tokenizer import eos_id
 
     tok = Tokenizer(models.WordLevel({"hello": 0}, unk_token="<unk>"))
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])  # Llama 2's order: ids 1, 2, 3

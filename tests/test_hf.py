@@ -12,8 +12,18 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny(**overrides) -> ModelConfig:
-    return ModelConfig(**{"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
-                          "block_size": 32, "rope_theta": 5000.0, **overrides})
+    return ModelConfig(
+        **{
+            "vocab_size": 97,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "n_embd": 32,
+            "block_size": 32,
+            "rope_theta": 5000.0,
+            **overrides,
+        }
+    )
 
 
 def saved(tmp_path, cfg: ModelConfig):
@@ -41,9 +51,17 @@ def test_export_refuses_what_llama_cannot_express(tmp_path):
 
 
 def test_imported_hf_llama_gives_the_same_logits(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=40,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=40,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
@@ -66,9 +84,19 @@ def test_export_then_import_is_the_identity(tmp_path):
 
 def test_import_never_unpickles(tmp_path):
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "max_position_embeddings": 8}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 8,
+            }
+        )
+    )
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(NotConvertible, match="never unpickles"):
         import_hf(tmp_path / "hf", tmp_path / "raylm")
@@ -76,8 +104,19 @@ def test_import_never_unpickles(tmp_path):
 
 def test_import_refuses_rope_scaling(tmp_path):
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "max_position_embeddings": 8, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 8,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            }
+        )
+    )
     with pytest.raises(NotConvertible, match="rope"):
         import_hf(tmp_path / "hf", tmp_path / "raylm")

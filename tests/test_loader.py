@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raylm.pipelines.loader import WindowLoader
+from raylm.pipelines.data.loader import WindowLoader
 
 
 def windows(n=10, width=5):

@@ -11,7 +11,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageStat
 
-from .mlflow_server import load_script
+from tests.mlflow_server import load_script
 
 RUN = "pretrain-0.1m-grammar-3f9c"
 INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver"
@@ -22,12 +22,18 @@ def log_run(uri: str) -> dict[str, float]:
     last values, rounded so that the UI shows them as Python writes them."""
     client = MlflowClient(uri)
     experiment = client.create_experiment("raylm")
-    run_id = client.create_run(experiment, run_name=RUN, tags={"raylm.stage": "pretrain", "raylm.run_name": "grammar"}).info.run_id
+    run_id = client.create_run(
+        experiment, run_name=RUN, tags={"raylm.stage": "pretrain", "raylm.run_name": "grammar"}
+    ).info.run_id
     for key, value in {"model.n_layer": 2, "model.n_embd": 64, "train.lr": 0.01}.items():
         client.log_param(run_id, key, value)
     curves = {"train_loss": lambda s: 0.5 + 4.0 * math.exp(-s / 8), "val_loss": lambda s: 0.6 + 4.2 * math.exp(-s / 8)}
     now_ms = int(time.time() * 1000)
-    metrics = [Metric(key, round(curve(step), 4), now_ms + step, step) for key, curve in curves.items() for step in range(1, 31)]
+    metrics = [
+        Metric(key, round(curve(step), 4), now_ms + step, step)
+        for key, curve in curves.items()
+        for step in range(1, 31)
+    ]
     client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id, "FINISHED")
     return {key: round(curve(30), 4) for key, curve in curves.items()}
@@ -43,8 +49,10 @@ def assert_real_png(path: Path) -> None:
     print(f"{path.name}: {image.width}x{image.height}, {path.stat().st_size} bytes, grey-level std {spread:.1f}")
 
 
-@pytest.mark.skipif(not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()),
-                    reason=f"needs Debian's Chromium and its driver: {INSTALL}")
+@pytest.mark.skipif(
+    not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()),
+    reason=f"needs Debian's Chromium and its driver: {INSTALL}",
+)
 def test_run_page_shows_the_run_and_its_loss_chart(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     last = log_run(uri)
@@ -53,8 +61,18 @@ def test_run_page_shows_the_run_and_its_loss_chart(tmp_path):
     assert shots.metric.name == "metric-train_loss.png"
     for png in (shots.overview, shots.metric):
         assert_real_png(png)
-    for shown in (RUN, "Finished", "train.lr", "raylm.stage", "train_loss", str(last["train_loss"]),
-                  "val_loss", str(last["val_loss"])):
+    for shown in (
+        RUN,
+        "Finished",
+        "train.lr",
+        "raylm.stage",
+        "train_loss",
+        str(last["train_loss"]),
+        "val_loss",
+        str(last["val_loss"]),
+    ):
         assert shown in shots.overview_text, f"{shown!r} not on the overview page:\n{shots.overview_text}"
-    print(f"overview at {shots.url} shows {RUN}, its status, a param, a tag, "
-          f"train_loss {last['train_loss']} and val_loss {last['val_loss']}")
+    print(
+        f"overview at {shots.url} shows {RUN}, its status, a param, a tag, "
+        f"train_loss {last['train_loss']} and val_loss {last['val_loss']}"
+    )

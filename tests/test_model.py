@@ -87,7 +87,7 @@ def test_greedy_generation_is_deterministic_and_stops():
     assert a == b and len(a[0]) == 13  # block_size 16 leaves room for 13 new tokens
     stop = a[0][-1]
     stopped = generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0, stop_tokens=(stop,))
-    assert stopped == [a[0][:a[0].index(stop)]]  # everything before the first stop token
+    assert stopped == [a[0][: a[0].index(stop)]]  # everything before the first stop token
 
 
 @pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 1}, {"qk_norm": True}])
@@ -98,9 +98,11 @@ def test_kv_cache_logits_equal_full_forward(overrides):
     cache = KVCache(model.config, 2, 16)
     with torch.no_grad():
         full, _ = model(idx)
-        steps = [model(idx[:, :5], cache=cache)[0],  # prefill
-                 model(idx[:, 5:9], cache=cache)[0]]  # a chunk after cached tokens
-        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 16)]  # one token at a time
+        steps = [
+            model(idx[:, :5], cache=cache)[0],  # prefill
+            model(idx[:, 5:9], cache=cache)[0],
+        ]  # a chunk after cached tokens
+        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]  # one token at a time
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
@@ -136,19 +138,23 @@ def test_prompt_filling_the_context_is_refused():
 # -- presets and accounting ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}, {"tie_embeddings": False}, {"qk_norm": True},
-                                       {"ffn_hidden": 100}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"n_kv_head": 2}, {"tie_embeddings": False}, {"qk_norm": True}, {"ffn_hidden": 100}]
+)
 def test_parameter_counts_without_torch_match_the_module(overrides):
     cfg = tiny(**overrides)
     model = GPT(cfg)
     assert param_counts(cfg) == {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True)}
 
 
-@pytest.mark.parametrize("preset, vocab, published", [
-    ("llama-7b", 32000, 6_738_415_616),  # Llama 2 7B
-    ("llama-3b", 128256, 3_212_749_824),  # Llama 3.2 3B
-    ("llama-1b", 128256, 1_235_814_400),  # Llama 3.2 1B
-])
+@pytest.mark.parametrize(
+    "preset, vocab, published",
+    [
+        ("llama-7b", 32000, 6_738_415_616),  # Llama 2 7B
+        ("llama-3b", 128256, 3_212_749_824),  # Llama 3.2 3B
+        ("llama-1b", 128256, 1_235_814_400),  # Llama 3.2 1B
+    ],
+)
 def test_llama_presets_have_the_published_parameter_counts(preset, vocab, published):
     assert param_counts(ModelConfig(vocab_size=vocab, **PRESETS[preset]))["total"] == published
 

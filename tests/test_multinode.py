@@ -9,15 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylm.pipelines.config import load_config
-from raylm.pipelines.prepare import prepare
-
-from .conftest import REPO
+from raylm.config import load_config
+from raylm.pipelines.data.prepare import prepare
+from tests.conftest import REPO
 
 OVERRIDES = ["data.seq_len=32", "tokenizer.vocab_size=400"]
-TRAIN = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.max_steps=4",
-         "train.batch_size=8", "train.micro_batch_size=4", "train.eval_windows=8", "scaling.num_workers=2",
-         "scaling.cpus_per_worker=1"]
+TRAIN = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=32",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_windows=8",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=1",
+]
 
 
 @pytest.mark.slow  # a scale run: ~100 s of a separate 3-node cluster; `pytest -m slow`
@@ -32,9 +40,22 @@ def test_multinode_prepare_and_train_spread_over_the_nodes(ray_cluster, tmp_path
     single = prepare(cfg.data, cfg.tokenizer, tmp_path / "single")
 
     multi_out = tmp_path / "multi"
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(corpus), str(multi_out), *OVERRIDES, *TRAIN,
-                           f"run.output_dir={multi_out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.multinode",
+            str(corpus),
+            str(multi_out),
+            *OVERRIDES,
+            *TRAIN,
+            f"run.output_dir={multi_out}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     result = json.loads(line.removeprefix("RESULT "))

@@ -1,9 +1,12 @@
 """Packaging facts that must agree across files: Ray pin, Docker image tag, CI and README."""
 
+import os
 import re
+from pathlib import Path
+
 import tomllib
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def ray_pin() -> str:
@@ -26,11 +29,31 @@ def test_installed_ray_matches_pin():
     assert ray.__version__.startswith(ray_pin() + ".")
 
 
-def test_dockerfile_copies_every_package_folder():
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+def listed_packages() -> list[str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def test_packaged_subpackages_are_the_folders_that_exist():
+    """pyproject.toml's list is every folder with an __init__.py under raylm/ (through its
+    symlinks), so a new stage subpackage cannot be left out of the wheel or the image."""
+    found = sorted(
+        ".".join(Path(folder).relative_to(REPO).parts)
+        for folder, _, files in os.walk(REPO / "raylm", followlinks=True)
+        if "__init__.py" in files
+    )
+    assert sorted(listed_packages()) == found
+
+
+def test_raylm_links_each_top_level_folder_and_the_dockerfile_copies_it():
     text = (REPO / "Dockerfile").read_text()
-    for folder in packages:
-        assert f"COPY --chown=ray:users {folder}/ {folder}/" in text
+    links = [p for p in (REPO / "raylm").iterdir() if p.is_symlink()]
+    assert sorted(p.name for p in links) == ["cluster", "models", "pipelines", "tuning"]
+    for link in links:
+        assert link.readlink() == Path("..") / link.name  # relative: survives a clone anywhere
+        assert f"COPY --chown=ray:users {link.name}/ {link.name}/" in text
+    assert "COPY --chown=ray:users raylm/ raylm/" in text
+    # the dependency layer builds its stub packages from pyproject.toml's list, not its own copy
+    assert "['tool']['setuptools']['packages']" in text
 
 
 def test_ci_runs_the_readme_test_command():
@@ -47,18 +70,20 @@ def test_image_tag_equals_every_manifest_s_ray_version():
     (base,) = re.findall(r"^FROM\s+(\S+)", (REPO / "Dockerfile").read_text(), flags=re.M)
     assert base.split(":")[1].split("-")[0] == RAY_VERSION
     assert RAY_VERSION.rsplit(".", 1)[0] == ray_pin()
-    versions = re.findall(r"^\s*rayVersion: (\S+)", "".join(p.read_text() for p in (REPO / "cluster").glob("*.yaml")), flags=re.M)
+    versions = re.findall(
+        r"^\s*rayVersion: (\S+)", "".join(p.read_text() for p in (REPO / "cluster").glob("*.yaml")), flags=re.M
+    )
     assert versions and set(versions) == {RAY_VERSION}
 
 
 def test_dockerfile_runs_as_non_root_and_installs_dependencies_before_source():
     lines = (REPO / "Dockerfile").read_text().splitlines()
-    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and "root" not in users and users[-1] == "ray"
-    first_run = next(i for i, l in enumerate(lines) if l.startswith("RUN "))
-    assert next(i for i, l in enumerate(lines) if l.startswith("USER ")) < first_run
-    deps = next(i for i, l in enumerate(lines) if "pip install '.[" in l)
-    source = next(i for i, l in enumerate(lines) if l.startswith("COPY") and "raylm/" in l)
+    first_run = next(i for i, line in enumerate(lines) if line.startswith("RUN "))
+    assert next(i for i, line in enumerate(lines) if line.startswith("USER ")) < first_run
+    deps = next(i for i, line in enumerate(lines) if "pip install '.[" in line)
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "raylm/" in line)
     assert deps < source  # a source edit must not reinstall torch
 
 

@@ -9,21 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylm.pipelines.config import load_config
-from raylm.pipelines.errors import DataError
-from raylm.pipelines.loader import read_windows
-from raylm.pipelines.prepare import find_prepared, prepare
-from raylm.pipelines.tokenizer import load_tokenizer
-
-from . import corrupt_corpus
-from .conftest import SHARED_DATA
+from raylm.config import load_config
+from raylm.errors import DataError
+from raylm.pipelines.data.loader import read_windows
+from raylm.pipelines.data.prepare import find_prepared, prepare
+from raylm.pipelines.data.tokenizer import load_tokenizer
+from tests import corrupt_corpus
+from tests.conftest import SHARED_DATA
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
 def run_prepare(tmp_path: Path, sources: list[dict], *extra: str) -> tuple[dict, dict]:
-    cfg = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=16", "tokenizer.vocab_size=300",
-                             "data.val_fraction=0.2", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"data.sources={json.dumps(sources)}",
+            "data.seq_len=16",
+            "tokenizer.vocab_size=300",
+            "data.val_fraction=0.2",
+            *extra,
+        ],
+    )
     manifest = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
     return manifest, json.loads((Path(manifest["path"]) / "report.json").read_text())
 
@@ -65,10 +72,14 @@ def mixed(ray_cluster, tmp_path_factory):
     planted = write_duplicates(tmp / "dups.jsonl", np.random.default_rng(0))
     questions = [json.loads(line)["question"] for line in GSM8K_TEST.read_text().splitlines()[:2]]
     (tmp / "leak.txt").write_text("\n\n".join(questions + ["A clean paragraph about gardens and rain."]))
-    sources = [{"paths": [str(tmp / "corrupt")], "name": "corrupt"}, {"paths": [str(tmp / "dups.jsonl")]},
-               {"paths": [str(tmp / "leak.txt")]}]
-    manifest, report = run_prepare(tmp, sources, f"data.decontaminate.eval_paths=['{GSM8K_TEST}']",
-                                   "data.decontaminate.drop=true")
+    sources = [
+        {"paths": [str(tmp / "corrupt")], "name": "corrupt"},
+        {"paths": [str(tmp / "dups.jsonl")]},
+        {"paths": [str(tmp / "leak.txt")]},
+    ]
+    manifest, report = run_prepare(
+        tmp, sources, f"data.decontaminate.eval_paths=['{GSM8K_TEST}']", "data.decontaminate.drop=true"
+    )
     return manifest, report, planted
 
 
@@ -112,15 +123,23 @@ def test_report_adds_up_and_matches_the_windows(mixed):
     tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
     assert tok.get_vocab_size() <= 300 and report["tokenizer"]["bytes_per_token"]["all"] > 1
     md = (Path(manifest["path"]) / "report.md").read_text()
-    assert "| dedup_near |" in md and "contaminated" in md and (Path(manifest["path"]) / "report.png").stat().st_size > 1000
+    assert (
+        "| dedup_near |" in md
+        and "contaminated" in md
+        and (Path(manifest["path"]) / "report.png").stat().st_size > 1000
+    )
 
 
 def test_mixing_weights_reach_the_asked_shares(ray_cluster, tmp_path):
     rng = np.random.default_rng(1)
     for name, n in (("big", 600), ("small", 150)):
-        (tmp_path / f"{name}.txt").write_text("\n\n".join(
-            " ".join(rng.choice([f"{name}{i}" for i in range(400)], 40)) for _ in range(n)))
-    sources = [{"paths": [str(tmp_path / "big.txt")], "weight": 1}, {"paths": [str(tmp_path / "small.txt")], "weight": 1}]
+        (tmp_path / f"{name}.txt").write_text(
+            "\n\n".join(" ".join(rng.choice([f"{name}{i}" for i in range(400)], 40)) for _ in range(n))
+        )
+    sources = [
+        {"paths": [str(tmp_path / "big.txt")], "weight": 1},
+        {"paths": [str(tmp_path / "small.txt")], "weight": 1},
+    ]
     _, report = run_prepare(tmp_path, sources, "data.dedup.near=false")
     big, small = report["sources"]["big"], report["sources"]["small"]
     assert big["share_asked"] == small["share_asked"] == 0.5
@@ -134,14 +153,19 @@ def test_a_source_can_be_the_whole_validation_split(ray_cluster, tmp_path):
     source with split: train gives none of its documents to validation."""
     rng = np.random.default_rng(2)
     for name, n in (("main", 300), ("held", 60)):
-        (tmp_path / f"{name}.txt").write_text("\n\n".join(
-            " ".join(rng.choice([f"{name}{i}" for i in range(50)], 30)) for _ in range(n)))
-    sources = [{"paths": [str(tmp_path / "main.txt")], "split": "train"},
-               {"paths": [str(tmp_path / "held.txt")], "split": "val"}]
+        (tmp_path / f"{name}.txt").write_text(
+            "\n\n".join(" ".join(rng.choice([f"{name}{i}" for i in range(50)], 30)) for _ in range(n))
+        )
+    sources = [
+        {"paths": [str(tmp_path / "main.txt")], "split": "train"},
+        {"paths": [str(tmp_path / "held.txt")], "split": "val"},
+    ]
     manifest, _ = run_prepare(tmp_path, sources, "data.dedup.near=false")
     tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
-    words = {split: set(tok.decode(read_windows(Path(manifest["path"]) / split).ravel().tolist()).split())
-             for split in ("train", "val")}
+    words = {
+        split: set(tok.decode(read_windows(Path(manifest["path"]) / split).ravel().tolist()).split())
+        for split in ("train", "val")
+    }
     assert words["val"] and not any("main" in w for w in words["val"])
     assert words["train"] and not any("held" in w for w in words["train"])
 
@@ -161,8 +185,10 @@ def test_rerun_reuses_output_and_redoes_a_torn_one(ray_cluster, tmp_path, capsys
     first, _ = run_prepare(tmp_path, sources)
     second, _ = run_prepare(tmp_path, sources)
     assert "reusing prepared data" in capsys.readouterr().out and first == second
-    cfg = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=16", "tokenizer.vocab_size=300",
-                             "data.val_fraction=0.2"])
+    cfg = load_config(
+        None,
+        [f"data.sources={json.dumps(sources)}", "data.seq_len=16", "tokenizer.vocab_size=300", "data.val_fraction=0.2"],
+    )
     assert find_prepared(cfg.data, cfg.tokenizer, tmp_path / "out") == first
     # A run that died before writing its manifest is redone from scratch, not appended to.
     (Path(first["path"]) / "manifest.json").unlink()

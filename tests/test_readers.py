@@ -3,15 +3,13 @@
 import gzip
 import json
 
+import pyarrow as pa
 import pytest
 
-import pyarrow as pa
-
-from raylm.pipelines.cleaning import assign_split, clean_batch, normalize, quality_problem, scrub_pii
-from raylm.pipelines.config import CleanSection, QualitySection
-from raylm.pipelines.readers import documents_of_file, file_format, list_files, looks_binary, split_text
-
-from .corrupt_corpus import build
+from raylm.config import CleanSection, QualitySection
+from raylm.pipelines.data.cleaning import assign_split, clean_batch, normalize, quality_problem, scrub_pii
+from raylm.pipelines.data.readers import documents_of_file, file_format, list_files, looks_binary, split_text
+from tests.corrupt_corpus import build
 
 
 def parse(path, fmt="auto", boundary="paragraph"):
@@ -42,16 +40,25 @@ def test_each_bad_file_gets_its_reason(corpus):
 def test_jsonl_rows_get_line_numbers_and_reasons(corpus):
     rows = parse(corpus / "bad.jsonl")
     assert [(r["line"], r["reason"]) for r in rows] == [
-        (1, ""), (2, "malformed_json"), (3, "wrong_field_type"), (4, "missing_field"), (5, "invalid_utf8"),
-        (7, "missing_field"), (8, "wrong_field_type"), (9, "malformed_json"), (10, ""),
+        (1, ""),
+        (2, "malformed_json"),
+        (3, "wrong_field_type"),
+        (4, "missing_field"),
+        (5, "invalid_utf8"),
+        (7, "missing_field"),
+        (8, "wrong_field_type"),
+        (9, "malformed_json"),
+        (10, ""),
     ]
     assert [r["text"] for r in parse(corpus / "good.jsonl.gz")][1] == "He planted apple trees along the fence."
 
 
 def test_gutenberg_header_and_footer_are_stripped(tmp_path):
     book = tmp_path / "pg.txt"
-    book.write_text("Title: X\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\nChapter one.\n\nThe end.\n\n"
-                    "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\nLicence text.\n")
+    book.write_text(
+        "Title: X\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\nChapter one.\n\nThe end.\n\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\nLicence text.\n"
+    )
     rows = parse(book)
     assert reasons(rows) == ["fixed:gutenberg_boilerplate", "", ""]
     assert [r["text"] for r in rows[1:]] == ["Chapter one.", "The end."] and rows[1]["line"] == 5
@@ -94,14 +101,20 @@ def clean_one(text: str, cfg: CleanSection) -> tuple[str, str, list[int]]:
 
 
 def test_normalize_and_pii():
-    assert normalize(pa.array(["  Cafe\u0301\x00 \t\nnext\x07 line  \n\n\n\nend"])).to_pylist() == ["Café\nnext line\n\nend"]
+    assert normalize(pa.array(["  Cafe\u0301\x00 \t\nnext\x07 line  \n\n\n\nend"])).to_pylist() == [
+        "Café\nnext line\n\nend"
+    ]
     text = "Mail jane.doe@example.com or call +1 555-123-4567 / (555) 987 6543; host 192.168.0.12 in 1999-2001."
     assert scrub_pii(pa.array([text, "no numbers here"])).to_pylist() == [
-        "Mail <EMAIL> or call <PHONE> / <PHONE>; host <IP> in 1999-2001.", "no numbers here"]
+        "Mail <EMAIL> or call <PHONE> / <PHONE>; host <IP> in 1999-2001.",
+        "no numbers here",
+    ]
 
 
 def test_clean_switches_and_lengths():
-    text, reason, sizes = clean_one("The Cat is ON the mat", CleanSection(lowercase=True, remove_stopwords=True, min_chars=5))
+    text, reason, sizes = clean_one(
+        "The Cat is ON the mat", CleanSection(lowercase=True, remove_stopwords=True, min_chars=5)
+    )
     assert (text, reason) == ("cat mat", "") and sizes == [21, 21, 21, len("cat mat")]
     assert clean_one("tiny", CleanSection(min_chars=5))[1] == "too_short"
     assert clean_one("x" * 11, CleanSection(max_chars=10))[1:] == ("too_long", [11] * 4)
@@ -116,7 +129,10 @@ def test_gopher_heuristics():
     assert quality_problem("word " * 3, q) == "quality_word_count"
     assert quality_problem("buy now buy now buy now buy now buy now", q) == "quality_repeated_bigram"
     assert quality_problem("1234 5678 9012 3456 7890 1122 word", q) == "quality_alpha_words"
-    assert quality_problem("same line here\nsame line here\nsame line here\nother one here", q) == "quality_duplicate_lines"
+    assert (
+        quality_problem("same line here\nsame line here\nsame line here\nother one here", q)
+        == "quality_duplicate_lines"
+    )
     assert quality_problem("Hmm... well... yes... no... maybe... fine...", q) == "quality_symbol_ratio"
 
 

@@ -18,24 +18,39 @@ import pytest
 import torch
 
 from raylm.cli import main
+from raylm.errors import DataError
 from raylm.models import ModelConfig
 from raylm.models.gpt import GPT
 from raylm.models.io import load_model, read_weights
-from raylm.pipelines.checkpoint import STATE_TENSORS, load_checkpoint, save_checkpoint, write_commit
-from raylm.pipelines.errors import DataError
-from raylm.pipelines.finetune import resolve_base
-from raylm.pipelines.pretrain import checked_resume
-
-from .conftest import REPO
+from raylm.pipelines.train.checkpoint import STATE_TENSORS, load_checkpoint, save_checkpoint, write_commit
+from raylm.pipelines.train.finetune import resolve_base
+from raylm.pipelines.train.pretrain import checked_resume
+from tests.conftest import REPO
 
 # -- 1. a scan of the source for calls that unpickle ------------------------------------------
 
 ALWAYS_UNSAFE = {
-    "pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads", "_pickle.Unpickler",
-    "cloudpickle.load", "cloudpickle.loads", "dill.load", "dill.loads", "joblib.load", "pandas.read_pickle",
-    "marshal.load", "marshal.loads", "shelve.open",
-    "yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all",  # FullLoader builds objects
-    "torch.serialization._load", "torch.serialization._legacy_load",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "_pickle.load",
+    "_pickle.loads",
+    "_pickle.Unpickler",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "pandas.read_pickle",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+    "yaml.unsafe_load",
+    "yaml.unsafe_load_all",
+    "yaml.full_load",
+    "yaml.full_load_all",  # FullLoader builds objects
+    "torch.serialization._load",
+    "torch.serialization._legacy_load",
 }
 UNPICKLING_MODULES = {"pickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve"}  # `from X import *`
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
@@ -59,7 +74,12 @@ def _safe_yaml_loader(node: ast.expr | None) -> bool:
         return node.attr in SAFE_YAML_LOADERS
     if isinstance(node, ast.Name):
         return node.id in SAFE_YAML_LOADERS
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) == 3:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "getattr"
+        and len(node.args) == 3
+    ):
         name, default = node.args[1], node.args[2]
         return isinstance(name, ast.Constant) and name.value in SAFE_YAML_LOADERS and _safe_yaml_loader(default)
     return False
@@ -70,7 +90,9 @@ def _safe_yaml_loader(node: ast.expr | None) -> bool:
 CONDITIONAL = {
     "torch.load": lambda call: _is_constant(_keyword(call, "weights_only"), True),
     "torch.serialization.load": lambda call: _is_constant(_keyword(call, "weights_only"), True),
-    "numpy.load": lambda call: _keyword(call, "allow_pickle", 2) is None or _is_constant(_keyword(call, "allow_pickle", 2), False),
+    "numpy.load": lambda call: (
+        _keyword(call, "allow_pickle", 2) is None or _is_constant(_keyword(call, "allow_pickle", 2), False)
+    ),
     "yaml.load": lambda call: _safe_yaml_loader(_keyword(call, "Loader", 1)),
     "yaml.load_all": lambda call: _safe_yaml_loader(_keyword(call, "Loader", 1)),
 }
@@ -104,11 +126,19 @@ def unpickling_calls(source: str, filename: str = "<string>") -> list[str]:
     """'file:line: what' for each use of a loader that can run code from the data it reads."""
     tree = ast.parse(source, filename)
     aliases = _aliases(tree)
-    safe_calls = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)
-                  and any(name in CONDITIONAL and CONDITIONAL[name](node) for name in _dotted(node.func, aliases))}
+    safe_calls = {
+        id(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and any(name in CONDITIONAL and CONDITIONAL[name](node) for name in _dotted(node.func, aliases))
+    }
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module in UNPICKLING_MODULES and any(a.name == "*" for a in node.names):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module in UNPICKLING_MODULES
+            and any(a.name == "*" for a in node.names)
+        ):
             found.append(f"{filename}:{node.lineno}: from {node.module} import *")
         if not isinstance(node, (ast.Name, ast.Attribute)) or id(node) in safe_calls:
             continue
@@ -119,11 +149,14 @@ def unpickling_calls(source: str, filename: str = "<string>") -> list[str]:
 
 def repo_sources() -> list[Path]:
     """Every .py file of the repository, tests included; not .venv, .git or build metadata."""
-    return sorted(p for p in REPO.rglob("*.py")
-                  if not any(part.startswith(".") or part.endswith(".egg-info") for part in p.relative_to(REPO).parts))
+    return sorted(
+        p
+        for p in REPO.rglob("*.py")
+        if not any(part.startswith(".") or part.endswith(".egg-info") for part in p.relative_to(REPO).parts)
+    )
 
 
-SELF_TEST = '''\
+SELF_TEST = """\
 import pickle as p
 from pickle import loads
 from cloudpickle import loads as cl
@@ -156,7 +189,7 @@ yaml.load(s, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 yaml.safe_load(s)
 pickle.dumps(b)
 from dill import *
-'''
+"""
 SELF_TEST_UNSAFE_LINES = [*range(7, 26), 32]  # lines 7-25 and 32 can unpickle; 26-31 are safe
 
 
@@ -164,7 +197,10 @@ def test_the_scanner_catches_each_unpickling_pattern():
     found = unpickling_calls(SELF_TEST, "selftest.py")
     lines = sorted({int(f.split(":")[1]) for f in found})
     assert lines == SELF_TEST_UNSAFE_LINES, "\n".join(found)
-    print(f"[test] the scanner flagged all {len(lines)} unpickling lines of the sample, aliases included, and none of its safe ones")
+    print(
+        f"[test] the scanner flagged all {len(lines)} unpickling lines of the sample, aliases included, "
+        "and none of its safe ones"
+    )
 
 
 def test_no_code_unpickles():
@@ -172,7 +208,10 @@ def test_no_code_unpickles():
     assert REPO / "models" / "io.py" in files and len(files) > 50  # the walk found the code
     found = [f for path in files for f in unpickling_calls(path.read_text(), str(path.relative_to(REPO)))]
     assert not found, "code that can unpickle a file:\n" + "\n".join(found)
-    print(f"[test] scanned {len(files)} .py files: no pickle/torch.load/numpy allow_pickle/unsafe yaml/marshal/shelve loads")
+    print(
+        f"[test] scanned {len(files)} .py files: "
+        "no pickle/torch.load/numpy allow_pickle/unsafe yaml/marshal/shelve loads"
+    )
 
 
 # -- 2. a malicious pickle named like a checkpoint --------------------------------------------
@@ -198,8 +237,10 @@ def payloads(tmp_path_factory):
     files = {"pickle": tmp / "evil.pkl", "torch": tmp / "evil.pt"}
     files["pickle"].write_bytes(pickle.dumps(TouchOnUnpickle(markers["pickle"])))
     torch.save(TouchOnUnpickle(markers["torch"]), files["torch"])
-    unpickle = ("import pickle, sys, torch; pickle.loads(open(sys.argv[1], 'rb').read()); "
-                "torch.load(sys.argv[2], weights_only=False)")
+    unpickle = (
+        "import pickle, sys, torch; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "torch.load(sys.argv[2], weights_only=False)"
+    )
     subprocess.run([sys.executable, "-c", unpickle, str(files["pickle"]), str(files["torch"])], check=True)
     assert all(m.exists() for m in markers.values()), "the payloads are not live"
     for m in markers.values():
@@ -216,8 +257,15 @@ def malice(payloads):
 
 
 TINY = ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=16)
-HF_CONFIG = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "max_position_embeddings": 16}
+HF_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+}
 
 
 def checkpoint_with(tmp: Path, name: str, payload: bytes, file: str) -> Path:
@@ -263,37 +311,53 @@ def test_generate_and_evaluate_refuse_a_pickled_checkpoint(tmp_path, malice, cap
 def test_weight_loaders_refuse_a_pickled_checkpoint(tmp_path, malice):
     ckpt = checkpoint_with(tmp_path, "run", malice["pickle"], "model.safetensors")
     model = GPT(TINY)
-    for load in (lambda: read_weights(ckpt, TINY), lambda: load_model(ckpt),
-                 lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
-                 lambda: checked_resume(ckpt, TINY), lambda: resolve_base(str(ckpt), tmp_path / "out")):
+    for load in (
+        lambda: read_weights(ckpt, TINY),
+        lambda: load_model(ckpt),
+        lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
+        lambda: checked_resume(ckpt, TINY),
+        lambda: resolve_base(str(ckpt), tmp_path / "out"),
+    ):
         with pytest.raises(DataError, match=f"{ckpt / 'model.safetensors'} is not a safetensors file"):
             load()
-    print("[test] a pickle as model.safetensors: read_weights, load_model, load_checkpoint, checked_resume (--resume) "
-          "and resolve_base (finetune.base) raise DataError naming it")
+    print(
+        "[test] a pickle as model.safetensors: read_weights, load_model, load_checkpoint, checked_resume (--resume) "
+        "and resolve_base (finetune.base) raise DataError naming it"
+    )
 
 
 def test_a_pickled_train_state_is_refused(tmp_path, malice):
     ckpt = checkpoint_with(tmp_path, "run", malice["pickle"], STATE_TENSORS)
     model = GPT(TINY)
-    for load in (lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
-                 lambda: checked_resume(ckpt, TINY)):
+    for load in (
+        lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
+        lambda: checked_resume(ckpt, TINY),
+    ):
         with pytest.raises(DataError, match=f"{ckpt / STATE_TENSORS} is not a safetensors file"):
             load()
-    print(f"[test] a pickle as {STATE_TENSORS}: load_checkpoint and checked_resume (--resume) raise DataError naming it")
+    print(
+        f"[test] a pickle as {STATE_TENSORS}: load_checkpoint and checked_resume (--resume) raise DataError naming it"
+    )
 
 
 def test_a_hugging_face_directory_of_pickles_is_refused(tmp_path, malice, capsys):
     pickles = hf_dir_with(tmp_path, "hf-bin", {"pytorch_model.bin": malice["torch"], "model.pt": malice["pickle"]})
     disguised = hf_dir_with(tmp_path, "hf-disguised", {"model.safetensors": malice["torch"]})
     refused_by_cli(["import-hf", str(pickles), "--out", str(tmp_path / "a")], capsys, "model.pt", "pytorch_model.bin")
-    err = refused_by_cli(["import-hf", str(disguised), "--out", str(tmp_path / "b")], capsys,
-                         str(disguised / "model.safetensors"), "not a safetensors file")
+    err = refused_by_cli(
+        ["import-hf", str(disguised), "--out", str(tmp_path / "b")],
+        capsys,
+        str(disguised / "model.safetensors"),
+        "not a safetensors file",
+    )
     with pytest.raises(DataError, match="never unpickles model.pt, pytorch_model.bin"):
         resolve_base(str(pickles), tmp_path / "out")
     with pytest.raises(DataError, match=f"{disguised / 'model.safetensors'} is not a safetensors file"):
         resolve_base(str(disguised), tmp_path / "out")
-    print(f"[test] HF dirs with pytorch_model.bin + model.pt, or a torch zip as model.safetensors: import-hf exits 2 "
-          f"({err!r}); finetune.base raises DataError")
+    print(
+        f"[test] HF dirs with pytorch_model.bin + model.pt, or a torch zip as model.safetensors: import-hf exits 2 "
+        f"({err!r}); finetune.base raises DataError"
+    )
 
 
 # -- 3. the local Ray instance listens on loopback only ---------------------------------------
@@ -304,8 +368,11 @@ RAY_START_S = 120  # start_ray took 5-11 s on 2 cores, more beside a second inst
 def listening_sockets(pids: set[int]) -> list[dict]:
     import psutil  # ships inside Ray (ray/thirdparty_files), on sys.path once ray is imported
 
-    return [{"pid": c.pid, "process": _name(c.pid), "ip": c.laddr.ip, "port": c.laddr.port}
-            for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [
+        {"pid": c.pid, "process": _name(c.pid), "ip": c.laddr.ip, "port": c.laddr.port}
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 def _name(pid: int) -> str:
@@ -321,8 +388,8 @@ def report_ray_sockets() -> None:
     """Run in a fresh process: start Ray as raylm does, wait until every port the instance
     reports (GCS, raylet, object manager, agents, metrics) listens, and print the LISTEN
     sockets of this process and its descendants (every process of a local instance) as JSON."""
-    import ray
     import psutil  # after ray: see listening_sockets
+    import ray
 
     from raylm.pipelines.runtime import start_ray
 
@@ -353,8 +420,14 @@ def test_local_ray_listens_on_loopback_only():
     # rendezvous on rank 0) listens on every interface whatever MASTER_ADDR is; torch has no
     # setting for its bind address (pytorch/pytorch#173909). Its gloo pairs bind 127.0.0.1.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local instance, not the suite's
-    proc = subprocess.run([sys.executable, "-c", "from tests.test_security import report_ray_sockets as r; r()"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=RAY_START_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tests.test_security import report_ray_sockets as r; r()"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RAY_START_S,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("SOCKETS ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     report = json.loads(line.removeprefix("SOCKETS "))
@@ -363,5 +436,7 @@ def test_local_ray_listens_on_loopback_only():
     exposed = [s for s in sockets if not is_loopback(s["ip"])]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
     names = sorted({s["process"] for s in sockets})
-    print(f"[test] start_ray(): {len(sockets)} LISTEN sockets of {len(names)} Ray processes "
-          f"({', '.join(names)}), all on loopback")
+    print(
+        f"[test] start_ray(): {len(sockets)} LISTEN sockets of {len(names)} Ray processes "
+        f"({', '.join(names)}), all on loopback"
+    )

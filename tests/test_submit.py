@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from raylm.cli import main
-from .conftest import REPO, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 BIN = Path(sys.executable).parent  # the venv's bin: the head's PATH, so jobs run this venv's raylm
 HEAD_START_S = 90  # `ray start --head` answered in about 10 s on 2 cores; a loaded CI box is slower
@@ -74,8 +74,14 @@ def free_port_block(size: int) -> int:
 def clean_env(**extra: str) -> dict:
     """This process's environment without what points at another Ray or MLflow (the suite's
     in-process Ray may have set RAY_ADDRESS or RAY_AUTH_MODE), with the venv first on PATH."""
-    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-            "MLFLOW_TRACKING_URI")
+    drop = (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
@@ -86,14 +92,49 @@ def head_command(temp_dir: Path) -> tuple[list[str], int]:
     first = free_port_block(WORKER_PORTS)
     # Ray maps a loopback --node-ip-address to the machine's IP (services.resolve_ip_for_localhost)
     # and its GCS listens on every interface; the job server (dashboard) stays on 127.0.0.1.
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-           "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-           "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
-           "--object-manager-port", str(obj_mgr), "--min-worker-port", str(first),
-           "--max-worker-port", str(first + WORKER_PORTS - 1), "--num-cpus", "2", "--num-gpus", "0",
-           "--object-store-memory", str(500 * 1024**2), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--include-dashboard",
+        "true",
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--ray-client-server-port",
+        str(client),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--min-worker-port",
+        str(first),
+        "--max-worker-port",
+        str(first + WORKER_PORTS - 1),
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(500 * 1024**2),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     return cmd, dash
 
 
@@ -155,8 +196,12 @@ def head(tmp_path_factory):
     # busy) before stopping. Ray Train's placement-group cleaner finds the state API by looking
     # for Ray instances on the machine and fails when there are several (this suite's own, a
     # colleague's): name it.
-    head_env = clean_env(**auth, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                         RAY_API_SERVER_ADDRESS=url)
+    head_env = clean_env(
+        **auth,
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        RAY_API_SERVER_ADDRESS=url,
+    )
     log = temp_dir / "head.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -179,9 +224,17 @@ def start(cmd: list[str], env: dict) -> subprocess.Popen:
 def job_overrides(store: Path, name: str) -> list[str]:
     """tiny_overrides cut to 10 steps on 1,000 documents and 1 worker: a job of 60-100 s on 2
     cores, most of it Ray starting Data and Train workers."""
-    cut = ["train.max_steps=10", "train.eval_interval=10", "train.checkpoint_interval=10", "train.eval_windows=4",
-           "data.grammar.num_docs=1000", "scaling.num_workers=1", "eval.max_windows=8", "eval.sample_tokens=0",
-           f"run.name={name}"]
+    cut = [
+        "train.max_steps=10",
+        "train.eval_interval=10",
+        "train.checkpoint_interval=10",
+        "train.eval_windows=4",
+        "data.grammar.num_docs=1000",
+        "scaling.num_workers=1",
+        "eval.max_windows=8",
+        "eval.sample_tokens=0",
+        f"run.name={name}",
+    ]
     tiny = [o for o in tiny_overrides(store) if not o.startswith("tracking.")]
     return [a for o in tiny + cut for a in ("--set", o)]
 
@@ -196,8 +249,11 @@ def finished_runs(store: Path, name: str) -> list:
 
     client = MlflowClient(tracking_uri=mlflow_uri(store))
     experiment = client.get_experiment_by_name("raylm")
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`raylm.run_name` = '{name}'",
-                              order_by=["attributes.start_time DESC"])
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`raylm.run_name` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+    )
 
 
 def check_run(run_) -> None:
@@ -206,9 +262,21 @@ def check_run(run_) -> None:
 
 
 def test_ray_job_submit_runs_raylm(head):
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", str(REPO),
-           "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{mlflow_uri(head.store)}"}}}}',
-           "--", "raylm", "run", *job_overrides(head.store, "submitted")]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head.url,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{mlflow_uri(head.store)}"}}}}',
+        "--",
+        "raylm",
+        "run",
+        *job_overrides(head.store, "submitted"),
+    ]
     proc = run(cmd, head.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "raylm run 'submitted' finished" in proc.stdout
@@ -219,9 +287,22 @@ def test_ray_job_submit_runs_raylm(head):
 def test_raylm_submit_of_the_same_run_resumes_it(head):
     """The same command again, through raylm submit: a resubmitted job (a RayJob's retry) finds
     the run's checkpoints on the shared store, trains nothing more and evaluates again."""
-    cmd = [str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(REPO),
-           "--mlflow-uri", mlflow_uri(head.store), "--env", "RAYLM_TEST_SECRET=not-for-logs",
-           "--", "raylm", "run", *job_overrides(head.store, "submitted")]
+    cmd = [
+        str(BIN / "raylm"),
+        "submit",
+        "--address",
+        head.url,
+        "--working-dir",
+        str(REPO),
+        "--mlflow-uri",
+        mlflow_uri(head.store),
+        "--env",
+        "RAYLM_TEST_SECRET=not-for-logs",
+        "--",
+        "raylm",
+        "run",
+        *job_overrides(head.store, "submitted"),
+    ]
     proc = run(cmd, head.env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -234,12 +315,38 @@ def test_raylm_submit_of_the_same_run_resumes_it(head):
 
 
 def test_job_sees_working_dir_without_outputs_and_env(head, tmp_path):
-    for f in ["train.py", "runs/ckpt/w.bin", "mlruns/0/meta.yaml", "mlflow.db", ".venv/bin/python", "sub/runs/kept.txt"]:
+    for f in [
+        "train.py",
+        "runs/ckpt/w.bin",
+        "mlruns/0/meta.yaml",
+        "mlflow.db",
+        ".venv/bin/python",
+        "sub/runs/kept.txt",
+    ]:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("x")
-    show = "import os; print(sorted(os.path.join(d, f) for d, _, fs in os.walk('.') for f in fs)); print(os.environ['MARK'])"
-    proc = run([str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(tmp_path), "--env", "MARK=m-42",
-                "--", "python", "-c", show], head.env, timeout=60)
+    show = (
+        "import os; print(sorted(os.path.join(d, f) for d, _, fs in os.walk('.') for f in fs)); "
+        "print(os.environ['MARK'])"
+    )
+    proc = run(
+        [
+            str(BIN / "raylm"),
+            "submit",
+            "--address",
+            head.url,
+            "--working-dir",
+            str(tmp_path),
+            "--env",
+            "MARK=m-42",
+            "--",
+            "python",
+            "-c",
+            show,
+        ],
+        head.env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "['./sub/runs/kept.txt', './train.py']" in proc.stdout and "m-42" in proc.stdout
 
@@ -248,8 +355,9 @@ def test_failed_job_fails_both_commands(head, tmp_path):
     fail = ["python", "-c", "import sys; print('failing on purpose'); sys.exit(3)"]
     # Both at once: each job is about 10 s of waiting for its supervisor and runtime env.
     ray_cli = start([str(BIN / "ray"), "job", "submit", "--address", head.url, "--", *fail], head.env)
-    ours = start([str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(tmp_path), "--", *fail],
-                 head.env)
+    ours = start(
+        [str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(tmp_path), "--", *fail], head.env
+    )
     ray_out, _ = ray_cli.communicate(timeout=90)
     our_out, our_err = ours.communicate(timeout=90)
     assert ray_cli.returncode == 1 and "failing on purpose" in ray_out, ray_out
@@ -276,13 +384,19 @@ def test_no_wait_returns_an_id_that_stop_stops_after_the_job_winds_down(head, tm
     marker = tmp_path / "marker"
     (tmp_path / "graceful.py").write_text(GRACEFUL)
     t0 = time.monotonic()
-    sub = run([*base, "--working-dir", str(tmp_path), "--no-wait", "--", "python", "graceful.py", str(marker)],
-              head.env, timeout=60)
+    sub = run(
+        [*base, "--working-dir", str(tmp_path), "--no-wait", "--", "python", "graceful.py", str(marker)],
+        head.env,
+        timeout=60,
+    )
     assert sub.returncode == 0 and time.monotonic() - t0 < 30, sub.stdout + sub.stderr
     job_id = re.search(r"submitted job (\S+)", sub.stdout).group(1)
     assert f"--stop {job_id}" in sub.stdout and f"--follow {job_id}" in sub.stdout
     deadline = time.monotonic() + 60
-    while "ready" not in run([str(BIN / "ray"), "job", "logs", "--address", head.url, job_id], head.env, timeout=30).stdout:
+    while (
+        "ready"
+        not in run([str(BIN / "ray"), "job", "logs", "--address", head.url, job_id], head.env, timeout=30).stdout
+    ):
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(1)
     stop = run([*base, "--stop", job_id], head.env, timeout=90)
@@ -298,8 +412,11 @@ def test_no_wait_returns_an_id_that_stop_stops_after_the_job_winds_down(head, tm
 
 def test_missing_token_is_a_clear_error(head, tmp_path):
     env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
-    proc = run([str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(tmp_path), "--", "true"],
-               env, timeout=60)
+    proc = run(
+        [str(BIN / "raylm"), "submit", "--address", head.url, "--working-dir", str(tmp_path), "--", "true"],
+        env,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "RAY_AUTH_MODE=token" in proc.stderr, proc.stdout + proc.stderr
 
 
@@ -313,12 +430,20 @@ def test_unreachable_address_and_bad_config_fail_before_any_upload(capsys):
 
 def test_checkout_on_pythonpath_shadows_an_installed_raylm(tmp_path):
     """What a job with the repository as working dir sees: the copy first on PYTHONPATH, before
-    an installed (not editable) raylm. The subpackages must still import, from the copy."""
+    an installed (not editable) raylm. The subpackages import from the copy, through the
+    symlinks in raylm/, with no import hook at all."""
     drop_editable = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in str(f)]; "
-    code = drop_editable + "import raylm.pipelines.errors as e, raylm.cluster.submit; print(e.__file__)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0 and proc.stdout.strip() == str(REPO / "pipelines" / "errors.py"), proc.stderr
+    code = drop_editable + "import raylm.pipelines.track.tracking as t, raylm.cluster.submit; print(t.__file__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).resolve() == REPO / "pipelines" / "track" / "tracking.py"
 
 
 def test_exit_status_follows_the_driver():
@@ -337,7 +462,7 @@ def test_exit_status_follows_the_driver():
 
 def test_job_env_takes_pairs_and_the_mlflow_uri(monkeypatch):
     from raylm.cluster.submit import job_env
-    from raylm.pipelines.errors import RaylmError
+    from raylm.errors import RaylmError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-shell:5000")
     assert job_env(["A=1", "B=x=y"], None) == {"A": "1", "B": "x=y", "MLFLOW_TRACKING_URI": "http://from-shell:5000"}

@@ -3,8 +3,17 @@ log-likelihood choice)."""
 
 import pytest
 
-from raylm.pipelines.task_metrics import (choose, corpus_bleu, corpus_chrf, exact_match, extract_number,
-                                          gsm8k_reference, normalize_answer, numbers_equal, token_f1)
+from raylm.pipelines.eval.task_metrics import (
+    choose,
+    corpus_bleu,
+    corpus_chrf,
+    exact_match,
+    extract_number,
+    gsm8k_reference,
+    normalize_answer,
+    numbers_equal,
+    token_f1,
+)
 
 
 def test_squad_normalization_and_exact_match():
@@ -78,7 +87,7 @@ def bigram_model(probs):
 def test_continuation_loglik_and_choice_on_a_model_with_known_answers():
     import math
 
-    from raylm.pipelines.scoring import continuation_logliks
+    from raylm.pipelines.eval.scoring import continuation_logliks
 
     probs = [[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]
     model = bigram_model(probs)

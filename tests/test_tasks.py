@@ -6,14 +6,25 @@ import json
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from raylm.pipelines.errors import ConfigError, DataError
-from raylm.pipelines.tasks import load_task, read_examples, score
+from raylm.errors import ConfigError, DataError
+from raylm.pipelines.eval.tasks import load_task, read_examples, score
+from tests.conftest import REPO, SHARED_DATA
+from tests.test_task_metrics import bigram_model
 
-from .conftest import REPO, SHARED_DATA
-from .test_task_metrics import bigram_model
-
-ROWS = {"hellaswag": 5021, "arc_easy": 1188, "arc_challenge": 586, "piqa": 919, "winogrande": 634, "lambada": 2577,
-        "gsm8k": 660, "svamp": 500, "nq_open": 1805, "xquad_en": 594, "multi30k_en_de": 500, "xquad_en_es": 594}
+ROWS = {
+    "hellaswag": 5021,
+    "arc_easy": 1188,
+    "arc_challenge": 586,
+    "piqa": 919,
+    "winogrande": 634,
+    "lambada": 2577,
+    "gsm8k": 660,
+    "svamp": 500,
+    "nq_open": 1805,
+    "xquad_en": 594,
+    "multi30k_en_de": 500,
+    "xquad_en_es": 594,
+}
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
@@ -32,11 +43,15 @@ def test_shipped_task_reads_every_row_of_its_set(name):
 
 def test_winogrande_fills_the_blank_and_scores_the_rest():
     spec = load_task(REPO / "configs" / "tasks" / "winogrande.yaml")
-    from raylm.pipelines.tasks import make_example
+    from raylm.pipelines.eval.tasks import make_example
 
-    ex = make_example(spec, {"sentence": "Sarah beat Maria so _ got the prize.", "option1": "Sarah",
-                             "option2": "Maria", "answer": 1})
-    assert ex.pairs == [("Sarah beat Maria so Sarah", " got the prize."), ("Sarah beat Maria so Maria", " got the prize.")]
+    ex = make_example(
+        spec, {"sentence": "Sarah beat Maria so _ got the prize.", "option1": "Sarah", "option2": "Maria", "answer": 1}
+    )
+    assert ex.pairs == [
+        ("Sarah beat Maria so Sarah", " got the prize."),
+        ("Sarah beat Maria so Maria", " got the prize."),
+    ]
     assert ex.gold == 0
 
 
@@ -49,12 +64,15 @@ def word_tokenizer() -> Tokenizer:
 def test_scores_match_a_model_whose_answers_are_known(tmp_path):
     # Bigram model: after "a" -> b 0.6, c 0.2; after "b" -> c 0.4; after "c" -> a 0.7.
     model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
-    rows = [{"q": "a", "options": ["b", "c"], "label": 0},   # right: b is likelier
-            {"q": "a", "options": ["b", "c"], "label": 1},   # wrong answer key: the model says b
-            {"q": "b", "options": ["a", "c a b"], "label": 1}]  # p 0.25 vs 0.4 * 0.7 * 0.6 = 0.168
+    rows = [
+        {"q": "a", "options": ["b", "c"], "label": 0},  # right: b is likelier
+        {"q": "a", "options": ["b", "c"], "label": 1},  # wrong answer key: the model says b
+        {"q": "b", "options": ["a", "c a b"], "label": 1},
+    ]  # p 0.25 vs 0.4 * 0.7 * 0.6 = 0.168
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\n"
-                                     "choices: '{options}'\nanswer: '{label}'\n")
+    (tmp_path / "t.yaml").write_text(
+        "name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\nchoices: '{options}'\nanswer: '{label}'\n"
+    )
     spec = load_task(tmp_path / "t.yaml")
     metrics, table = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
     assert [r["pred"] for r in table] == [0, 0, 0]
@@ -74,8 +92,9 @@ def test_bad_task_file_and_bad_row_are_named(tmp_path):
     with pytest.raises(ConfigError, match="kind"):
         load_task(tmp_path / "bad.yaml")
     (tmp_path / "x.jsonl").write_text(json.dumps({"q": "a", "options": ["b"], "label": 0}) + "\n{not json\n")
-    (tmp_path / "x.yaml").write_text("name: x\nkind: multiple_choice\npath: x.jsonl\ncontext: '{q}'\n"
-                                     "choices: '{options}'\nanswer: '{label}'\n")
+    (tmp_path / "x.yaml").write_text(
+        "name: x\nkind: multiple_choice\npath: x.jsonl\ncontext: '{q}'\nchoices: '{options}'\nanswer: '{label}'\n"
+    )
     with pytest.raises(DataError, match=r"x.jsonl:2: JSONDecodeError"):
         read_examples(load_task(tmp_path / "x.yaml"), tmp_path)
 
@@ -84,8 +103,9 @@ def test_generated_answers_are_cut_at_stops_and_scored(tmp_path):
     model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
     rows = [{"q": "a", "ref": ["b c", "x"]}, {"q": "c", "ref": ["a c"]}]
     (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\npath: g.jsonl\ncontext: '{q}'\nreference: '{ref}'\n"
-                                     "max_new_tokens: 3\nstop: [' a']\n")
+    (tmp_path / "g.yaml").write_text(
+        "name: g\nkind: generate\npath: g.jsonl\ncontext: '{q}'\nreference: '{ref}'\nmax_new_tokens: 3\nstop: [' a']\n"
+    )
     spec = load_task(tmp_path / "g.yaml")
     metrics, table = score(model, word_tokenizer(), spec, read_examples(spec, tmp_path))
     # Greedy: a -> b c a (cut at " a": "b c"); c -> a b c. SQuAD normalization drops the article
@@ -98,18 +118,23 @@ def test_ray_data_replicas_score_like_one_process(ray_cluster, tmp_path):
     """The evaluation job: examples of two tasks sharded over Ray Data model replicas give the
     same per-example rows and metrics as scoring them in this process."""
     from raylm.models import save_model
-    from raylm.pipelines.evaluate import evaluate_tasks
+    from raylm.pipelines.eval.evaluate import evaluate_tasks
 
     model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
     save_model(model, tmp_path / "ckpt")
     word_tokenizer().save(str(tmp_path / "ckpt" / "tokenizer.json"))
     letters = "abcd"
-    rows = [{"q": letters[i % 4], "options": [letters[(i + 1) % 4], letters[(i + 2) % 4]], "label": i % 2} for i in range(21)]
+    rows = [
+        {"q": letters[i % 4], "options": [letters[(i + 1) % 4], letters[(i + 2) % 4]], "label": i % 2}
+        for i in range(21)
+    ]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\n"
-                                     "choices: '{options}'\nanswer: '{label}'\n")
-    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\npath: t.jsonl\ncontext: '{q}'\nreference: '{options}'\n"
-                                     "max_new_tokens: 2\n")
+    (tmp_path / "t.yaml").write_text(
+        "name: t\nkind: multiple_choice\npath: t.jsonl\ncontext: '{q}'\nchoices: '{options}'\nanswer: '{label}'\n"
+    )
+    (tmp_path / "g.yaml").write_text(
+        "name: g\nkind: generate\npath: t.jsonl\ncontext: '{q}'\nreference: '{options}'\nmax_new_tokens: 2\n"
+    )
     specs = [load_task(tmp_path / "t.yaml"), load_task(tmp_path / "g.yaml")]
     results = evaluate_tasks(tmp_path / "ckpt", specs, tmp_path)
     for spec in specs:
@@ -128,8 +153,10 @@ def test_bias_probe_on_a_model_with_known_sentence_likelihoods(tmp_path):
     model = bigram_model([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
     tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2, "<|endoftext|>": 3}, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    rows = [{"attribute": "x", "a": "a b", "b": "a c", "stereotype": "0"},  # 0.25*0.6 vs 0.25*0.2
-            {"attribute": "y", "a": "c a", "b": "b a", "stereotype": ""}]   # 0.25*0.7 vs 0.25*0.25
+    rows = [
+        {"attribute": "x", "a": "a b", "b": "a c", "stereotype": "0"},  # 0.25*0.6 vs 0.25*0.2
+        {"attribute": "y", "a": "c a", "b": "b a", "stereotype": ""},
+    ]  # 0.25*0.7 vs 0.25*0.25
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     spec = load_task(REPO / "configs" / "tasks" / "bias_pairs.yaml")
     spec.path = "p.jsonl"
@@ -144,12 +171,19 @@ def test_bias_pair_sets_read(tmp_path):
     spec = load_task(REPO / "configs" / "tasks" / "bias_pairs.yaml")  # its JSONL ships beside it
     examples = read_examples(spec, tmp_path)
     assert len(examples) == 28 and {ex.attribute for ex in examples} == {
-        "gender", "age", "nationality", "religion", "disability", "race"}
+        "gender",
+        "age",
+        "nationality",
+        "religion",
+        "disability",
+        "race",
+    }
     assert {ex.gold for ex in examples if ex.attribute == "gender"} == {0, 1}
     # CrowS-Pairs' CSV: quoted fields with commas; sent_more is always the one counted.
     (tmp_path / "crows_pairs").mkdir()
     (tmp_path / "crows_pairs" / "crows_pairs_anonymized.csv").write_text(
-        ',sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n'
-        '0,"He couldn\'t figure it out, as usual.","She couldn\'t figure it out, as usual.",stereo,gender,[],a,[]\n')
+        ",sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n"
+        '0,"He couldn\'t figure it out, as usual.","She couldn\'t figure it out, as usual.",stereo,gender,[],a,[]\n'
+    )
     (ex,) = read_examples(load_task(REPO / "configs" / "tasks" / "crows_pairs.yaml"), tmp_path)
     assert ex.pairs[0][1] == "He couldn't figure it out, as usual." and ex.gold == 0 and ex.attribute == "gender"

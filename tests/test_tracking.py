@@ -4,7 +4,7 @@ metrics is reported, not raised."""
 
 from mlflow.tracking import MlflowClient
 
-from raylm.pipelines.tracking import MetricSink
+from raylm.pipelines.track.tracking import MetricSink
 
 
 def test_sink_delivers_every_metric(tmp_path):

@@ -4,16 +4,17 @@ activation checkpointing."""
 import pytest
 import torch
 
+from raylm.config import load_config
+from raylm.errors import ConfigError
 from raylm.models import GPT, ModelConfig
-from raylm.pipelines.config import load_config
-from raylm.pipelines.errors import ConfigError
-from raylm.pipelines.optim import lr_at, make_optimizer
-from raylm.pipelines.parallelize import checkpoint_activations, compile_blocks
+from raylm.pipelines.train.optim import lr_at, make_optimizer
+from raylm.pipelines.train.parallelize import checkpoint_activations, compile_blocks
 
 
 def train(*overrides):
-    return load_config(None, ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0",
-                              "train.min_lr_ratio=0.1", *overrides]).train
+    return load_config(
+        None, ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1", *overrides]
+    ).train
 
 
 def test_cosine_schedule():
@@ -67,13 +68,15 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients():
 
 
 def test_checkpoint_commit_marks_whole_directories(tmp_path):
-    from raylm.pipelines.checkpoint import latest_checkpoint, save_checkpoint, torn_reason, usable_checkpoint
+    from raylm.pipelines.train.checkpoint import latest_checkpoint, save_checkpoint, torn_reason, usable_checkpoint
 
     model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=8))
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
     for step in (10, 20, 30):
-        save_checkpoint(tmp_path / f"checkpoint_{step:06d}", model, make_optimizer(model, train()), {"step": step}, tokenizer)
+        save_checkpoint(
+            tmp_path / f"checkpoint_{step:06d}", model, make_optimizer(model, train()), {"step": step}, tokenizer
+        )
     assert torn_reason(tmp_path / "checkpoint_000030") is None
     (tmp_path / "checkpoint_000030" / "COMMIT.json").unlink()  # died before the marker
     state = tmp_path / "checkpoint_000020" / "train_state.safetensors"

@@ -17,12 +17,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
-from raylm.pipelines.config import load_raw
-from raylm.pipelines.errors import ConfigError
+from raylm.config import load_raw
+from raylm.errors import ConfigError
 from raylm.tuning.scaling_law import TooFewPoints, fit_law, recommend
 from raylm.tuning.space import LimitSection, SweepSpec, load_sweep, trial_config, trial_steps
-
-from .conftest import REPO, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TRIAL_STEPS = 20
@@ -39,9 +38,19 @@ SWEEP = {
 
 def sweep_args(tmp: Path, space: dict, name: str) -> list[str]:
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(space))
-    overrides = tiny_overrides(tmp) + [f"run.name={name}", "scaling.num_workers=1", "train.eval_interval=5",
-                                       "eval.sample_tokens=0"]
-    return ["tune", str(QUICKSTART), "--space", str(tmp / f"{name}.yaml"), *[x for o in overrides for x in ("--set", o)]]
+    overrides = tiny_overrides(tmp) + [
+        f"run.name={name}",
+        "scaling.num_workers=1",
+        "train.eval_interval=5",
+        "eval.sample_tokens=0",
+    ]
+    return [
+        "tune",
+        str(QUICKSTART),
+        "--space",
+        str(tmp / f"{name}.yaml"),
+        *[x for o in overrides for x in ("--set", o)],
+    ]
 
 
 def sweep_runs(tmp: Path, name: str):
@@ -69,8 +78,11 @@ def interrupt_when(ready, timeout: float = 300.0) -> None:
 
 def result_lines(tmp: Path, name: str) -> dict[str, int]:
     """Reports per trial in Tune's own records."""
-    return {json.loads(p.read_text().splitlines()[0])["trial_id"]: len(p.read_text().splitlines())
-            for p in (tmp / "runs" / "tune" / name).glob("*/result.json") if p.read_text().strip()}
+    return {
+        json.loads(p.read_text().splitlines()[0])["trial_id"]: len(p.read_text().splitlines())
+        for p in (tmp / "runs" / "tune" / name).glob("*/result.json")
+        if p.read_text().strip()
+    }
 
 
 def trials(tmp: Path, name: str) -> list[dict]:
@@ -120,20 +132,27 @@ def test_best_config_reproduces_its_trials_loss_with_raylm_run(sweep):
     assert best["trial_id"] in best_config.read_text()
     assert main(["run", str(best_config)]) == 0
     client = MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
-                             filter_string="tags.`raylm.run_name` = 'grid-best'")[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("raylm").experiment_id], filter_string="tags.`raylm.run_name` = 'grid-best'"
+    )[0]
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
     assert history[TRIAL_STEPS] == pytest.approx(best["val_loss"], abs=1e-6)  # same seed, data, threads: same loss
 
 
 @pytest.mark.slow  # two sweeps of a Ctrl-C'd and resumed run, ~130 s; `pytest -m slow`
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    space = {"search": {"algorithm": "grid", "max_concurrent_trials": 1}, "scheduler": {"name": "fifo"},
-             "budget": {"trial": {"tokens": 10 * 16 * 64}}, "space": {"train.lr": {"grid": [1e-2, 5e-3]}}}
+    space = {
+        "search": {"algorithm": "grid", "max_concurrent_trials": 1},
+        "scheduler": {"name": "fifo"},
+        "budget": {"trial": {"tokens": 10 * 16 * 64}},
+        "space": {"train.lr": {"grid": [1e-2, 5e-3]}},
+    }
     args = sweep_args(tmp_path, space, "resumable")
     train_runs = tmp_path / "runs" / "train"
     # Ctrl-C once the second trial's Train run exists: Tune stops it and saves its state.
-    interrupter = threading.Thread(target=interrupt_when, args=(lambda: len(list(train_runs.glob("resumable-*"))) >= 2,))
+    interrupter = threading.Thread(
+        target=interrupt_when, args=(lambda: len(list(train_runs.glob("resumable-*"))) >= 2,)
+    )
     interrupter.start()
     assert main(args) == 130
     interrupter.join()
@@ -159,14 +178,20 @@ def write_spec(tmp: Path, spec: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"model.n_hed": {"choice": [2, 4]}}, "unknown key model.n_hed (did you mean model.n_head?)"),
-    ({"train.lr": {"choice": [1e-3, "fast"]}}, "space.train.lr: Input should be a valid number"),
-    ({"train.lr": {"loguniform": [0, 1e-2]}}, "space.train.lr: loguniform needs 0 < low < high"),
-    ({"train.warmup_steps": {"randint": [10, 5]}}, "space.train.warmup_steps: randint needs low < high"),
-    ({"train.lr": {"normal": [0, 1]}}, "space.train.lr: expected one of choice, grid, uniform, loguniform, randint"),
-    ({"model.n_layer": {"choice": [0, 2]}}, "space.model.n_layer: Input should be greater than 0 (got 0)"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"model.n_hed": {"choice": [2, 4]}}, "unknown key model.n_hed (did you mean model.n_head?)"),
+        ({"train.lr": {"choice": [1e-3, "fast"]}}, "space.train.lr: Input should be a valid number"),
+        ({"train.lr": {"loguniform": [0, 1e-2]}}, "space.train.lr: loguniform needs 0 < low < high"),
+        ({"train.warmup_steps": {"randint": [10, 5]}}, "space.train.warmup_steps: randint needs low < high"),
+        (
+            {"train.lr": {"normal": [0, 1]}},
+            "space.train.lr: expected one of choice, grid, uniform, loguniform, randint",
+        ),
+        ({"model.n_layer": {"choice": [0, 2]}}, "space.model.n_layer: Input should be greater than 0 (got 0)"),
+    ],
+)
 def test_bad_space_fails_before_ray_naming_the_key(tmp_path, space, message):
     with pytest.raises(ConfigError) as err:
         load_sweep(write_spec(tmp_path, {"space": space}), load_raw(QUICKSTART))
@@ -175,9 +200,13 @@ def test_bad_space_fails_before_ray_naming_the_key(tmp_path, space, message):
 
 def test_optuna_refuses_grid_and_grid_refuses_distributions(tmp_path):
     with pytest.raises(ConfigError, match="optuna samples; it cannot take grid entries"):
-        load_sweep(write_spec(tmp_path, {"search": {"algorithm": "optuna"}, "space": {"train.lr": {"grid": [1e-3]}}}), {})
+        load_sweep(
+            write_spec(tmp_path, {"search": {"algorithm": "optuna"}, "space": {"train.lr": {"grid": [1e-3]}}}), {}
+        )
     with pytest.raises(ConfigError, match="grid needs every space entry to be a grid"):
-        load_sweep(write_spec(tmp_path, {"search": {"algorithm": "grid"}, "space": {"train.lr": {"uniform": [0.1, 1]}}}), {})
+        load_sweep(
+            write_spec(tmp_path, {"search": {"algorithm": "grid"}, "space": {"train.lr": {"uniform": [0.1, 1]}}}), {}
+        )
 
 
 def test_a_combination_that_cannot_train_is_pruned_with_the_reason():
@@ -190,9 +219,16 @@ def test_a_combination_that_cannot_train_is_pruned_with_the_reason():
 def test_optuna_proposes_values_in_the_space_through_ray_tune(tmp_path):
     from raylm.tuning.sweep import make_search, tune_space
 
-    spec = SweepSpec.model_validate({"search": {"algorithm": "optuna", "seed": 3}, "space": {
-        "train.lr": {"loguniform": [1e-4, 1e-2]}, "model.n_layer": {"choice": [2, 4]},
-        "train.warmup_steps": {"randint": [0, 1]}}})
+    spec = SweepSpec.model_validate(
+        {
+            "search": {"algorithm": "optuna", "seed": 3},
+            "space": {
+                "train.lr": {"loguniform": [1e-4, 1e-2]},
+                "model.n_layer": {"choice": [2, 4]},
+                "train.warmup_steps": {"randint": [0, 1]},
+            },
+        }
+    )
     searcher = make_search(spec, concurrency=2)
     assert searcher.set_search_properties("val_loss", "min", tune_space(spec))
     proposals = [searcher.suggest(f"t{i}") for i in range(2)]
@@ -210,7 +246,10 @@ def test_trial_budget_sets_the_steps_and_sweep_budget_says_what_was_spent():
     assert trial_steps(1024, 1000, LimitSection(tokens=20480)) == 20
     assert trial_steps(1024, 1000, LimitSection(tokens=20480, flops=1000 * 10240)) == 10  # the tighter one wins
     assert trial_steps(1024, 1000, LimitSection(hours=1)) is None
-    spent = {"a": {"tokens_seen": 600, "flops_seen": 6e5, "cost_usd": 0.5}, "b": {"tokens_seen": 500, "flops_seen": 5e5}}
+    spent = {
+        "a": {"tokens_seen": 600, "flops_seen": 6e5, "cost_usd": 0.5},
+        "b": {"tokens_seen": 500, "flops_seen": 5e5},
+    }
     assert sweep_spent(spent, LimitSection(tokens=2000, usd=1.0), hours=0.1) is None
     assert sweep_spent(spent, LimitSection(tokens=1000), hours=0.1) == "budget.sweep.tokens=1000 spent (1,100)"
     assert sweep_spent(spent, LimitSection(hours=0.05), hours=0.1) == "budget.sweep.hours=0.05 spent (0.100 h)"

@@ -1,9 +1,9 @@
 """What a finished sweep leaves behind, in the sweep's MLflow run and in its folder:
 
-    best_config.yaml                  the best completed trial's whole config: `raylm run` it
-    trials.json                       one row per trial (MLflow shows it as a table)
-    plots/val_loss_vs_compute.png     each trial's validation loss against FLOPs trained
-    scaling_law.md / .json, plots/scaling_law.png   with scaling_law.flops set
+best_config.yaml                  the best completed trial's whole config: `raylm run` it
+trials.json                       one row per trial (MLflow shows it as a table)
+plots/val_loss_vs_compute.png     each trial's validation loss against FLOPs trained
+scaling_law.md / .json, plots/scaling_law.png   with scaling_law.flops set
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from raylm.models import param_counts
-from raylm.pipelines.tracking import Tracker
-
-from .scaling_law import TooFewPoints, describe, fit_law, plot_law, recommend
-from .trial import Sweep, find_child, plan_trial
+from raylm.pipelines.track.tracking import Tracker
+from tuning.scaling_law import TooFewPoints, describe, fit_law, plot_law, recommend
+from tuning.trial import Sweep, find_child, plan_trial
 
 METRIC_KEYS = ("step", "tokens_seen", "flops_seen", "cost_usd", "train_seconds")
 
@@ -52,9 +51,10 @@ class SweepResult:
         return self.wall_seconds / busy if busy else float("nan")
 
 
-def summarize(grid, sweep: Sweep, tracker: Tracker, folder: Path, wall: float, concurrency: int,
-              interrupted: bool = False) -> SweepResult:
-    from .sweep import sweep_spent
+def summarize(
+    grid, sweep: Sweep, tracker: Tracker, folder: Path, wall: float, concurrency: int, interrupted: bool = False
+) -> SweepResult:
+    from tuning.sweep import sweep_spent
 
     rows = [trial_row(result, sweep) for result in grid]
     stopped_by = sweep_spent({r.trial_id: r.spent for r in rows}, sweep.spec.budget.sweep, wall / 3600)
@@ -80,8 +80,14 @@ def trial_row(result, sweep: Sweep) -> TrialRow:
     m = result.metrics or {}
     trial_id = m.get("trial_id") or Path(result.path).name
     params = result.config or {}
-    row = TrialRow(trial_id, "error" if result.error else "stopped", m.get(sweep.spec.metric), params,
-                   seconds=float(m.get("time_total_s", 0.0)), spent={k: float(m.get(k, 0.0)) for k in METRIC_KEYS})
+    row = TrialRow(
+        trial_id,
+        "error" if result.error else "stopped",
+        m.get(sweep.spec.metric),
+        params,
+        seconds=float(m.get("time_total_s", 0.0)),
+        spent={k: float(m.get(k, 0.0)) for k in METRIC_KEYS},
+    )
     plan = plan_trial(sweep, params, trial_id)
     if m.get("pruned") or plan.reason:
         row.status, row.value = "pruned", None
@@ -115,8 +121,10 @@ def export_best(best: TrialRow, sweep: Sweep, folder: Path) -> Path:
     cfg = plan_trial(sweep, best.params, best.trial_id).cfg
     cfg.run.name = f"{sweep.name}-best"
     path = folder / "best_config.yaml"
-    header = (f"# Best trial {best.trial_id} of sweep {sweep.name!r}: {sweep.spec.metric} {best.value:.4f}\n"
-              f"# Its values: {json.dumps(best.params, default=str)}\n")
+    header = (
+        f"# Best trial {best.trial_id} of sweep {sweep.name!r}: {sweep.spec.metric} {best.value:.4f}\n"
+        f"# Its values: {json.dumps(best.params, default=str)}\n"
+    )
     path.write_text(header + cfg.to_yaml())
     return path
 
@@ -130,15 +138,25 @@ def trials_table(rows: list[TrialRow], metric: str) -> str:
 
 
 def row_dict(row: TrialRow, metric: str) -> dict:
-    return {"trial_id": row.trial_id, "status": row.status, metric: row.value, "seconds": round(row.seconds, 2),
-            "params_non_embedding": row.params_non_embedding, **row.spent,
-            **{k: row.params[k] for k in sorted(row.params)}}
+    return {
+        "trial_id": row.trial_id,
+        "status": row.status,
+        metric: row.value,
+        "seconds": round(row.seconds, 2),
+        "params_non_embedding": row.params_non_embedding,
+        **row.spent,
+        **{k: row.params[k] for k in sorted(row.params)},
+    }
 
 
 def sweep_metrics(out: SweepResult, metric: str) -> dict[str, float]:
-    counts = {f"trials_{s}": sum(r.status == s for r in out.rows)
-              for s in ("completed", "early_stopped", "stopped", "pruned", "error")}
-    totals = {f"sweep_{k}": sum(r.spent.get(k, 0.0) for r in out.rows) for k in ("tokens_seen", "flops_seen", "cost_usd")}
+    counts = {
+        f"trials_{s}": sum(r.status == s for r in out.rows)
+        for s in ("completed", "early_stopped", "stopped", "pruned", "error")
+    }
+    totals = {
+        f"sweep_{k}": sum(r.spent.get(k, 0.0) for r in out.rows) for k in ("tokens_seen", "flops_seen", "cost_usd")
+    }
     best = {f"best_{metric}": out.best.value} if out.best else {}
     return counts | totals | best | {"sweep_wall_seconds": out.wall_seconds, "tune_overhead_ratio": out.overhead}
 
@@ -157,7 +175,12 @@ def plot_curves(grid, metric: str, path: Path) -> None:
         df = df[df["flops_seen"] > 0]
         if len(df):
             ax.plot(df["flops_seen"], df[metric], marker="o", ms=3, label=str(df["trial_id"].iloc[-1]))
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric.replace("_", " "), title="trials: validation loss against compute")
+    ax.set(
+        xscale="log",
+        xlabel="training FLOPs",
+        ylabel=metric.replace("_", " "),
+        title="trials: validation loss against compute",
+    )
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -182,16 +205,20 @@ def scaling_law(done: list[TrialRow], sweep: Sweep, tracker: Tracker, folder: Pa
     rec = recommend(fit, law.flops, max(6 * a * b for a, b in zip(n, d)))
     text = describe(rec)
     tracker.log_text(json.dumps(rec, indent=2), "scaling_law.json")
-    tracker.log_text(f"# Scaling law\n\n{text}\n\nN: non-embedding parameters; D: tokens trained; "
-                     "compute C = 6ND.\n", "scaling_law.md")
+    tracker.log_text(
+        f"# Scaling law\n\n{text}\n\nN: non-embedding parameters; D: tokens trained; compute C = 6ND.\n",
+        "scaling_law.md",
+    )
     plot_law(fit, n, d, loss, rec, folder / "plots" / "scaling_law.png")
     tracker.log_artifact(folder / "plots" / "scaling_law.png", "plots")
     return text
 
 
 def print_result(out: SweepResult, metric: str) -> None:
-    print(f"raylm tune finished in {out.wall_seconds:.0f} s: {len(out.rows)} trials, {out.concurrency} at once "
-          f"(Tune overhead {out.overhead:.2f}x)")
+    print(
+        f"raylm tune finished in {out.wall_seconds:.0f} s: {len(out.rows)} trials, {out.concurrency} at once "
+        f"(Tune overhead {out.overhead:.2f}x)"
+    )
     for r in sorted(out.rows, key=lambda r: (r.value is None, r.value or 0.0)):
         value = f"{r.value:.4f}" if r.value is not None else "-"
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
@@ -205,4 +232,3 @@ def print_result(out: SweepResult, metric: str) -> None:
     if out.scaling_law:
         print(f"  scaling law {out.scaling_law}")
     print(f"  MLflow      sweep run {out.run_id} (one child run per trial)")
-

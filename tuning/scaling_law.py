@@ -64,25 +64,38 @@ def fit_law(n: list[float], d: list[float], loss: list[float], min_points: int =
 def refuse_thin(n: list[float], d: list[float], min_points: int) -> None:
     sizes, tokens = len(set(n)), len(set(d))
     if len(n) < min_points:
-        raise TooFewPoints(f"{len(n)} finished trials; the fit has 5 parameters and needs at least {min_points} "
-                           "(scaling_law.min_points) to say anything beyond the trials themselves")
+        raise TooFewPoints(
+            f"{len(n)} finished trials; the fit has 5 parameters and needs at least {min_points} "
+            "(scaling_law.min_points) to say anything beyond the trials themselves"
+        )
     if sizes < MIN_SIZES:
-        raise TooFewPoints(f"{sizes} distinct model size(s) among the trials; at least {MIN_SIZES} are needed "
-                           "to separate the size term A/N^alpha from the irreducible loss E (vary model.* in the space)")
+        raise TooFewPoints(
+            f"{sizes} distinct model size(s) among the trials; at least {MIN_SIZES} are needed "
+            "to separate the size term A/N^alpha from the irreducible loss E (vary model.* in the space)"
+        )
     if len({round(math.log10(6 * a * b), 2) for a, b in zip(n, d)}) < 2:
-        raise TooFewPoints("every trial used the same compute 6ND, so size and data moved together and their "
-                           "terms cannot be told apart; vary train.max_steps (or the trial budget) as well")
+        raise TooFewPoints(
+            "every trial used the same compute 6ND, so size and data moved together and their "
+            "terms cannot be told apart; vary train.max_steps (or the trial budget) as well"
+        )
     if tokens < MIN_TOKENS:
-        raise TooFewPoints(f"{tokens} distinct token count(s) among the trials; at least {MIN_TOKENS} are needed "
-                           "to fit the data term B/D^beta (vary the trial budget or train.max_steps)")
+        raise TooFewPoints(
+            f"{tokens} distinct token count(s) among the trials; at least {MIN_TOKENS} are needed "
+            "to fit the data term B/D^beta (vary the trial budget or train.max_steps)"
+        )
 
 
 def predict(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log L for log N, log D in x (2, P); theta = (log A, log B, log E, alpha, beta), batched
     over leading dimensions."""
     a, b, e, alpha, beta = theta.unbind(-1)
-    terms = torch.stack([a[..., None] - alpha[..., None] * x[0], b[..., None] - beta[..., None] * x[1],
-                         e[..., None].expand(*e.shape, x.shape[1])])
+    terms = torch.stack(
+        [
+            a[..., None] - alpha[..., None] * x[0],
+            b[..., None] - beta[..., None] * x[1],
+            e[..., None].expand(*e.shape, x.shape[1]),
+        ]
+    )
     return terms.logsumexp(0)
 
 
@@ -93,8 +106,14 @@ def objective(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 def best_start(x: torch.Tensor, y: torch.Tensor, steps: int = 1500) -> torch.Tensor:
     """Adam from a grid of 432 starting points at once; the one that ends lowest."""
-    grid = torch.tensor(list(itertools.product([0.0, 5.0, 10.0, 20.0], [0.0, 5.0, 10.0, 20.0], [-1.0, 0.0, 1.0],
-                                               [0.2, 0.5, 1.0], [0.2, 0.5, 1.0])), dtype=torch.float64)
+    grid = torch.tensor(
+        list(
+            itertools.product(
+                [0.0, 5.0, 10.0, 20.0], [0.0, 5.0, 10.0, 20.0], [-1.0, 0.0, 1.0], [0.2, 0.5, 1.0], [0.2, 0.5, 1.0]
+            )
+        ),
+        dtype=torch.float64,
+    )
     theta = grid.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=0.05)
     for _ in range(steps):
@@ -107,8 +126,9 @@ def best_start(x: torch.Tensor, y: torch.Tensor, steps: int = 1500) -> torch.Ten
 
 def refine(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     theta = theta.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -124,17 +144,26 @@ def recommend(fit: Fit, flops: float, largest_trial_flops: float) -> dict:
     """The compute-optimal N and D for `flops`, the loss the fit predicts there, and how far
     beyond the trials that reaches."""
     n, d = fit.optimum(flops)
-    return {"flops": flops, "params": n, "tokens": d, "tokens_per_param": d / n, "predicted_loss": fit.loss(n, d),
-            "extrapolation": flops / largest_trial_flops, "fit": asdict(fit)}
+    return {
+        "flops": flops,
+        "params": n,
+        "tokens": d,
+        "tokens_per_param": d / n,
+        "predicted_loss": fit.loss(n, d),
+        "extrapolation": flops / largest_trial_flops,
+        "fit": asdict(fit),
+    }
 
 
 def describe(rec: dict) -> str:
     f = rec["fit"]
     far = f"; {rec['extrapolation']:.0f}x beyond the largest trial's compute" if rec["extrapolation"] > 1 else ""
-    return (f"for {rec['flops']:.3g} FLOPs: {rec['params']:.3g} parameters on {rec['tokens']:.3g} tokens "
-            f"({rec['tokens_per_param']:.1f} tokens/parameter), predicted loss {rec['predicted_loss']:.4f} "
-            f"(leave-one-out error {f['loo_rel_error']:.1%} over {f['points']} trials{far}); "
-            f"L = {f['E']:.3f} + {f['A']:.3g}/N^{f['alpha']:.3f} + {f['B']:.3g}/D^{f['beta']:.3f}")
+    return (
+        f"for {rec['flops']:.3g} FLOPs: {rec['params']:.3g} parameters on {rec['tokens']:.3g} tokens "
+        f"({rec['tokens_per_param']:.1f} tokens/parameter), predicted loss {rec['predicted_loss']:.4f} "
+        f"(leave-one-out error {f['loo_rel_error']:.1%} over {f['points']} trials{far}); "
+        f"L = {f['E']:.3f} + {f['A']:.3g}/N^{f['alpha']:.3f} + {f['B']:.3g}/D^{f['beta']:.3f}"
+    )
 
 
 def plot_law(fit: Fit, n: list[float], d: list[float], loss: list[float], rec: dict, path: Path) -> None:
@@ -156,8 +185,12 @@ def plot_law(fit: Fit, n: list[float], d: list[float], loss: list[float], rec: d
     frontier = [min(compute) * (top / min(compute)) ** (i / 60) for i in range(61)]
     ax.plot(frontier, [fit.loss(*fit.optimum(c)) for c in frontier], "k--", label="compute-optimal (fit)")
     ax.scatter([rec["flops"]], [rec["predicted_loss"]], marker="*", s=200, c="red", zorder=4, label="recommended")
-    ax.set(xscale="log", xlabel="training compute 6ND (FLOPs)", ylabel="validation loss (nats/token)",
-           title=f"L = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.2f} + {fit.B:.3g}/D^{fit.beta:.2f}")
+    ax.set(
+        xscale="log",
+        xlabel="training compute 6ND (FLOPs)",
+        ylabel="validation loss (nats/token)",
+        title=f"L = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.2f} + {fit.B:.3g}/D^{fit.beta:.2f}",
+    )
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from raylm.pipelines.config import RaylmConfig, Section, _describe, field_problems, set_key, validate
-from raylm.pipelines.errors import ConfigError
+from raylm.config import RaylmConfig, Section, _describe, field_problems, set_key, validate
+from raylm.errors import ConfigError
 
 # name -> how many numbers it takes (None: a list of candidate values)
 DISTRIBUTIONS = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2}
@@ -60,7 +60,7 @@ class LimitSection(Section):
     tokens: float | None = Field(None, gt=0)
     flops: float | None = Field(None, gt=0)  # training FLOPs (6N + attention, models/config.py)
     hours: float | None = Field(None, gt=0)  # trial: training hours; sweep: wall-clock hours
-    usd: float | None = Field(None, gt=0)  # priced as training prices it (pipelines/cost.py)
+    usd: float | None = Field(None, gt=0)  # priced as training prices it (pipelines/train/cost.py)
 
 
 class BudgetSection(Section):
@@ -87,7 +87,7 @@ class SweepSpec(Section):
     space: dict[str, Any] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _distributions(self) -> "SweepSpec":
+    def _distributions(self) -> SweepSpec:
         for key, entry in self.space.items():
             check_entry(key, entry)
         kinds = {distribution(entry)[0] for entry in self.space.values()}
@@ -117,8 +117,11 @@ def check_entry(key: str, entry: Any) -> None:
             raise ValueError(f"space.{key}: {kind} takes [low, high]")
         low, high = args
         if low >= high or (kind == "loguniform" and low <= 0):
-            raise ValueError(f"space.{key}: {kind} needs 0 < low < high" if kind == "loguniform"
-                             else f"space.{key}: {kind} needs low < high")
+            raise ValueError(
+                f"space.{key}: {kind} needs 0 < low < high"
+                if kind == "loguniform"
+                else f"space.{key}: {kind} needs low < high"
+            )
         if kind == "randint" and not all(isinstance(a, int) for a in args):
             raise ValueError(f"space.{key}: randint takes integers")
 

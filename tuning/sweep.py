@@ -24,15 +24,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from raylm.pipelines.config import DataSection, TokenizerSection, flatten, section_fingerprint, set_key, validate
-from raylm.pipelines.errors import ConfigError, SweepInterrupted
-from raylm.pipelines.prepare import prepare
+from raylm.config import DataSection, TokenizerSection, flatten, section_fingerprint, set_key, validate
+from raylm.errors import ConfigError, SweepInterrupted
+from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.runtime import start_ray, tracking_uri
-from raylm.pipelines.tracking import Tracker
-
-from .report import SweepResult, summarize
-from .space import LimitSection, SweepSpec, distribution
-from .trial import TRIAL_CPU, Sweep, find_child, run_trial
+from raylm.pipelines.track.tracking import Tracker
+from tuning.report import SweepResult, summarize
+from tuning.space import LimitSection, SweepSpec, distribution
+from tuning.trial import TRIAL_CPU, Sweep, find_child, run_trial
 
 STATE = "raylm_sweep.json"  # beside Tune's own state: the sweep's MLflow run, for --resume
 
@@ -51,17 +50,29 @@ def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, 
         prepare(data, tok, Path(cfg.run.output_dir))
     started = time.perf_counter()
     with open_parent(cfg, spec, spec_text, state_file) as tracker:
-        sweep = Sweep(name, base, spec, tracker.uri, cfg.tracking.experiment, tracker.run_id,
-                      cfg.scaling.cpus_per_worker or default_worker_cpus(cfg.scaling.use_gpu))
+        sweep = Sweep(
+            name,
+            base,
+            spec,
+            tracker.uri,
+            cfg.tracking.experiment,
+            tracker.run_id,
+            cfg.scaling.cpus_per_worker or default_worker_cpus(cfg.scaling.use_gpu),
+        )
         concurrency = spec.search.max_concurrent_trials or max_concurrent(sweep, cfg.scaling, resources)
         tuner = make_tuner(sweep, folder, concurrency, resume)
-        print(f"[tune] sweep {name!r}: {spec.search.algorithm} search, {spec.scheduler.name} scheduler, "
-              f"up to {concurrency} trials at once -> {folder / name}", flush=True)
+        print(
+            f"[tune] sweep {name!r}: {spec.search.algorithm} search, {spec.scheduler.name} scheduler, "
+            f"up to {concurrency} trials at once -> {folder / name}",
+            flush=True,
+        )
         grid, interrupted = fit(tuner)
         out = summarize(grid, sweep, tracker, folder / name, time.perf_counter() - started, concurrency, interrupted)
         if interrupted:
-            raise SweepInterrupted(f"sweep {name!r} interrupted after {len(grid)} trials; Tune saved its state: "
-                                   "run the same command with --resume to continue it")
+            raise SweepInterrupted(
+                f"sweep {name!r} interrupted after {len(grid)} trials; Tune saved its state: "
+                "run the same command with --resume to continue it"
+            )
         return out
 
 
@@ -69,7 +80,10 @@ def fit(tuner: tune.Tuner):
     """Run the sweep; returns its ResultGrid and whether Ctrl-C cut it short. Tune turns the
     first SIGINT into a clean stop (running trials stopped, state saved) and, only then, puts
     the previous SIGINT handler back: that is how an interrupted sweep is told apart."""
-    main = threading.current_thread() is threading.main_thread() and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    main = (
+        threading.current_thread() is threading.main_thread()
+        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    )
     previous = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     interrupted = main and signal.getsignal(signal.SIGINT) is previous
@@ -96,8 +110,10 @@ def datasets(base: dict, spec: SweepSpec) -> list[tuple[DataSection, TokenizerSe
     for key in keys:
         kind, values = distribution(spec.space[key])
         if kind not in ("choice", "grid", "fixed"):
-            raise ConfigError(f"space.{key}: data and tokenizer keys take choice or grid (each value's data is "
-                              f"prepared before the trials), not {kind}")
+            raise ConfigError(
+                f"space.{key}: data and tokenizer keys take choice or grid (each value's data is "
+                f"prepared before the trials), not {kind}"
+            )
         options.append(values if kind != "fixed" else [values])
     found = []
     for combo in itertools.product(*options):
@@ -105,7 +121,10 @@ def datasets(base: dict, spec: SweepSpec) -> list[tuple[DataSection, TokenizerSe
         for key, value in zip(keys, combo):
             set_key(raw, key, value)
         try:
-            pair = (DataSection.model_validate(raw.get("data", {})), TokenizerSection.model_validate(raw.get("tokenizer", {})))
+            pair = (
+                DataSection.model_validate(raw.get("data", {})),
+                TokenizerSection.model_validate(raw.get("tokenizer", {})),
+            )
         except ValueError:
             continue  # a combination no trial can use: its trials are pruned with the reason
         if all(section_fingerprint(*pair) != section_fingerprint(*p) for p in found):
@@ -148,10 +167,11 @@ def max_concurrent(sweep: Sweep, scaling, resources: dict) -> int:
     if scaling.use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / scaling.num_workers))
     if fits < 1:
-        raise ConfigError(f"scaling: one trial needs {per_trial:g} CPUs{' and GPUs' if scaling.use_gpu else ''}; "
-                          f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs")
+        raise ConfigError(
+            f"scaling: one trial needs {per_trial:g} CPUs{' and GPUs' if scaling.use_gpu else ''}; "
+            f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
+        )
     return fits
-
 
 
 def wants_resume(sweep_dir: Path, mode: bool | str) -> bool:
@@ -161,11 +181,14 @@ def wants_resume(sweep_dir: Path, mode: bool | str) -> bool:
     if mode == "auto":
         return exists and tune.Tuner.can_restore(str(sweep_dir))
     if exists and not mode:
-        raise ConfigError(f"run.name={sweep_dir.name!r} already has a sweep in {sweep_dir}: pass --resume to continue "
-                          "it, or choose another run.name")
+        raise ConfigError(
+            f"run.name={sweep_dir.name!r} already has a sweep in {sweep_dir}: pass --resume to continue "
+            "it, or choose another run.name"
+        )
     if mode and not tune.Tuner.can_restore(str(sweep_dir)):
         raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
     return bool(mode)
+
 
 def make_tuner(sweep: Sweep, folder: Path, concurrency: int, resume: bool) -> tune.Tuner:
     # raylm prints one line per trial event (TrialLog): no status table every few seconds,
@@ -180,13 +203,25 @@ def make_tuner(sweep: Sweep, folder: Path, concurrency: int, resume: bool) -> tu
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
-        tune_config=tune.TuneConfig(metric=spec.metric, mode="min", search_alg=make_search(spec, concurrency),
-                                    scheduler=make_scheduler(sweep), num_samples=num_samples(spec),
-                                    reuse_actors=reuse_actors(spec)),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder), verbose=0,
-                                  stop=BudgetStopper(spec.budget.sweep),
-                                  callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),  # what ResultGrid reads
-                                             TrialLog(sweep.tracking_uri, sweep.experiment, sweep.parent_run_id)]),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode="min",
+            search_alg=make_search(spec, concurrency),
+            scheduler=make_scheduler(sweep),
+            num_samples=num_samples(spec),
+            reuse_actors=reuse_actors(spec),
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(folder),
+            verbose=0,
+            stop=BudgetStopper(spec.budget.sweep),
+            callbacks=[
+                JsonLoggerCallback(),
+                CSVLoggerCallback(),  # what ResultGrid reads
+                TrialLog(sweep.tracking_uri, sweep.experiment, sweep.parent_run_id),
+            ],
+        ),
     )
 
 
@@ -205,8 +240,13 @@ def num_samples(spec: SweepSpec) -> int:
 def tune_space(spec: SweepSpec) -> dict:
     """Tune's distributions under the dotted keys; randint's high is inclusive in the file and
     exclusive in Tune."""
-    makers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-              "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(a[0], a[1] + 1)}
+    makers = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),
+    }
     space = {}
     for key, entry in spec.space.items():
         kind, args = distribution(entry)
@@ -239,7 +279,9 @@ def make_scheduler(sweep: Sweep):
     if s.name == "asha":
         # max_t far beyond any trial: ASHA stops a trial that reaches max_t, and trials of a
         # FLOP budget differ in length (a smaller model takes more steps).
-        return ASHAScheduler(time_attr=s.time_attr, max_t=2**53, grace_period=grace, reduction_factor=s.reduction_factor)
+        return ASHAScheduler(
+            time_attr=s.time_attr, max_t=2**53, grace_period=grace, reduction_factor=s.reduction_factor
+        )
     if s.name == "hyperband":
         return HyperBandScheduler(time_attr=s.time_attr, max_t=horizon["end"], reduction_factor=s.reduction_factor)
     return FIFOScheduler()
@@ -247,7 +289,7 @@ def make_scheduler(sweep: Sweep):
 
 def trial_horizon(sweep: Sweep) -> dict:
     """The base config's first evaluation and its end, in the scheduler's time unit."""
-    from .trial import plan_trial
+    from tuning.trial import plan_trial
 
     plan = plan_trial(sweep, {}, "base")
     if plan.reason:
@@ -261,8 +303,12 @@ def trial_horizon(sweep: Sweep) -> dict:
 def sweep_spent(spent: dict[str, dict], limit: LimitSection, hours: float) -> str | None:
     """Why the sweep must stop (a budget.sweep limit is spent), or None."""
     total = {k: sum(s.get(k, 0.0) for s in spent.values()) for k in ("tokens_seen", "flops_seen", "cost_usd")}
-    checks = [(limit.tokens, total["tokens_seen"], "tokens", "{:,.0f}"), (limit.flops, total["flops_seen"], "flops", "{:.3g}"),
-              (limit.usd, total["cost_usd"], "usd", "${:.4f}"), (limit.hours, hours, "hours", "{:.3f} h")]
+    checks = [
+        (limit.tokens, total["tokens_seen"], "tokens", "{:,.0f}"),
+        (limit.flops, total["flops_seen"], "flops", "{:.3g}"),
+        (limit.usd, total["cost_usd"], "usd", "${:.4f}"),
+        (limit.hours, hours, "hours", "{:.3f} h"),
+    ]
     for cap, used, key, fmt in checks:
         if cap and used >= cap:
             return f"budget.sweep.{key}={cap:g} spent ({fmt.format(used)})"
@@ -301,7 +347,10 @@ class TrialLog(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "val_loss" in result and not result.get("pruned"):
-            print(f"[tune] trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}", flush=True)
+            print(
+                f"[tune] trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}",
+                flush=True,
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial.trial_id, RunStatus.FINISHED, "stopped")

@@ -16,14 +16,13 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from raylm.config import RaylmConfig, section_fingerprint
+from raylm.errors import RaylmError
 from raylm.models import ModelConfig, flops_per_token, param_counts
-from raylm.pipelines.config import RaylmConfig, section_fingerprint
-from raylm.pipelines.errors import RaylmError
-from raylm.pipelines.prepare import find_prepared
-from raylm.pipelines.pretrain import build_model_config, pretrain
-from raylm.pipelines.tracking import Tracker
-
-from .space import SweepSpec, trial_config, trial_steps
+from raylm.pipelines.data.prepare import find_prepared
+from raylm.pipelines.track.tracking import Tracker
+from raylm.pipelines.train.pretrain import build_model_config, pretrain
+from tuning.space import SweepSpec, trial_config, trial_steps
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run (Tune refuses 0)
 
@@ -78,8 +77,11 @@ def apply_budget(plan: Plan, spec: SweepSpec) -> Plan:
     steps = trial_steps(train.batch_size * plan.manifest["seq_len"], plan.flops_per_token, limit)
     if steps is not None:
         if steps <= train.warmup_steps:
-            return Plan(None, reason=f"the trial budget buys {steps} steps of this model and batch, "
-                                     f"not more than train.warmup_steps={train.warmup_steps}")
+            return Plan(
+                None,
+                reason=f"the trial budget buys {steps} steps of this model and batch, "
+                f"not more than train.warmup_steps={train.warmup_steps}",
+            )
         train.max_steps = steps
     if limit.hours:
         train.max_hours = min(train.max_hours or math.inf, limit.hours)
@@ -100,9 +102,16 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         tune.report({sweep.spec.metric: math.inf, "pruned": 1, "step": 0, "tokens_seen": 0, "flops_seen": 0.0})
         return
     with child_run(sweep, trial_id, plan, params) as tracker:
-        result, stopped = pretrain(plan.model, plan.cfg.train, plan.cfg.scaling, plan.cfg.run, plan.manifest,
-                                   {"uri": tracker.uri, "run_id": tracker.run_id}, callbacks=[tune_report_callback()],
-                                   stop_event=tune_stop_event())
+        result, stopped = pretrain(
+            plan.model,
+            plan.cfg.train,
+            plan.cfg.scaling,
+            plan.cfg.run,
+            plan.manifest,
+            {"uri": tracker.uri, "run_id": tracker.run_id},
+            callbacks=[tune_report_callback()],
+            stop_event=tune_stop_event(),
+        )
         if stopped:  # the scheduler (or Ctrl-C) stopped the trial; the driver records which
             return
         final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
@@ -136,8 +145,13 @@ def child_run(sweep: Sweep, trial_id: str, plan: Plan | None, params: dict) -> T
     """The trial's MLflow run, nested under the sweep's (tag mlflow.parentRunId); a trial
     restarted by a resumed sweep reopens its run instead of adding a second one."""
     existing = find_child(sweep.tracking_uri, sweep.experiment, sweep.parent_run_id, trial_id)
-    tags = {"mlflow.parentRunId": sweep.parent_run_id, "raylm.stage": "trial", "raylm.sweep": sweep.name,
-            "raylm.trial_id": trial_id, "raylm.trial_params": json.dumps(params, default=str)[:5000]}
+    tags = {
+        "mlflow.parentRunId": sweep.parent_run_id,
+        "raylm.stage": "trial",
+        "raylm.sweep": sweep.name,
+        "raylm.trial_id": trial_id,
+        "raylm.trial_params": json.dumps(params, default=str)[:5000],
+    }
     tracker = Tracker(sweep.tracking_uri, sweep.experiment, f"{sweep.name}-{trial_id}", tags, run_id=existing)
     if existing is None:
         tracker.log_params({f"trial.{k}": v for k, v in params.items()})
@@ -150,9 +164,12 @@ def child_run(sweep: Sweep, trial_id: str, plan: Plan | None, params: dict) -> T
 
 def trial_params(plan: Plan) -> dict:
     counts = param_counts(plan.model)
-    return {"model.params_total": counts["total"], "model.params_non_embedding": counts["non_embedding"],
-            "model.flops_per_token": plan.flops_per_token,
-            "trial.planned_tokens": plan.cfg.train.max_steps * plan.cfg.train.batch_size * plan.manifest["seq_len"]}
+    return {
+        "model.params_total": counts["total"],
+        "model.params_non_embedding": counts["non_embedding"],
+        "model.flops_per_token": plan.flops_per_token,
+        "trial.planned_tokens": plan.cfg.train.max_steps * plan.cfg.train.batch_size * plan.manifest["seq_len"],
+    }
 
 
 def find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -160,6 +177,9 @@ def find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`raylm.trial_id` = '{trial_id}'"))
+    runs = client.search_runs(
+        [exp.experiment_id],
+        max_results=1,
+        filter_string=(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`raylm.trial_id` = '{trial_id}'"),
+    )
     return runs[0].info.run_id if runs else None

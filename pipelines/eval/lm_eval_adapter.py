@@ -1,0 +1,92 @@
+"""lm-evaluation-harness (`lm-eval`) against a raylm checkpoint: the harness's task catalogue
+and metrics, raylm's model and scorer.
+
+    lm_eval --model raylm --model_args checkpoint=runs/train/quickstart/checkpoint_000200 \\
+        --tasks arc_easy_shared --include_path configs/lm_eval   # after `import raylm.pipelines.eval.lm_eval_adapter`
+    raylm lm-eval --checkpoint ... --tasks arc_easy_shared --include-path configs/lm_eval
+
+Log-likelihoods come from `scoring.continuation_logliks`, the function raylm's own
+multiple-choice and cloze tasks use, so the two harnesses agree on the same data
+(tests/test_end_to_end.py checks it). `lm-eval` is optional: `pip install 'raylm[lm-eval]'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from raylm.models import load_model
+from raylm.models.generate import generate
+from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
+from raylm.pipelines.eval.scoring import continuation_logliks
+
+
+@register_model("raylm")
+class RaylmLM(LM):
+    def __init__(self, checkpoint: str, batch_size: int | str = 16, max_gen_toks: int = 256, **_ignored):
+        super().__init__()
+        self.model = load_model(checkpoint).eval()
+        self.tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer.json")
+        self.eos = eos_id(self.tokenizer)
+        self.batch = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" means the default here
+        self.max_gen_toks = int(max_gen_toks)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(context, continuation) -> (log p(continuation | context), greedy?); an empty context
+        starts a document (EOS), as in raylm's tasks."""
+        pairs = [(self.encode(ctx) or [self.eos], self.encode(cont)) for ctx, cont in (r.args for r in requests)]
+        return continuation_logliks(self.model, pairs, self.batch)
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """A whole text's log-likelihood, in windows of the model's context that each predict new
+        tokens once (lm-eval's rolling windows), the first conditioned on EOS."""
+        out = []
+        for (text,) in (r.args for r in requests):
+            windows = get_rolling_token_windows(self.encode(text), self.eos, self.model.config.block_size, 1)
+            pairs = [make_disjoint_window(w) for w in windows]
+            out.append(sum(ll for ll, _ in continuation_logliks(self.model, pairs, self.batch)))
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        """Greedy continuations cut at the first `until` string (and at EOS)."""
+        out = []
+        for context, kwargs in (r.args for r in requests):
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
+            ids = self.encode(context)[-(self.model.config.block_size - max_new) :] or [self.eos]
+            text = self.tokenizer.decode(
+                generate(self.model, [ids], max_new, temperature=0, stop_tokens=(self.eos,))[0]
+            )
+            cuts = [text.find(u) for u in until if u and u in text]
+            out.append(text[: min(cuts)] if cuts else text)
+        return out
+
+
+def run_lm_eval(
+    checkpoint: Path, tasks: list[str], include_path: str | None, limit: int | None, num_fewshot: int | None = None
+) -> dict:
+    """Run lm-eval tasks on a checkpoint in this process; returns lm-eval's results dict."""
+    import os
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in `ray job logs`
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return simple_evaluate(
+        model=RaylmLM(str(checkpoint)),
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+        bootstrap_iters=0,
+    )

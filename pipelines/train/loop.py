@@ -1,0 +1,334 @@
+"""The training loop each Ray Train worker runs. Read `train_loop_per_worker` top to bottom;
+the pieces it calls (optimizer, loader, checkpoint, metrics) live in their own modules."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raylm.models import GPT
+from raylm.models.io import read_weights
+from raylm.models.lora import LoraConfig, apply_lora
+from raylm.pipelines.data.loader import StreamLoader, WindowLoader, read_windows
+from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
+from raylm.pipelines.eval.scoring import score_windows, summarize
+from raylm.pipelines.track.tracking import MetricSink
+from raylm.pipelines.train.checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
+from raylm.pipelines.train.cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
+from raylm.pipelines.train.interrupt import StopWatch
+from raylm.pipelines.train.optim import lr_at, make_optimizer, set_lr
+from raylm.pipelines.train.parallelize import autocast, gradient_sync, parallelize
+
+
+def train_loop_per_worker(job: dict) -> None:
+    """job: {"model": ModelConfig, "train": TrainSection, "scaling": ScalingSection,
+    "cpus_per_worker": float, "flops_per_token": int, "data_dir": str, "seq_len": int,
+    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}, "resume": str | None,
+    "stop": StopRequest actor | None}, built by pretrain.py."""
+    # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
+    # its own progress lines, so keep worker logs to warnings.
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg, scaling, data_dir = job["train"], job["scaling"], Path(job["data_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(job["seed"])  # identical initial weights on every rank
+    model = build_model(job).to(device)
+    trained = parallelize(model, scaling.strategy, cfg.activation_checkpointing, cfg.compile)
+    optimizer = make_optimizer(model, cfg)
+    loader = make_loader(job, rank, world)
+    resumed = restore(model, optimizer, loader, job.get("resume"), world)
+    validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    tokens_per_step = cfg.batch_size * job["seq_len"]
+    hardware = detect_hardware(scaling.use_gpu, world, job["cpus_per_worker"], scaling.price_per_hour)
+    meter = CostMeter(hardware, job["flops_per_token"], tokens_per_step, cfg.max_steps)
+    if cfg.max_usd and hardware.price_per_hour is None:
+        raise ValueError(
+            f"train.max_usd needs a price and none is known for {hardware.name}: set scaling.price_per_hour"
+        )
+    log = StepLog(rank, job["tracking"], cfg, meter, resumed)
+    log.expect(meter.estimate(planned_tokens(cfg, job["seq_len"])))
+    watch = StopWatch(job.get("stop") if rank == 0 else None)
+
+    # A relaunch of a run whose budget is already spent (the same on every rank: the step and
+    # the seconds come from the checkpoint) trains nothing more.
+    spent = (
+        spent_budget(cfg, resumed["step"] * tokens_per_step, resumed["train_seconds"], meter)
+        if resumed["step"]
+        else None
+    )
+    if spent:
+        log.note(f"nothing to train: {spent} at step {resumed['step']}")
+        log.close()
+        return
+    try:
+        for step in range(resumed["step"], cfg.max_steps):
+            lr = lr_at(step, cfg)
+            set_lr(optimizer, lr)
+            local_loss, grad_norm, data_wait = train_step(trained, optimizer, loader, accum, cfg.grad_clip, device)
+            done = step + 1
+            wanted = watch.requested() or spent_budget(cfg, done * tokens_per_step, log.elapsed(), meter)
+            loss, stop = reduce_step(local_loss, wanted is not None)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {done}; no checkpoint written for this state")
+            log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}, data_wait)
+            last = done == cfg.max_steps or stop
+            if done % cfg.eval_interval == 0 or last:
+                log.eval(done, validator.run(model))
+                log.reset_clock()
+            if done % cfg.checkpoint_interval == 0 or last:
+                state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
+                report = {
+                    **log.latest,
+                    **spent_so_far(done * tokens_per_step, job["flops_per_token"], log.elapsed(), meter),
+                }
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.get("lora"))
+                log.reset_clock()
+            if stop:
+                log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
+                break
+        log.against_estimate()
+    finally:
+        log.close()  # deliver the metrics of the last interval even when a step raised
+
+
+def build_model(job: dict) -> GPT:
+    """A fresh model, or for fine-tuning the base model's weights; LoRA adapters, if configured,
+    wrap its linear layers and freeze the rest (before parallelize, which sees a plain module)."""
+    model = GPT(job["model"])
+    if job.get("init"):
+        model.load_state_dict(read_weights(job["init"], model.config))
+    if job.get("lora"):
+        apply_lora(model, job["lora"])
+    return model
+
+
+def make_loader(job: dict, rank: int, world: int):
+    """Batches from the prepared shards (global order, exact resume) or, in streaming mode,
+    from the Ray Data stream handed to TorchTrainer as dataset "train"."""
+    micro = job["train"].micro_batch_size
+    if job["streaming"]:
+        return StreamLoader(ray.train.get_dataset_shard("train"), micro, world)
+    return WindowLoader(read_windows(Path(job["data_dir"]) / "train"), micro, rank, world, job["seed"])
+
+
+def train_step(
+    model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device
+) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step over `accum` micro-batches; returns this rank's mean loss (a tensor,
+    reduced by the caller), the grad norm, and the seconds spent waiting for batches."""
+    total, waited = torch.zeros((), device=device), 0.0
+    for micro in range(accum):
+        t0 = time.perf_counter()
+        x, y, *segments = (t.to(device) for t in loader.next_batch())  # segments: fine-tuning only
+        waited += time.perf_counter() - t0
+        with gradient_sync(model, enabled=micro == accum - 1):
+            with autocast(device):
+                _, loss = model(x, y, segments=segments[0] if segments else None)
+            (loss / accum).backward()
+        total += loss.detach() / accum
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, float(grad_norm), waited
+
+
+def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter) -> str | None:
+    """The budget spent at this step, if any. Tokens agree on every rank; clocks differ a
+    little, so a time or dollar budget stops all ranks as soon as one of them sees it spent."""
+    return budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
+
+
+def spent_so_far(tokens: int, flops_per_token: int, seconds: float, meter: CostMeter) -> dict[str, float]:
+    """The compute a report carries, for budgets counted outside the run (a Tune sweep's)."""
+    usd = meter.usd(seconds)
+    return {
+        "tokens_seen": tokens,
+        "flops_seen": float(tokens * flops_per_token),
+        "train_seconds": seconds,
+        **({"cost_usd": usd} if usd is not None else {}),
+    }
+
+
+def reduce_step(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """One all-reduce per step carries both the loss (averaged over ranks, for logging) and
+    whether any rank must stop (a SIGTERM, a budget), so that all ranks stop at the same step."""
+    packed = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(packed)
+    return float(packed[0]) / world, bool(packed[1] > 0)
+
+
+class Validator:
+    """Scores the first `n` validation windows, split across ranks, summed over all of them."""
+
+    def __init__(self, data_dir: Path, n: int, rank: int, world: int, device):
+        windows = read_windows(data_dir / "val")[:n]
+        self.windows = torch.from_numpy(windows[rank::world].astype(np.int64)).to(device)
+        self.token_bytes = torch.from_numpy(token_byte_lengths(load_tokenizer(data_dir / "tokenizer.json"))).to(device)
+
+    def run(self, model: GPT, batch: int = 16) -> dict[str, float]:
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.windows.device)
+        for i in range(0, len(self.windows), batch):
+            with autocast(self.windows.device):
+                s = score_windows(model, self.windows[i : i + batch], self.token_bytes)
+            totals += torch.stack([s["nats"].sum(), s["tokens"].sum(), s["bytes"].sum()])
+        model.train()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
+
+
+def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None, world: int) -> dict:
+    """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
+    from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint.from_directory(resume) if resume else None)
+    if checkpoint is None:
+        return {"step": 0, "train_seconds": 0.0}
+    with checkpoint.as_directory() as directory:
+        usable = usable_checkpoint(Path(directory), later=own is not None)
+        if usable is None:
+            print(f"[train] no whole checkpoint at or before {checkpoint.path}: starting from step 0", flush=True)
+            return {"step": 0, "train_seconds": 0.0}
+        state = load_checkpoint(usable, model, optimizer)
+    loader.load_state_dict(state["loader"])
+    # The data position is global: another worker count picks up at the same sequence.
+    was = f" (saved by {state['workers']})" if state.get("workers", world) != world else ""
+    print(f"[train] resumed from {usable} at step {state['step']} with {world} workers{was}", flush=True)
+    return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
+
+
+def report_checkpoint(
+    state: dict, model, optimizer, tokenizer: Path, metrics: dict, lora: LoraConfig | None = None
+) -> None:
+    """Every rank gathers (FSDP all-gathers its shards) and reports (Ray Train's barrier);
+    rank 0 alone writes the whole state."""
+    rank = ray.train.get_context().get_world_rank()
+    weights, optim = gather_state(model, optimizer)
+    step = state["step"]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            write_checkpoint(Path(tmp), model.config, weights, optim, state, tokenizer, lora)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+class StepLog:
+    """Rank 0: metrics to MLflow every step (sent in batches), one progress line per interval
+    with throughput, MFU and cost. Every rank keeps the clock (budgets need it)."""
+
+    def __init__(self, rank: int, tracking: dict, cfg, meter: CostMeter, resumed: dict):
+        self.active, self.cfg, self.meter = rank == 0, cfg, meter
+        self.sink = MetricSink(tracking["uri"], tracking["run_id"]) if self.active and tracking else None
+        self.latest: dict[str, float] = {}
+        self._prior, self._started = resumed["train_seconds"], time.perf_counter()
+        self._clock, self._clock_step, self._waited = time.perf_counter(), resumed["step"], 0.0
+        self._step, self.estimate_usd = resumed["step"], None
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far, earlier launches of this run included (for cost)."""
+        return self._prior + time.perf_counter() - self._started
+
+    def step(self, step: int, metrics: dict[str, float], data_wait: float) -> None:
+        self._step = step
+        self._record(metrics, step)
+        self._waited += data_wait
+        if self.active and (step % self.cfg.log_interval == 0 or step == self.cfg.max_steps):
+            self._progress(step)
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._record({**metrics, "train_seconds": self.elapsed()}, step)  # loss against wall time
+        if self.active:
+            print(
+                f"[train] step {step} | val loss {metrics['val_loss']:.4f} | "
+                f"val bits/byte {metrics['val_bits_per_byte']:.4f}",
+                flush=True,
+            )
+
+    def expect(self, planned: Estimate | None) -> None:
+        """Log `raylm cost`'s pre-launch estimate for the detected hardware, to read the
+        actual cost against (the whole run's, so a relaunch logs the same figure again)."""
+        self.estimate_usd = planned.usd if planned else None
+        if self.estimate_usd is not None:
+            self._record({"cost_estimate_usd": self.estimate_usd}, self._step)
+
+    def against_estimate(self) -> None:
+        """Actual cost / estimate at the end. Above 1: MFU fell short of EXPECTED_MFU, and the
+        actual cost also pays for evaluation and checkpoint time, which the estimate leaves out."""
+        actual = self.meter.usd(self.elapsed())
+        if not self.estimate_usd or actual is None:
+            return
+        self._record({"cost_vs_estimate": actual / self.estimate_usd}, self._step)
+        self.note(
+            f"cost {usd(actual)}: {actual / self.estimate_usd:.2f}x the estimate of {usd(self.estimate_usd)} "
+            f"at {EXPECTED_MFU:.0%} MFU"
+        )
+
+    def note(self, text: str) -> None:
+        if self.active:
+            print(f"[train] {text}", flush=True)
+
+    def reset_clock(self) -> None:
+        """Keep evaluation and checkpoint time out of the next interval's tokens/s."""
+        self._clock = time.perf_counter()
+
+    def close(self) -> None:
+        if self.sink:
+            self.sink.close()
+
+    def _record(self, metrics: dict[str, float], step: int) -> None:
+        self.latest.update(metrics)
+        if self.sink:
+            self.sink.add(metrics, step)
+
+    def _progress(self, step: int) -> None:
+        now = time.perf_counter()
+        steps, seconds = max(step - self._clock_step, 1), max(now - self._clock, 1e-9)
+        tok_s = steps * self.meter.tokens_per_step / seconds
+        m = {
+            "tokens_per_s": tok_s,
+            "tokens_seen": step * self.meter.tokens_per_step,
+            "step_time_s": seconds / steps,
+            "data_wait_s": self._waited / steps,
+            "memory_gb": peak_memory_gb(),
+            **self.meter.metrics(step, self.elapsed(), tok_s),
+        }
+        self._record(m, step)
+        if self.sink:
+            self.sink.flush()
+        eta = (self.cfg.max_steps - step) * seconds / steps
+        cost = f" | {usd(m['cost_usd'])} of ~{usd(m['projected_usd'])}" if "cost_usd" in m else ""
+        mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
+        print(
+            f"[train] step {step}/{self.cfg.max_steps} | loss {self.latest['train_loss']:.4f} | "
+            f"lr {self.latest['lr']:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta:.0f}s{cost}",
+            flush=True,
+        )
+        self._clock, self._clock_step, self._waited = now, step, 0.0
+
+
+def usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 0.01 else f"${amount:.5f}"  # a CPU test run costs fractions of a cent
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by torch, or this process' peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
