@@ -206,6 +206,6 @@ def ray_cluster(name: str, cluster: ClusterSection, scaling: ScalingSection) -> 
 
 
 def dump(docs: list[dict]) -> str:
-    from cluster.comments import dump_commented
+    from raylm.cluster.comments import dump_commented
 
     return dump_commented(docs)

@@ -3,7 +3,7 @@ and a NetworkPolicy. `raylm cluster render --platform` writes these; cluster/REA
 
 from __future__ import annotations
 
-from cluster.manifests import MLFLOW_PORT, RAY_GID, RAY_UID, labels, metadata
+from raylm.cluster.manifests import MLFLOW_PORT, RAY_GID, RAY_UID, labels, metadata
 from raylm.config import ClusterSection
 
 MLFLOW_DB_SECRET = "mlflow-db"  # key `uri`: postgresql://USER:PASSWORD@HOST:5432/mlflow

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.manifests import JOB_STOP_GRACE_S
+from raylm.cluster.manifests import JOB_STOP_GRACE_S
 from raylm.errors import Interrupted, RaylmError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.gpt import GPT, KVCache
+from raylm.models.gpt import GPT, KVCache
 
 
 @torch.no_grad()

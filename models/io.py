@@ -13,10 +13,10 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from models.config import ModelConfig
-from models.gpt import GPT
-from models.lora import LoraConfig, apply_lora, merge_lora
 from raylm.errors import DataError  # a leaf module: no Ray, no torch
+from raylm.models.config import ModelConfig
+from raylm.models.gpt import GPT
+from raylm.models.lora import LoraConfig, apply_lora, merge_lora
 
 WEIGHTS_FILE = "model.safetensors"
 TIED_ALIAS = "tok_emb.weight"  # with tie_embeddings, the same tensor as lm_head.weight

@@ -1,6 +1,6 @@
 import math
 
-from raylm.pipelines import grammar
+from raylm.pipelines.data import grammar
 
 
 def test_word_forms_are_unique_across_categories():
