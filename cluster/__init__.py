@@ -1,2 +1,2 @@
-"""Deployment: the container image lives in ../Dockerfile; KubeRay manifests and job
-submission come here (issue 8)."""
+"""Deployment: the container image lives in ../Dockerfile; KubeRay manifests (render, validate,
+kube) and Ray job submission (submit) live here."""

@@ -8,7 +8,7 @@ import pytest
 from raylm.cli import main
 from raylm.config import TrainSection, load_config
 from raylm.errors import ConfigError
-from raylm.models.config import flops_per_token, param_counts
+from raylm.models.config import flops_per_token, param_counts, planned_model
 from raylm.pipelines.train.cost import (
     EXPECTED_MFU,
     PEAK_FLOPS,
@@ -21,7 +21,6 @@ from raylm.pipelines.train.cost import (
     gpu_name,
     load_prices,
     measured_matmul_flops,
-    planned_model,
     planned_tokens,
     quote,
 )

@@ -137,9 +137,10 @@ def test_lists_newest_first_with_the_key_metrics(store, capsys):
     ]
     assert names(out) == ["pretrain-f", "pretrain-e", "pretrain-a", "eval-d", "prepare-c", "run-b", "pretrain-a"]
     run_b = rows[5].split()
-    # name stage status date time duration steps tokens best-val bits/byte cost id
+    # name stage status date time duration (2 words) steps tokens best-val bits/byte cost id
     assert run_b[:3] == ["run-b", "run", "FINISHED"] and run_b[5:] == [
-        "30m",
+        "30.0",
+        "min",
         "200",
         "2.4M",
         "1.9000",
@@ -147,9 +148,9 @@ def test_lists_newest_first_with_the_key_metrics(store, capsys):
         "$0.05",
         store[1]["b"][:8],
     ]
-    assert rows[4].split()[5:] == ["30m", "-", "-", "-", "-", "-", store[1]["c"][:8]]  # a prepare run trains nothing
-    assert rows[3].split()[8] == "2.0500"  # evaluate only: its final score
-    assert [rows[i].split()[10] for i in (2, 6)] == ["$0.000018", "$0.0031"]  # two digits below a cent
+    assert rows[4].split()[5:] == ["30.0", "min", *["-"] * 5, store[1]["c"][:8]]  # a prepare run trains nothing
+    assert rows[3].split()[9] == "2.0500"  # evaluate only: its final score
+    assert [rows[i].split()[11] for i in (2, 6)] == ["$0.000018", "$0.0031"]  # two digits below a cent
 
 
 def test_best_val_loss_is_the_minimum_of_the_history(store, capsys):
@@ -196,7 +197,7 @@ def test_sorting_by_best_val_loss_reads_every_page(store, capsys, monkeypatch):
     monkeypatch.setattr(raylm.pipelines.track.runs, "PAGE", 2)  # 4 pretrain runs: 2 pages
     _, out, _ = runs(store, "--sort", "best_val_loss", "--stage", "pretrain", capsys=capsys)
     assert names(out) == ["pretrain-a", "pretrain-a", "pretrain-f", "pretrain-e"]
-    assert [line.split()[8] for line in out.splitlines()[1:]] == ["2.1000", "2.8000", "-", "-"]
+    assert [line.split()[9] for line in out.splitlines()[1:]] == ["2.1000", "2.8000", "-", "-"]
 
 
 def test_nothing_matches(store, capsys):
@@ -210,7 +211,7 @@ def test_compare_shows_key_metrics_and_only_the_params_that_differ(store, capsys
     lines = {line.split("  ")[0]: line.split() for line in out.splitlines()}
     assert lines[""] == ["run-b", "pretrain-a"]
     assert lines["best val loss"][-2:] == ["1.9000", "2.1000"] and lines["final val loss"][-2:] == ["1.9500", "-"]
-    assert lines["MFU"][-2:] == ["12.3%", "-"] and lines["train time"][-2:] == ["25m", "-"]
+    assert lines["MFU"][-2:] == ["12.3%", "-"] and lines["train time"][-3:] == ["25.0", "min", "-"]
     params = [key for key in lines if "." in key]
     assert params == ["data.sources", "model.n_layer", "train.batch_size"]  # train.lr, data.seq_len: the same
     assert lines["train.batch_size"][-2:] == ["16", "-"]

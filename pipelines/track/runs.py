@@ -4,7 +4,6 @@ listing takes about as long as importing mlflow (~1.5 s)."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raylm.errors import ConfigError, DataError
-from raylm.fmt import redact
+from raylm.fmt import duration, money, redact
 from raylm.pipelines.runtime import unreachable
 
 STALE_SECONDS = 10 * 60  # a RUNNING run silent this long may have lost its driver (flagged "RUNNING?")
@@ -250,12 +249,12 @@ def format_runs(rows: list[Row]) -> str:
             r.stage or "-",
             r.status,
             _started(r.start_ms),
-            _duration(r.seconds()),
+            duration(r.seconds()),
             _shown(r.steps, _steps),
             _shown(r.tokens, _count),
             _shown(r.best_val_loss, _loss),
             _shown(r.bits_per_byte, _loss),
-            _shown(r.cost_usd, _usd),
+            _shown(r.cost_usd, money),
             r.run_id[:8],
         ]
         for r in rows
@@ -293,23 +292,8 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _usd(value: float) -> str:
-    """Cents, or two significant digits below a cent: a CPU test run costs ~$0.000018."""
-    if value >= 0.01 or value <= 0:
-        return f"${value:,.2f}"
-    return f"${value:.{1 - math.floor(math.log10(value))}f}"
-
-
 def _percent(value: float) -> str:
     return f"{value:.1%}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h" if seconds < 48 * 3600 else f"{seconds / 86400:.1f}d"
 
 
 def _started(ms: int) -> str:
@@ -319,8 +303,8 @@ def _started(ms: int) -> str:
 # What compare shows beyond a list row: (label, metric, format).
 DETAIL_METRICS = [
     ("final val loss", "final_val_loss", _loss),
-    ("train time", "train_seconds", _duration),
-    ("total time", "total_seconds", _duration),
+    ("train time", "train_seconds", duration),
+    ("total time", "total_seconds", duration),
     ("tokens/s", "tokens_per_s", _count),
     ("MFU", "mfu", _percent),
 ]
@@ -336,12 +320,12 @@ def compare_runs(store: Store, runs: list) -> str:
         ["stage", *[r.stage or "-" for r in rows]],
         ["status", *[r.status for r in rows]],
         ["started", *[_started(r.start_ms) for r in rows]],
-        ["duration", *[_duration(r.seconds()) for r in rows]],
+        ["duration", *[duration(r.seconds()) for r in rows]],
         ["steps", *[_shown(r.steps, _steps) for r in rows]],
         ["tokens", *[_shown(r.tokens, _count) for r in rows]],
         ["best val loss", *[_shown(r.best_val_loss, _loss) for r in rows]],
         ["bits/byte", *[_shown(r.bits_per_byte, _loss) for r in rows]],
-        ["cost", *[_shown(r.cost_usd, _usd) for r in rows]],
+        ["cost", *[_shown(r.cost_usd, money) for r in rows]],
     ]
     lines += [[label, *[_shown(run.data.metrics.get(key), fmt) for run in runs]] for label, key, fmt in DETAIL_METRICS]
     params = differing_params(runs)

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import yaml
 
-from raylm.config import ModelSection, TrainSection
+from raylm.config import TrainSection
 from raylm.errors import ConfigError
-from raylm.models.config import ModelConfig
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s (NVIDIA datasheets; sparsity doubles them, and
 # is not counted). Matched by substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
-# The MFU a pre-launch estimate assumes. Measured on H100 with bf16 (docs/BRIEF.md §4): llm.c
+# The MFU a pre-launch estimate assumes. Published H100 bf16 figures (each project's own): llm.c
 # reaches ~40% on GPT-2 124M at seq 1024; llm-foundry 35-40% at 760M and 42% at 1B (FSDP);
 # torchtitan 33-39% at 8B. A first run of a new setup often lands below this.
 EXPECTED_MFU = 0.40
@@ -156,14 +155,6 @@ def planned_tokens(train: TrainSection, seq_len: int) -> int:
     if train.max_tokens:
         steps = min(steps, math.ceil(train.max_tokens / per_step))
     return steps * per_step
-
-
-def planned_model(section: ModelSection, tokenizer_vocab: int) -> ModelConfig:
-    """The model a config trains, before any data exists: the section's shape, and its
-    vocab_size or else the tokenizer's padded up to a multiple of 64."""
-    # A multiple of 64 lets the embedding and output matmuls tile well (nanoGPT: 50257 -> 50304).
-    vocab = section.vocab_size or 64 * math.ceil(tokenizer_vocab / 64)
-    return ModelConfig(vocab_size=vocab, **section.model_dump(exclude={"vocab_size", "preset"}))
 
 
 @dataclass
