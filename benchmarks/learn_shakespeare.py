@@ -4,11 +4,12 @@ nanoGPT's shakespeare_char uses) against training wall time.
 
 The anchor is nanoGPT's CPU config for the same data (4 layers, 128 wide, 64-character context,
 2000 iterations), which reaches 1.886 nats/char in about 214 s on this kind of machine
-(BRIEF.md). The target: that loss in half the time, or a lower one in the same time.
+(measured when this benchmark was added, commit 6cb7a1d; nanoGPT's README reports 1.88 in about
+3 minutes). The target: that loss in half the time, or a lower one in the same time.
 
 nats/char = raylm's validation bits per byte x ln 2: the text is ASCII, one byte per character.
 raylm predicts BPE tokens, and a token's loss is spread over the characters it covers, so the
-figure compares across tokenizers (BRIEF sec. 4).
+figure compares across tokenizers (pipelines/eval/scoring.py).
 
 Usage: python benchmarks/learn_shakespeare.py [--work DIR] [--set KEY=VALUE ...]
 """

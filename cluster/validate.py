@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.manifests import RAY_VERSION
+from raylm.cluster.manifests import RAY_VERSION
+from raylm.config import walk
 
 KUBERNETES_VERSION = "1.32.0"  # the API version core kinds are checked against (GKE/EKS stable in 2025)
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
@@ -101,20 +102,9 @@ def lint(doc: dict) -> list[str]:
 
 def containers(doc: dict):
     """(path, container) for every container in the object, however deep its pod templates."""
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("containers", "initContainers") and isinstance(value, list):
-                    for i, c in enumerate(value):
-                        yield f"{path}.{key}.{i}".lstrip("."), c
-                else:
-                    yield from walk(value, f"{path}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                yield from walk(value, f"{path}.{i}")
-
-    return walk(doc, "")
+    for path, node in walk(doc):
+        if path.rpartition(".")[2] in ("containers", "initContainers") and isinstance(node, list):
+            yield from ((f"{path}.{i}", container) for i, container in enumerate(node))
 
 
 def container_problems(where: str, c: dict) -> list[str]:

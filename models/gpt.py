@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import ModelConfig
+from raylm.models.config import ModelConfig
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (block_size, head_dim), in the "rotate half" layout Hugging Face uses."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-    angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)  # (T, hs/2)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()
 
@@ -36,8 +36,8 @@ class KVCache:
     """Keys and values of every layer for `length` slots of a batch, filled as decoding goes.
     Slots, not positions: a left-padded row's tokens sit at slot = position + its padding."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, length: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, length, cfg.head_dim)
+    def __init__(self, config: ModelConfig, batch: int, length: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch, config.n_kv_head, length, config.head_dim)
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.filled = 0  # slots written by all layers
 
@@ -49,18 +49,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
+        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
         # GQA: fewer key/value heads shrink the KV cache by n_head / n_kv_head at decode time.
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+        self.qk_norm, self.dropout = config.qk_norm, config.dropout
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """mask (B, 1, T, S) of allowed keys, or None for plain causal attention (or, for a
@@ -88,25 +88,25 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        hidden = cfg.ffn_width()
-        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)  # down
+        hidden = config.ffn_width()
+        self.w1 = nn.Linear(config.n_embd, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(config.n_embd, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, config.n_embd, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None) -> torch.Tensor:
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
@@ -114,17 +114,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg)
+        cos, sin = rope_tables(config)
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -133,7 +133,7 @@ class GPT(nn.Module):
         # projections start at std 0.02/sqrt(2*n_layer) to keep the residual stream's variance flat.
         for name, p in self.named_parameters():
             if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from models.config import ModelConfig
-from models.gpt import GPT
-from models.io import load_model, read_safetensors, save_model
+from raylm.models.config import ModelConfig
+from raylm.models.gpt import GPT
+from raylm.models.io import load_model, read_safetensors, save_model
 
 TOP = {
     "tok_emb.weight": "model.embed_tokens.weight",
@@ -63,36 +63,36 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` so that `AutoModelForCausalLM.from_pretrained(out_dir)` is this model
     (and, if the directory has `tokenizer.json`, `AutoTokenizer` its tokenizer)."""
     model, out = load_model(model_dir), Path(out_dir)
-    cfg = model.config
-    if cfg.qk_norm:
+    config = model.config
+    if config.qk_norm:
         raise NotConvertible("model.qk_norm has no equivalent in LlamaForCausalLM; export refused")
     tensors = {hf_name(k): v.contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if config.tie_embeddings:
         del tensors["lm_head.weight"]  # HF re-ties it from tie_word_embeddings
     out.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    eos = _copy_tokenizer(Path(model_dir), out, cfg)
-    (out / "config.json").write_text(json.dumps(llama_config(cfg, eos), indent=2) + "\n")
+    eos = _copy_tokenizer(Path(model_dir), out, config)
+    (out / "config.json").write_text(json.dumps(llama_config(config, eos), indent=2) + "\n")
     return out
 
 
-def llama_config(cfg: ModelConfig, eos: int | None) -> dict:
+def llama_config(config: ModelConfig, eos: int | None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.ffn_width(),
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn_width(),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,  # transformers < 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers >= 5
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,  # transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # transformers >= 5
+        "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": eos,
@@ -101,7 +101,7 @@ def llama_config(cfg: ModelConfig, eos: int | None) -> dict:
     }
 
 
-def _copy_tokenizer(model_dir: Path, out: Path, cfg: ModelConfig) -> int | None:
+def _copy_tokenizer(model_dir: Path, out: Path, config: ModelConfig) -> int | None:
     """tokenizer.json plus the small config AutoTokenizer needs; returns the EOS id (the
     first special token, raylm's end-of-document marker)."""
     if not (model_dir / "tokenizer.json").is_file():
@@ -118,7 +118,7 @@ def _copy_tokenizer(model_dir: Path, out: Path, cfg: ModelConfig) -> int | None:
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": eos["content"],
                 "bos_token": eos["content"],
-                "model_max_length": cfg.block_size,
+                "model_max_length": config.block_size,
             },
             indent=2,
         )
@@ -137,11 +137,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> GPT:
     """A Llama-architecture HF checkpoint (safetensors, one file or sharded) as a raylm model
     directory in float32, ready to fine-tune; its tokenizer.json comes along."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    config = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     state = {raylm_name(k): v.float() for k, v in _read_weights(hf_dir).items() if "rotary_emb" not in k}
-    if cfg.tie_embeddings:
+    if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
-    model = GPT(cfg)
+    model = GPT(config)
     model.load_state_dict(state, strict=True)
     save_model(model, out)
     if (hf_dir / "tokenizer.json").is_file():

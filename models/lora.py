@@ -39,15 +39,15 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, base: nn.Linear, cfg: LoraConfig):
+    def __init__(self, base: nn.Linear, lora: LoraConfig):
         # On the meta device: the throwaway weight would cost a second copy of a 7B model's layer.
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same tensors: the base stays as loaded
-        self.lora_A = nn.Parameter(torch.empty(cfg.rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, device=base.weight.device))
+        self.lora_A = nn.Parameter(torch.empty(lora.rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, lora.rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.scale = cfg.alpha / cfg.rank
-        self.lora_dropout = nn.Dropout(cfg.dropout)
+        self.scale = lora.alpha / lora.rank
+        self.lora_dropout = nn.Dropout(lora.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
@@ -68,14 +68,14 @@ class LoRALinear(nn.Linear):
         return linear
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Wrap every targeted linear layer in place and freeze everything else; returns the model."""
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in cfg.targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
-                setattr(parent, name, LoRALinear(child, cfg))
+            if name in lora.targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
+                setattr(parent, name, LoRALinear(child, lora))
     return model
 
 

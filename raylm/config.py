@@ -1,6 +1,6 @@
 """One typed config tree for every raylm command, loaded from YAML plus `--set a.b=c` overrides.
 
-Each section is its own class, and each component receives only its section (BRIEF sec. 5).
+Each section is its own class, and each component receives only its section.
 Unknown keys and wrong types fail at load time, before Ray starts, with the full key path.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -16,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylm.errors import ConfigError
-from raylm.models.config import PRESETS
 
 
 class Section(BaseModel):
@@ -136,32 +136,43 @@ class TokenizerSection(Section):
     path: str | None = None  # an existing tokenizer.json to reuse instead of training one
 
 
-class ModelSection(Section):
-    """A preset's shape (raylm.models.config.PRESETS), with any field given beside it winning:
-    `model: {preset: 124m, n_layer: 6}`. Without a preset, the fields' defaults below."""
+# Shapes only: the vocabulary comes from the tokenizer the data was prepared with. GPT-2/3
+# shapes (Radford et al. 2019, Brown et al. 2020 table 2.1) in this Llama-style block; the
+# llama-* presets are Llama 3.2 1B/3B and Llama 2 7B as published.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=128),  # tests, seconds on CPU
+    "124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "760m": dict(n_layer=24, n_head=16, n_embd=1536, block_size=2048),
+    "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, block_size=2048),
+    "llama-1b": dict(
+        n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, block_size=8192, rope_theta=500000.0
+    ),
+    "llama-3b": dict(
+        n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, ffn_hidden=8192, block_size=8192, rope_theta=500000.0
+    ),
+    "llama-7b": dict(n_layer=32, n_head=32, n_embd=4096, ffn_hidden=11008, block_size=4096, tie_embeddings=False),
+}
 
-    preset: Literal[tuple(PRESETS)] | None = None
+
+class ModelShape(Section):
+    """The model's shape, defined and checked once: the config's model section (ModelSection)
+    and the model itself (raylm.models.config.ModelConfig) both extend it."""
+
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(4, gt=0)
-    n_kv_head: int | None = Field(None, gt=0)
+    n_kv_head: int | None = Field(None, gt=0)  # None: = n_head (plain multi-head attention)
     n_embd: int = Field(128, gt=0)
-    block_size: int = Field(128, gt=0)
-    ffn_hidden: int | None = Field(None, gt=0)
+    block_size: int = Field(128, gt=0)  # longest context the RoPE tables cover
+    ffn_hidden: int | None = Field(None, gt=0)  # None: Llama's rule, see ModelConfig.ffn_width()
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10_000.0, gt=0)
     vocab_size: int | None = Field(None, gt=0)  # None: the tokenizer's, padded to a multiple of 64
-    qk_norm: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset_first(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return {**PRESETS[data["preset"]], **data}
-        return data  # an unknown preset name fails on the field, listing the valid ones
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (OLMo 2, Qwen3): tames logit growth at high lr
 
     @model_validator(mode="after")
-    def _shapes_fit(self) -> ModelSection:
+    def _shapes_fit(self) -> ModelShape:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head and self.n_head % self.n_kv_head:
@@ -169,6 +180,20 @@ class ModelSection(Section):
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even (RoPE)")
         return self
+
+
+class ModelSection(ModelShape):
+    """A preset's shape (PRESETS above), with any field given beside it winning:
+    `model: {preset: 124m, n_layer: 6}`. Without a preset, the fields' defaults."""
+
+    preset: Literal[tuple(PRESETS)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_first(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data  # an unknown preset name fails on the field, listing the valid ones
 
 
 class TrainSection(Section):
@@ -492,7 +517,7 @@ def validate(raw: dict, source: str) -> RaylmConfig:
     try:
         return RaylmConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source=source)) from None
+        raise ConfigError(describe(err, source=source)) from None
 
 
 def field_problems(raw: dict, key: str) -> list[str]:
@@ -515,7 +540,8 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else ""
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe(err: ValidationError, source: str) -> str:
+    """One line naming every key path a validation error found, for a ConfigError."""
     return f"invalid config ({source}): " + "; ".join(_describe_one(e) for e in err.errors())
 
 
@@ -545,11 +571,17 @@ def _suggestion(loc: tuple) -> str:
     return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def walk(tree: dict | list, prefix: str = "", lists: bool = True) -> Iterator[tuple[str, Any]]:
+    """(dotted key path, value) for every node under `tree`, each before what it holds:
+    "data.sources", "data.sources.0", "data.sources.0.paths", "data.sources.0.paths.0", ...
+    List items are numbered; with lists=False a list is a value and its items are not visited."""
+    for key, value in enumerate(tree) if isinstance(tree, list) else tree.items():
+        path = f"{prefix}{key}"
+        yield path, value
+        if isinstance(value, dict) or (lists and isinstance(value, list)):
+            yield from walk(value, f"{path}.", lists)
+
+
+def flatten(tree: dict) -> dict[str, Any]:
+    """Every value that is not a mapping, by its dotted key path; a list is one value."""
+    return {path: value for path, value in walk(tree, lists=False) if not isinstance(value, dict)}

@@ -4,15 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from raylm.config import RaylmConfig, load_config
+from raylm.config import load_config
 from raylm.errors import ConfigError
 from tests.conftest import REPO
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, RaylmConfig)
 
 
 def test_quickstart_values_reach_their_sections():

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from raylm.config import ModelSection
 from raylm.models import GPT, PRESETS, ModelConfig, flops_per_token, load_model, param_counts, save_model
+from raylm.models.config import planned_model
 from raylm.models.generate import generate, pick_next
 from raylm.models.gpt import KVCache
 
@@ -165,6 +167,16 @@ def test_every_preset_is_a_valid_shape(preset):
     assert cfg.n_head % cfg.n_kv_head == 0 and cfg.head_dim % 2 == 0
     if preset == "tiny":
         assert GPT(cfg).num_params() == param_counts(cfg)["total"]
+
+
+def test_config_section_and_model_share_one_shape():
+    """raylm.config.ModelShape holds the fields and checks; the model section adds the preset,
+    ModelConfig the RMSNorm epsilon. Every field a config sets reaches the model it trains."""
+    assert set(ModelSection.model_fields) ^ set(ModelConfig.model_fields) == {"preset", "norm_eps"}
+    section = ModelSection(preset="llama-1b", n_layer=3, dropout=0.1, qk_norm=True, vocab_size=1000)
+    model = planned_model(section, tokenizer_vocab=50)
+    assert model.to_dict() == {**section.model_dump(exclude={"preset"}), "norm_eps": 1e-5}
+    assert ModelConfig(**model.to_dict()) == model  # model.json reads back as the same model
 
 
 def test_flops_per_token_by_hand():

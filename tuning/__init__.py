@@ -1,1 +1,1 @@
-"""Hyperparameter and architecture search with Ray Tune (wraps the pretrain job; issue 7)."""
+"""Hyperparameter and architecture search with Ray Tune (each trial a pretrain job: tuning/trial.py)."""

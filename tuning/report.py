@@ -14,10 +14,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from raylm.fmt import figure, save_figure
 from raylm.models import param_counts
 from raylm.pipelines.track.tracking import Tracker
-from tuning.scaling_law import TooFewPoints, describe, fit_law, plot_law, recommend
-from tuning.trial import Sweep, find_child, plan_trial
+from raylm.tuning.scaling_law import TooFewPoints, describe, fit_law, plot_law, recommend
+from raylm.tuning.space import sweep_spent
+from raylm.tuning.trial import Sweep, find_child, plan_trial
 
 METRIC_KEYS = ("step", "tokens_seen", "flops_seen", "cost_usd", "train_seconds")
 
@@ -54,8 +56,6 @@ class SweepResult:
 def summarize(
     grid, sweep: Sweep, tracker: Tracker, folder: Path, wall: float, concurrency: int, interrupted: bool = False
 ) -> SweepResult:
-    from tuning.sweep import sweep_spent
-
     rows = [trial_row(result, sweep) for result in grid]
     stopped_by = sweep_spent({r.trial_id: r.spent for r in rows}, sweep.spec.budget.sweep, wall / 3600)
     finish_children(rows, sweep, "interrupted (Ctrl-C)" if interrupted else stopped_by)
@@ -162,12 +162,7 @@ def sweep_metrics(out: SweepResult, metric: str) -> dict[str, float]:
 
 
 def plot_curves(grid, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure((7, 4.5))
     for result in grid:
         df = result.metrics_dataframe
         if df is None or metric not in df or "flops_seen" not in df:
@@ -184,9 +179,7 @@ def plot_curves(grid, metric: str, path: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def scaling_law(done: list[TrialRow], sweep: Sweep, tracker: Tracker, folder: Path) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from raylm.fmt import figure, save_figure
+
 MIN_SIZES = 3  # distinct model sizes: with fewer, A/N^alpha cannot be told from E
 MIN_TOKENS = 3  # distinct token counts, for B/D^beta likewise
 
@@ -169,12 +171,7 @@ def describe(rec: dict) -> str:
 def plot_law(fit: Fit, n: list[float], d: list[float], loss: list[float], rec: dict, path: Path) -> None:
     """Observed loss against compute 6ND, the fit's curve for each observed size, and the
     compute-optimal frontier up to the recommended budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure((7, 4.5))
     compute = [6 * a * b for a, b in zip(n, d)]
     sc = ax.scatter(compute, loss, c=[math.log10(v) for v in n], cmap="viridis", zorder=3, label="trials")
     fig.colorbar(sc, label="log10 parameters")
@@ -193,6 +190,4 @@ def plot_law(fit: Fit, n: list[float], d: list[float], loss: list[float], rec: d
     )
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

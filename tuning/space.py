@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from raylm.config import RaylmConfig, Section, _describe, field_problems, set_key, validate
+from raylm.config import RaylmConfig, Section, describe, field_problems, set_key, validate
 from raylm.errors import ConfigError
 
 # name -> how many numbers it takes (None: a list of candidate values)
@@ -61,6 +61,21 @@ class LimitSection(Section):
     flops: float | None = Field(None, gt=0)  # training FLOPs (6N + attention, models/config.py)
     hours: float | None = Field(None, gt=0)  # trial: training hours; sweep: wall-clock hours
     usd: float | None = Field(None, gt=0)  # priced as training prices it (pipelines/train/cost.py)
+
+
+def sweep_spent(spent: dict[str, dict], limit: LimitSection, hours: float) -> str | None:
+    """Why the sweep must stop (a budget.sweep limit is spent), or None."""
+    total = {k: sum(s.get(k, 0.0) for s in spent.values()) for k in ("tokens_seen", "flops_seen", "cost_usd")}
+    checks = [
+        (limit.tokens, total["tokens_seen"], "tokens", "{:,.0f}"),
+        (limit.flops, total["flops_seen"], "flops", "{:.3g}"),
+        (limit.usd, total["cost_usd"], "usd", "${:.4f}"),
+        (limit.hours, hours, "hours", "{:.3f} h"),
+    ]
+    for cap, used, key, fmt in checks:
+        if cap and used >= cap:
+            return f"budget.sweep.{key}={cap:g} spent ({fmt.format(used)})"
+    return None
 
 
 class BudgetSection(Section):
@@ -137,7 +152,7 @@ def load_sweep(path: str | Path, base: dict) -> SweepSpec:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
     except ValidationError as err:
-        raise ConfigError(_describe(err, source=str(path)).replace("invalid config", "invalid sweep")) from None
+        raise ConfigError(describe(err, source=str(path)).replace("invalid config", "invalid sweep")) from None
     for key, entry in spec.space.items():
         check_values(base, key, entry)
     return spec

@@ -29,9 +29,9 @@ from raylm.errors import ConfigError, SweepInterrupted
 from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.runtime import start_ray, tracking_uri
 from raylm.pipelines.track.tracking import Tracker
-from tuning.report import SweepResult, summarize
-from tuning.space import LimitSection, SweepSpec, distribution
-from tuning.trial import TRIAL_CPU, Sweep, find_child, run_trial
+from raylm.tuning.report import SweepResult, summarize
+from raylm.tuning.space import LimitSection, SweepSpec, distribution, sweep_spent
+from raylm.tuning.trial import TRIAL_CPU, Sweep, find_child, plan_trial, run_trial
 
 STATE = "raylm_sweep.json"  # beside Tune's own state: the sweep's MLflow run, for --resume
 
@@ -289,30 +289,13 @@ def make_scheduler(sweep: Sweep):
 
 def trial_horizon(sweep: Sweep) -> dict:
     """The base config's first evaluation and its end, in the scheduler's time unit."""
-    from tuning.trial import plan_trial
-
     plan = plan_trial(sweep, {}, "base")
     if plan.reason:
         raise ConfigError(f"the base config cannot train as a trial: {plan.reason}")
-    tokens_per_step = plan.cfg.train.batch_size * plan.manifest["seq_len"]
+    tokens_per_step = plan.cfg.train.batch_size * plan.manifest.seq_len
     per_step = {"step": 1, "tokens_seen": tokens_per_step, "flops_seen": tokens_per_step * plan.flops_per_token}
     unit = per_step[sweep.spec.scheduler.time_attr]
     return {"first_eval": plan.cfg.train.eval_interval * unit, "end": plan.cfg.train.max_steps * unit}
-
-
-def sweep_spent(spent: dict[str, dict], limit: LimitSection, hours: float) -> str | None:
-    """Why the sweep must stop (a budget.sweep limit is spent), or None."""
-    total = {k: sum(s.get(k, 0.0) for s in spent.values()) for k in ("tokens_seen", "flops_seen", "cost_usd")}
-    checks = [
-        (limit.tokens, total["tokens_seen"], "tokens", "{:,.0f}"),
-        (limit.flops, total["flops_seen"], "flops", "{:.3g}"),
-        (limit.usd, total["cost_usd"], "usd", "${:.4f}"),
-        (limit.hours, hours, "hours", "{:.3f} h"),
-    ]
-    for cap, used, key, fmt in checks:
-        if cap and used >= cap:
-            return f"budget.sweep.{key}={cap:g} spent ({fmt.format(used)})"
-    return None
 
 
 class BudgetStopper(tune.Stopper):

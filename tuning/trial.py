@@ -1,7 +1,7 @@
 """One trial of a sweep: sampled values -> a config -> the pretrain job, reporting to Tune.
 
 Ray Train V2 cannot be handed to a Tuner (TuneError), so each trial is a function that calls
-pipelines.pretrain.pretrain with Ray Train's TuneReportCallback: every report of the training
+pipelines.train.pretrain.pretrain with Ray Train's TuneReportCallback: every report of the training
 run (one per evaluation: val loss, step, tokens, FLOPs, dollars) reaches Tune's scheduler.
 The trial holds 0.01 CPU itself; its Train workers reserve their own CPUs and GPUs.
 """
@@ -19,10 +19,11 @@ from ray import tune
 from raylm.config import RaylmConfig, section_fingerprint
 from raylm.errors import RaylmError
 from raylm.models import ModelConfig, flops_per_token, param_counts
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared
 from raylm.pipelines.track.tracking import Tracker
 from raylm.pipelines.train.pretrain import build_model_config, pretrain
-from tuning.space import SweepSpec, trial_config, trial_steps
+from raylm.tuning.space import SweepSpec, trial_config, trial_steps
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run (Tune refuses 0)
 
@@ -46,12 +47,12 @@ class Plan:
 
     cfg: RaylmConfig | None
     model: ModelConfig | None = None
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     reason: str | None = None  # set: the trial is pruned
 
     @property
     def flops_per_token(self) -> int:
-        return flops_per_token(self.model, self.manifest["seq_len"])
+        return flops_per_token(self.model, self.manifest.seq_len)
 
 
 def plan_trial(sweep: Sweep, params: dict, trial_id: str) -> Plan:
@@ -65,7 +66,7 @@ def plan_trial(sweep: Sweep, params: dict, trial_id: str) -> Plan:
     cfg.scaling.cpus_per_worker = cfg.scaling.cpus_per_worker or sweep.cpus_per_worker
     try:
         manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir))
-        model = build_model_config(cfg.model, manifest["vocab_size"])
+        model = build_model_config(cfg.model, manifest.vocab_size)
     except RaylmError as err:
         return Plan(None, reason=str(err))
     plan = Plan(cfg, model, manifest)
@@ -74,7 +75,7 @@ def plan_trial(sweep: Sweep, params: dict, trial_id: str) -> Plan:
 
 def apply_budget(plan: Plan, spec: SweepSpec) -> Plan:
     train, limit = plan.cfg.train, spec.budget.trial
-    steps = trial_steps(train.batch_size * plan.manifest["seq_len"], plan.flops_per_token, limit)
+    steps = trial_steps(train.batch_size * plan.manifest.seq_len, plan.flops_per_token, limit)
     if steps is not None:
         if steps <= train.warmup_steps:
             return Plan(
@@ -168,7 +169,7 @@ def trial_params(plan: Plan) -> dict:
         "model.params_total": counts["total"],
         "model.params_non_embedding": counts["non_embedding"],
         "model.flops_per_token": plan.flops_per_token,
-        "trial.planned_tokens": plan.cfg.train.max_steps * plan.cfg.train.batch_size * plan.manifest["seq_len"],
+        "trial.planned_tokens": plan.cfg.train.max_steps * plan.cfg.train.batch_size * plan.manifest.seq_len,
     }
 
 

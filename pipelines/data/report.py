@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raylm.fmt import figure, save_figure
 from raylm.pipelines.data.cleaning import TRANSFORMS
 from raylm.pipelines.data.tokenizer import token_byte_lengths
 
@@ -266,12 +267,7 @@ def _cell(text: str) -> str:
 
 def plot_funnel(report: dict, path: Path) -> None:
     """Documents surviving each stage, one line per source."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers or CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = figure((9, 4.5))
     for name, r in report["sources"].items():
         stages = [s for s in r["stages"] if s["enabled"]]
         ax.plot([s["stage"] for s in stages], [s["docs_out"] for s in stages], marker="o", label=name)
@@ -280,5 +276,4 @@ def plot_funnel(report: dict, path: Path) -> None:
     ax.tick_params(axis="x", rotation=35)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

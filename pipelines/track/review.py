@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from raylm.config import TrackingSection
+from raylm.fmt import figure, save_figure
 from raylm.models.hf import NotConvertible, export_hf
 from raylm.pipelines.track.tracking import Tracker
 
@@ -39,12 +40,7 @@ def log_loss_curve(tracker: Tracker) -> None:
     }
     if not any(curves.values()):
         return
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster head or in CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = figure((7, 4))
     for key, history in curves.items():
         if history:
             steps, values = zip(*history)
@@ -54,6 +50,5 @@ def log_loss_curve(tracker: Tracker) -> None:
     ax.legend()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "loss.png"
-        fig.savefig(path, bbox_inches="tight")
+        save_figure(fig, path, bbox_inches="tight")
         tracker.log_artifact(path, "plots")
-    plt.close(fig)
