@@ -2,7 +2,7 @@
 on one GPU worker; tokens/s and MFU (against the device's bf16 dense peak in
 pipelines/train/cost.py), eager and with train.compile, side by side.
 
-Target (issue 5): >= 45% MFU on one H100 (llm.c reaches about 40%). The corpus is raylm's
+Target: >= 45% MFU on one H100 (llm.c reaches about 40%). The corpus is raylm's
 built-in grammar (generated offline, so the script runs on a machine without network);
 its small vocabulary is padded to GPT-2's 50,304 so that the model has GPT-2's shape and FLOPs.
 

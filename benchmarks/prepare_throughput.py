@@ -98,7 +98,7 @@ def run_raylm(files: list[Path], tokenizer_path: Path | None, baseline_like: boo
     out = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
     try:
         manifest = prepare(cfg.data, cfg.tokenizer, out)
-        return sum(s["tokens"] for s in manifest["splits"].values())
+        return sum(s.tokens for s in manifest.splits.values())
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

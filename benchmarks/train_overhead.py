@@ -61,12 +61,12 @@ def raylm_step_seconds(work: Path, name: str) -> list[float]:
 
 def torchrun_step_seconds(work: Path, steps: int) -> list[float]:
     from raylm.config import load_config
+    from raylm.pipelines.data.manifest import Manifest
     from raylm.pipelines.train.pretrain import build_model_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides(work, steps))
     (data_dir,) = (work / "runs" / "data").iterdir()
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    model = build_model_config(cfg.model, manifest["vocab_size"])
+    model = build_model_config(cfg.model, Manifest.load(data_dir).vocab_size)
     (work / "model.json").write_text(json.dumps(model.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as Ray gives a 1-CPU worker
     out = subprocess.run(

@@ -16,6 +16,7 @@ from raylm.errors import DataError, Interrupted
 from raylm.fmt import redact
 from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
 from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text
 from raylm.pipelines.eval.sampling import sample_text
@@ -41,7 +42,7 @@ class Outcome:
     """What a job produced, for the summary the CLI prints."""
 
     tracker: Tracker
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     checkpoint: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
@@ -77,10 +78,10 @@ def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     return tracker
 
 
-def record_data(cfg: RaylmConfig, tracker: Tracker, manifest: dict, stage: str) -> None:
+def record_data(cfg: RaylmConfig, tracker: Tracker, manifest: Manifest, stage: str) -> None:
     """Which prepared data the run used: a tag with its fingerprint and the dataset input."""
-    tracker.set_tags({"raylm.data_fingerprint": Path(manifest["path"]).name})
-    tracker.log_dataset(manifest, data_label(cfg, stage), "training")
+    tracker.set_tags({"raylm.data_fingerprint": Path(manifest.path).name})
+    tracker.log_dataset(manifest.path, manifest.seq_len, data_label(cfg, stage), "training")
 
 
 def run_lifecycle(
@@ -120,9 +121,9 @@ def run_lifecycle(
     return out
 
 
-def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> dict:
+def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> Manifest:
     manifest = prepare(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
-    prepared = Path(manifest["path"])
+    prepared = Path(manifest.path)
     tracker.log_artifact(prepared / "manifest.json", "data")
     for name in ("report.json", "report.md", "report.png"):
         tracker.log_artifact(prepared / name, "data_report")
@@ -131,32 +132,36 @@ def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> dict:
     return manifest
 
 
-def data_metrics(manifest: dict) -> dict[str, float]:
+def data_metrics(manifest: Manifest) -> dict[str, float]:
     """Per split windows and tokens; per source and stage documents and bytes out; baselines."""
-    metrics = {
-        f"data/{split}/{k}": v for split, s in manifest["splits"].items() for k, v in s.items() if k != "content_hash"
-    }
-    for name, source in manifest["sources"].items():
+    metrics = {f"data/{split}/{k}": v for split, s in manifest.splits.items() for k, v in s.metrics().items()}
+    for name, source in manifest.sources.items():
         for stage in source["stages"]:
             metrics[f"data/{name}/{stage['stage']}/docs_out"] = stage["docs_out"]
             metrics[f"data/{name}/{stage['stage']}/bytes_out"] = stage["bytes_out"]
         metrics[f"data/{name}/share_of_tokens"] = source["share_achieved"]
-    metrics["data/vocab_size"] = manifest["vocab_size"]
-    metrics.update({f"baseline_unigram_{k}": v for k, v in manifest["unigram_baseline"].items()})
-    if manifest.get("reference"):
-        metrics["baseline_optimum_bits_per_byte"] = manifest["reference"]["bits_per_byte"]
+    metrics["data/vocab_size"] = manifest.vocab_size
+    baseline = manifest.unigram_baseline
+    metrics.update(
+        {
+            "baseline_unigram_nats_per_token": baseline.nats_per_token,
+            "baseline_unigram_bits_per_byte": baseline.bits_per_byte,
+        }
+    )
+    if manifest.reference:
+        metrics["baseline_optimum_bits_per_byte"] = manifest.reference.bits_per_byte
     return metrics
 
 
-def do_pretrain(cfg: RaylmConfig, manifest: dict, tracker: Tracker, resume: Path | None = None) -> Path:
-    model_cfg = build_model_config(cfg.model, manifest["vocab_size"])
+def do_pretrain(cfg: RaylmConfig, manifest: Manifest, tracker: Tracker, resume: Path | None = None) -> Path:
+    model_cfg = build_model_config(cfg.model, manifest.vocab_size)
     counts = param_counts(model_cfg)
     tracker.log_params(
         {
             "model.vocab_size_resolved": model_cfg.vocab_size,
             "model.params_total": counts["total"],
             "model.params_non_embedding": counts["non_embedding"],
-            "model.flops_per_token": flops_per_token(model_cfg, manifest["seq_len"]),
+            "model.flops_per_token": flops_per_token(model_cfg, manifest.seq_len),
         }
     )
     result, stopped = pretrain(
@@ -184,12 +189,12 @@ def finished_checkpoint(result, stopped: str | None) -> Path:
     return checkpoint
 
 
-def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) -> tuple[dict, Path]:
+def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) -> tuple[Manifest, Path]:
     """Prepare the fine-tuning windows, train from the base on the pretraining engine, and for
     LoRA also write the merged model; returns the windows' manifest and the last checkpoint."""
     base = resolve_base(cfg.finetune.base, Path(cfg.run.output_dir).resolve())
     manifest = finetune_windows(cfg, base)
-    model_cfg = load_base_config(base, manifest["vocab_size"])
+    model_cfg = load_base_config(base, manifest.vocab_size)
     check_fits(cfg, base, model_cfg)
     lora = lora_config(cfg)
     with torch.device("meta"):  # shapes only: a 7B base would otherwise take 28 GB here
@@ -198,12 +203,7 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
         {"finetune.base_resolved": str(base), "model.params_total": total, "model.params_trainable": trainable}
     )
     tracker.log_metrics(
-        {
-            f"data/{split}/{k}": v
-            for split, st in manifest["splits"].items()
-            for k, v in st.items()
-            if isinstance(v, (int, float))
-        }
+        {f"data/{split}/{k}": v for split, st in manifest.splits.items() for k, v in st.metrics().items()}
     )
     print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
     result, stopped = pretrain(
@@ -226,8 +226,8 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     return manifest, checkpoint
 
 
-def do_evaluate(cfg: RaylmConfig, manifest: dict, checkpoint: Path, tracker: Tracker) -> tuple[dict, str | None]:
-    scores = evaluate(checkpoint, Path(manifest["path"]) / "val", cfg.eval.max_windows)
+def do_evaluate(cfg: RaylmConfig, manifest: Manifest, checkpoint: Path, tracker: Tracker) -> tuple[dict, str | None]:
+    scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_windows)
     metrics = {f"final_val_{k}": v for k, v in scores.items()}
     tracker.log_metrics(metrics)
     e = cfg.eval
@@ -301,10 +301,10 @@ def new_checkpoints(run_dir: Path, seen: set[str]) -> list[Path]:
     return [p for p in whole_checkpoints(run_dir) if p.name not in seen]
 
 
-def evaluate_at_step(cfg: RaylmConfig, manifest: dict, checkpoint: Path, step: int, tracker: Tracker) -> bool:
+def evaluate_at_step(cfg: RaylmConfig, manifest: Manifest, checkpoint: Path, step: int, tracker: Tracker) -> bool:
     """Score one checkpoint; False if the run deleted it meanwhile (train.keep_checkpoints)."""
     try:
-        scores = evaluate(checkpoint, Path(manifest["path"]) / "val", cfg.eval.max_windows)
+        scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_windows)
         tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step)
         tasks = do_tasks(cfg, checkpoint, tracker, step)
     except Exception:

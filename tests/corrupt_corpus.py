@@ -1,4 +1,5 @@
-"""A corpus with every kind of bad input BRIEF sec. 6 lists, and the counts it must produce."""
+"""A corpus with every kind of bad input the readers count and reject (pipelines/data/readers.py:
+EXPECTED_REJECTS below names each reason), and the counts it must produce."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def main(corpus: str, out: str, overrides: list[str]) -> None:
         nodes = sorted({t.node_id for t in tasks if t.node_id and "_parse_file" in t.name})
         workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
         result, _ = pretrain(
-            build_model_config(cfg.model, manifest["vocab_size"]),
+            build_model_config(cfg.model, manifest.vocab_size),
             cfg.train,
             cfg.scaling,
             cfg.run,
@@ -66,7 +66,7 @@ def main(corpus: str, out: str, overrides: list[str]) -> None:
             "RESULT "
             + json.dumps(
                 {
-                    "manifest": manifest,
+                    "manifest": manifest.to_dict() | {"path": manifest.path},
                     "parse_nodes": nodes,
                     "cpu_nodes": sorted(workers),
                     "train_nodes": sorted(a.node_id for a in actors),

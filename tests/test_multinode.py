@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from raylm.config import load_config
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import prepare
 from tests.conftest import REPO
 
@@ -28,7 +29,7 @@ TRAIN = [
 ]
 
 
-@pytest.mark.slow  # a scale run: ~100 s of a separate 3-node cluster; `pytest -m slow`
+@pytest.mark.slow  # a scale run: ~100 s of a separate 3-node cluster
 def test_multinode_prepare_and_train_spread_over_the_nodes(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"
@@ -59,12 +60,12 @@ def test_multinode_prepare_and_train_spread_over_the_nodes(ray_cluster, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     result = json.loads(line.removeprefix("RESULT "))
-    multi = result["manifest"]
+    multi = Manifest.from_dict(result["manifest"])
 
     assert result["parse_nodes"] == result["cpu_nodes"] and len(result["cpu_nodes"]) == 2
-    assert multi["splits"] == single["splits"]  # window counts and content hashes
-    assert multi["sources"] == single["sources"]
-    tokenizer = lambda m: (Path(m["path"]) / "tokenizer.json").read_bytes()  # noqa: E731
+    assert multi.splits == single.splits  # window counts and content hashes
+    assert multi.sources == single.sources
+    tokenizer = lambda m: (Path(m.path) / "tokenizer.json").read_bytes()  # noqa: E731
     assert tokenizer(multi) == tokenizer(single)
     # Training: one worker per node (each has 1 CPU), and the run finished its 4 steps.
     assert len(result["train_nodes"]) == 2 and set(result["train_nodes"]) == set(result["cpu_nodes"])

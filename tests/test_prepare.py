@@ -3,6 +3,7 @@ decontamination, mixing, the report, strict mode and reuse."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from raylm.config import load_config
 from raylm.errors import DataError
 from raylm.pipelines.data.loader import read_windows
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
 from raylm.pipelines.data.tokenizer import load_tokenizer
 from tests import corrupt_corpus
@@ -20,7 +22,7 @@ from tests.conftest import SHARED_DATA
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
-def run_prepare(tmp_path: Path, sources: list[dict], *extra: str) -> tuple[dict, dict]:
+def run_prepare(tmp_path: Path, sources: list[dict], *extra: str) -> tuple[Manifest, dict]:
     cfg = load_config(
         None,
         [
@@ -32,7 +34,7 @@ def run_prepare(tmp_path: Path, sources: list[dict], *extra: str) -> tuple[dict,
         ],
     )
     manifest = prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
-    return manifest, json.loads((Path(manifest["path"]) / "report.json").read_text())
+    return manifest, json.loads((Path(manifest.path) / "report.json").read_text())
 
 
 def write_duplicates(path: Path, rng) -> tuple[int, int]:
@@ -118,15 +120,13 @@ def test_report_adds_up_and_matches_the_windows(mixed):
     assert 0 < window_tokens <= kept_tokens  # only each packing batch's last partial window is dropped
     assert kept_tokens - window_tokens < 3 * 17  # one batch per split here, under one 17-token window each
     for split in ("train", "val"):
-        windows = read_windows(Path(manifest["path"]) / split)
-        assert windows.shape == (manifest["splits"][split]["windows"], 17)
-    tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
+        windows = read_windows(Path(manifest.path) / split)
+        assert windows.shape == (manifest.splits[split].windows, 17)
+    tok = load_tokenizer(Path(manifest.path) / "tokenizer.json")
     assert tok.get_vocab_size() <= 300 and report["tokenizer"]["bytes_per_token"]["all"] > 1
-    md = (Path(manifest["path"]) / "report.md").read_text()
+    md = (Path(manifest.path) / "report.md").read_text()
     assert (
-        "| dedup_near |" in md
-        and "contaminated" in md
-        and (Path(manifest["path"]) / "report.png").stat().st_size > 1000
+        "| dedup_near |" in md and "contaminated" in md and (Path(manifest.path) / "report.png").stat().st_size > 1000
     )
 
 
@@ -161,9 +161,9 @@ def test_a_source_can_be_the_whole_validation_split(ray_cluster, tmp_path):
         {"paths": [str(tmp_path / "held.txt")], "split": "val"},
     ]
     manifest, _ = run_prepare(tmp_path, sources, "data.dedup.near=false")
-    tok = load_tokenizer(Path(manifest["path"]) / "tokenizer.json")
+    tok = load_tokenizer(Path(manifest.path) / "tokenizer.json")
     words = {
-        split: set(tok.decode(read_windows(Path(manifest["path"]) / split).ravel().tolist()).split())
+        split: set(tok.decode(read_windows(Path(manifest.path) / split).ravel().tolist()).split())
         for split in ("train", "val")
     }
     assert words["val"] and not any("main" in w for w in words["val"])
@@ -191,11 +191,13 @@ def test_rerun_reuses_output_and_redoes_a_torn_one(ray_cluster, tmp_path, capsys
     )
     assert find_prepared(cfg.data, cfg.tokenizer, tmp_path / "out") == first
     # A run that died before writing its manifest is redone from scratch, not appended to.
-    (Path(first["path"]) / "manifest.json").unlink()
+    on_disk = (Path(first.path) / "manifest.json").read_text()
+    assert on_disk == first.to_json() and Manifest.load(first.path) == first  # the file round-trips exactly
+    (Path(first.path) / "manifest.json").unlink()
     redone, _ = run_prepare(tmp_path, sources)
-    strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "stage_seconds")}  # noqa: E731
+    strip = lambda m: dataclasses.replace(m, seconds=None, stage_seconds={})  # noqa: E731
     assert strip(redone) == strip(first)
-    assert len(read_windows(Path(redone["path"]) / "train")) == first["splits"]["train"]["windows"]
+    assert len(read_windows(Path(redone.path) / "train")) == first.splits["train"].windows
     changed = load_config(None, [f"data.sources={json.dumps(sources)}", "data.seq_len=8"])
     with pytest.raises(DataError, match="run `raylm prepare`"):
         find_prepared(changed.data, changed.tokenizer, tmp_path / "out")

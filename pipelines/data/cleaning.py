@@ -117,11 +117,11 @@ def _top_bigram_fraction(words: list[str]) -> float:
     return count * (len(bigram[0]) + len(bigram[1])) / sum(map(len, words))
 
 
-def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
+def clean_batch(batch: pa.Table, clean: CleanSection) -> pa.Table:
     """Ray Data map_batches over document rows: transform kept rows, set drop reasons, and
     record each document's UTF-8 size after every transform in `bytes_after`."""
     reasons = batch.column("reason").to_numpy(zero_copy_only=False).astype(object)
-    too_long = (reasons == "") & (pc.utf8_length(batch.column("text")).to_numpy() > cfg.max_chars)
+    too_long = (reasons == "") & (pc.utf8_length(batch.column("text")).to_numpy() > clean.max_chars)
     reasons[too_long] = "too_long"
     text = pc.if_else(pa.array(too_long), "", batch.column("text").combine_chunks())  # not worth cleaning
     steps = {
@@ -132,15 +132,15 @@ def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
     }
     sizes = []
     for name in TRANSFORMS:
-        if getattr(cfg, name):
+        if getattr(clean, name):
             text = steps[name](text)
         sizes.append(pc.binary_length(text).to_numpy())
     sizes = np.stack(sizes, axis=1).astype(np.int64)
     sizes[too_long] = batch.column("raw_bytes").to_numpy()[too_long, None]
-    reasons[(reasons == "") & (pc.utf8_length(text).to_numpy() < cfg.min_chars)] = "too_short"
-    if cfg.quality.enabled:
+    reasons[(reasons == "") & (pc.utf8_length(text).to_numpy() < clean.min_chars)] = "too_short"
+    if clean.quality.enabled:
         for i in np.flatnonzero(reasons == ""):
-            reasons[i] = quality_problem(text[i].as_py(), cfg.quality)
+            reasons[i] = quality_problem(text[i].as_py(), clean.quality)
     return _with_drops(batch, text, reasons, sizes)
 
 

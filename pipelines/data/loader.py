@@ -9,6 +9,7 @@ its share of each micro-step. So the state to checkpoint is one integer, and a r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,6 +49,24 @@ def as_batch(rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
 def token_matrix(column) -> np.ndarray:
     """A `tokens` column as an (N, seq_len + 1) int32 array."""
     return as_matrix(column).astype(np.int32, copy=False)
+
+
+class BatchSource(Protocol):
+    """What the training loop needs of a loader (WindowLoader, StreamLoader): this rank's
+    micro-batches in order, and a position to checkpoint and resume from."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This rank's next micro-batch: inputs and targets, each (micro_batch, seq_len), and
+        for fine-tuning windows their segments too (see as_batch)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The data position, global over ranks, for the checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() of an earlier run."""
+        ...
 
 
 class WindowLoader:

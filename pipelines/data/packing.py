@@ -21,6 +21,7 @@ from ray.data.datasource import FilenameProvider
 from ray.data.expressions import col
 
 from raylm.pipelines.data.arrays import as_fixed_list, as_matrix
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from raylm.pipelines.runtime import cluster_cpus
 
@@ -149,13 +150,13 @@ def write_train_documents(docs, source_names: list[str], out: Path) -> None:
     )
 
 
-def stream_train_windows(manifest: dict):
+def stream_train_windows(manifest: Manifest):
     """Streaming mode: the train windows, packed on the fly from the kept documents by Ray Data
     (the same windows prepare would have written), for TorchTrainer's `datasets`."""
-    prepared = Path(manifest["path"])
+    prepared = Path(manifest.path)
     docs = ray.data.read_parquet(str(prepared / TRAIN_DOCS))
-    n_sources = len(manifest["sources"])
-    windows = pack_stream(docs, prepared / manifest["tokenizer"], manifest["seq_len"], n_sources, actors=False)
+    n_sources = len(manifest.sources)
+    windows = pack_stream(docs, prepared / manifest.tokenizer, manifest.seq_len, n_sources, actors=False)
     return windows.filter(expr=col("split") == "train").select_columns(["tokens"])
 
 

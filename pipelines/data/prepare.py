@@ -38,6 +38,7 @@ from raylm.pipelines.data.arrays import as_fixed_list, as_matrix
 from raylm.pipelines.data.cleaning import TRANSFORMS, assign_split, clean_batch
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
 from raylm.pipelines.data.dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
+from raylm.pipelines.data.manifest import Manifest, Reference, SplitStats, UnigramBaseline
 from raylm.pipelines.data.packing import SPLITS, encode_and_pack, write_train_documents
 from raylm.pipelines.data.readers import (
     DOCUMENT_SCHEMA,
@@ -65,13 +66,13 @@ class Source:
     ignored: list[str]  # files in the given directories/globs without a readable suffix
 
 
-def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> dict:
+def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> Manifest:
     """Run the data pipeline (or reuse its output); returns the manifest."""
     sources, reference = resolve_sources(data, output_dir)
     out = output_dir / "data" / _fingerprint(data, tok_cfg, sources)
     if (out / "manifest.json").exists():
         print(f"[prepare] reusing prepared data at {out}")
-        return read_manifest(out)
+        return Manifest.load(out)
     shutil.rmtree(out, ignore_errors=True)  # a run that died before its manifest left partial shards
     clock = StageClock()
     with clock("read + clean") as seen:
@@ -96,18 +97,14 @@ def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> d
         seen["tokens"] = sum(int(st["source_tokens"].sum()) for st in stats.values())
 
     report = build_report(sources, doc_counts, stats, verdicts, tok, samples, data)
-    manifest = _manifest(data, tok_cfg, sources, stats, tok, reference, report, clock)
+    manifest = _manifest(data, tok_cfg, sources, stats, tok, reference, report, clock, out)
     write_report(report, out)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"[prepare] {_summary_line(manifest)} -> {out} ({manifest['seconds']} s)")
-    return manifest | {"path": str(out)}
+    manifest.write(out)
+    print(f"[prepare] {_summary_line(manifest)} -> {out} ({manifest.seconds} s)")
+    return manifest
 
 
-def read_manifest(prepared_dir: Path) -> dict:
-    return json.loads((prepared_dir / "manifest.json").read_text()) | {"path": str(prepared_dir)}
-
-
-def find_prepared(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> dict:
+def find_prepared(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> Manifest:
     """The manifest `prepare` wrote for these sections and inputs, for stages run alone."""
     sources, _ = resolve_sources(data, output_dir, generate=False)
     out = output_dir / "data" / _fingerprint(data, tok_cfg, sources)
@@ -116,13 +113,15 @@ def find_prepared(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path
             f"no prepared data for this config under {output_dir / 'data'}: "
             "run `raylm prepare` with the same config first"
         )
-    return read_manifest(out)
+    return Manifest.load(out)
 
 
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def resolve_sources(data: DataSection, output_dir: Path, generate: bool = True) -> tuple[list[Source], dict | None]:
+def resolve_sources(
+    data: DataSection, output_dir: Path, generate: bool = True
+) -> tuple[list[Source], Reference | None]:
     """The sources with their files, and the reference entropy for the built-in grammar corpus
     (written on first use unless generate=False). A path matching no file is an error."""
     if not data.sources:
@@ -166,9 +165,9 @@ def _grammar_source(data: DataSection, output_dir: Path, generate: bool) -> Sour
     )
 
 
-def _grammar_reference(data: DataSection, output_dir: Path) -> dict:
+def _grammar_reference(data: DataSection, output_dir: Path) -> Reference:
     stats = json.loads((_grammar_dir(data, output_dir) / "grammar.json").read_text())
-    return {"name": "grammar optimum", "bits_per_byte": stats["bits_per_byte"]}
+    return Reference("grammar optimum", stats["bits_per_byte"])
 
 
 # -- stage 1: read and clean --------------------------------------------------------------------
@@ -186,7 +185,7 @@ def read_and_clean(sources: list[Source], data: DataSection):
             paths.map_batches(_parse_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": s, "data": data})
         )
     docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    docs = docs.map_batches(clean_batch, fn_kwargs={"cfg": data.clean}, batch_format="pyarrow")
+    docs = docs.map_batches(clean_batch, fn_kwargs={"clean": data.clean}, batch_format="pyarrow")
     index = ray.put(build_index(data.decontaminate.eval_paths, data.decontaminate.ngram_words))
     return docs.map_batches(
         index_columns, fn_kwargs={"data": data, "index_ref": index}, batch_format="pyarrow"
@@ -394,10 +393,10 @@ def reject_samples(docs, per_reason: int) -> list[dict]:
 # -- stage 4: tokenizer, then encode and pack --------------------------------------------------------
 
 
-def get_tokenizer(docs, train_bytes: int, cfg: TokenizerSection, path: Path):
+def get_tokenizer(docs, train_bytes: int, section: TokenizerSection, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.path:
-        source = Path(cfg.path).expanduser()
+    if section.path:
+        source = Path(section.path).expanduser()
         if not source.is_file():
             raise DataError(f"tokenizer.path: {source} does not exist")
         path.write_bytes(source.read_bytes())
@@ -406,11 +405,11 @@ def get_tokenizer(docs, train_bytes: int, cfg: TokenizerSection, path: Path):
             raise DataError(f"tokenizer.path: {source} has no special token to use as end-of-document")
         return tok
     train = docs.filter(expr=col("split") == "train").select_columns(["text"])
-    fraction = min(1.0, cfg.sample_bytes / max(1, train_bytes))  # a deterministic sample by content hash
+    fraction = min(1.0, section.sample_bytes / max(1, train_bytes))  # a deterministic sample by content hash
     batches = (b.column("text").to_pylist() for b in train.iter_batches(batch_size=4096, batch_format="pyarrow"))
     if fraction < 1:
         batches = ([t for t in texts if _unit_hash(t, salt=b"bpe") < fraction] for texts in batches)
-    return train_tokenizer(batches, cfg, path)
+    return train_tokenizer(batches, section, path)
 
 
 # -- manifest ---------------------------------------------------------------------------------------
@@ -436,41 +435,42 @@ class StageClock:
         return round(time.perf_counter() - self.started, 2)
 
 
-def unigram_baseline(train_counts: np.ndarray, val_counts: np.ndarray, token_bytes: np.ndarray) -> dict:
+def unigram_baseline(train_counts: np.ndarray, val_counts: np.ndarray, token_bytes: np.ndarray) -> UnigramBaseline:
     """Cross-entropy of the validation targets under the train split's token frequencies
     (add-one smoothed): the score of a model that ignores context entirely."""
     vocab = len(token_bytes)
     train_counts, val_counts = (np.pad(c, (0, vocab - len(c))) for c in (train_counts, val_counts))
     log_p = np.log((train_counts + 1) / (train_counts.sum() + vocab))
     nats = float(-(val_counts * log_p).sum())
-    return {
-        "nats_per_token": nats / val_counts.sum(),
-        "bits_per_byte": nats / np.log(2) / float((val_counts * token_bytes).sum()),
-    }
+    return UnigramBaseline(
+        nats_per_token=nats / val_counts.sum(),
+        bits_per_byte=nats / np.log(2) / float((val_counts * token_bytes).sum()),
+    )
 
 
-def _manifest(data, tok_cfg, sources, stats, tok, reference, report, clock) -> dict:
+def _manifest(data, tok_cfg, sources, stats, tok, reference, report, clock, out: Path) -> Manifest:
     for split in ("train", "val"):
         if stats[split]["windows"] == 0:
             raise DataError(f"the {split} split holds less than one window of data.seq_len={data.seq_len} tokens")
     keys = ("windows", "tokens", "tail_tokens_dropped", "content_hash")
     baseline = unigram_baseline(stats["train"]["target_counts"], stats["val"]["target_counts"], token_byte_lengths(tok))
-    return {
-        "seq_len": data.seq_len,
-        "streaming": data.streaming,  # train windows are packed while training, not stored
-        "vocab_size": tok.get_vocab_size(),
-        "eos_id": eos_id(tok),
-        "tokenizer": "tokenizer.json",
-        "files": sum(len(s.files) for s in sources),
-        "splits": {split: {k: st[k] for k in keys} for split, st in stats.items()},
-        "sources": report["sources"],
-        "unigram_baseline": baseline,
-        "reference": reference,
-        "stage_seconds": clock.seconds,
-        "seconds": clock.total(),
-        "config": {"data": data.model_dump(mode="json"), "tokenizer": tok_cfg.model_dump(mode="json")},
-        "inputs_fingerprint": _inputs_fingerprint(sources),
-    }
+    return Manifest(
+        path=str(out),
+        seq_len=data.seq_len,
+        streaming=data.streaming,  # train windows are packed while training, not stored
+        vocab_size=tok.get_vocab_size(),
+        eos_id=eos_id(tok),
+        tokenizer="tokenizer.json",
+        files=sum(len(s.files) for s in sources),
+        splits={split: SplitStats(**{k: st[k] for k in keys}) for split, st in stats.items()},
+        sources=report["sources"],
+        unigram_baseline=baseline,
+        reference=reference,
+        stage_seconds=clock.seconds,
+        seconds=clock.total(),
+        config={"data": data.model_dump(mode="json"), "tokenizer": tok_cfg.model_dump(mode="json")},
+        inputs_fingerprint=_inputs_fingerprint(sources),
+    )
 
 
 def _inputs_fingerprint(sources: list[Source]) -> str:
@@ -489,9 +489,9 @@ def _fingerprint(data: DataSection, tok_cfg: TokenizerSection, sources: list[Sou
     ]
 
 
-def _summary_line(m: dict) -> str:
-    tr, va = m["splits"]["train"], m["splits"]["val"]
+def _summary_line(m: Manifest) -> str:
+    tr, va = m.splits["train"], m.splits["val"]
     return (
-        f"{m['files']} files, vocab {m['vocab_size']}, train {tr['windows']} windows ({tr['tokens']:,} tokens), "
-        f"val {va['windows']} windows"
+        f"{m.files} files, vocab {m.vocab_size}, train {tr.windows} windows ({tr.tokens:,} tokens), "
+        f"val {va.windows} windows"
     )

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from raylm.config import SftSection, SftSourceSection, TemplateSection
 from raylm.errors import DataError
 from raylm.pipelines.data.arrays import as_fixed_list
+from raylm.pipelines.data.manifest import Manifest, SplitStats
 from raylm.pipelines.data.readers import list_source, source_name
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
 
@@ -182,14 +183,14 @@ def truncate(ids: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray,
 # -- the job ---------------------------------------------------------------------------------
 
 
-def prepare_sft(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool, output_dir: Path) -> dict:
+def prepare_sft(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool, output_dir: Path) -> Manifest:
     """Read, render, encode, split and pack every source; write <output_dir>/sft/<fingerprint>/
     with train/ and val/ Parquet windows, tokenizer.json and manifest.json. A rerun with the
     same inputs reuses it."""
     fingerprint = _fingerprint(sft, tokenizer, seq_len, strict)
     out = output_dir / "sft" / fingerprint
     if (out / "manifest.json").is_file():
-        return json.loads((out / "manifest.json").read_text())
+        return Manifest.load(out)
     tok = load_tokenizer(tokenizer)
     width = seq_len + 1
     stats: dict[str, dict] = {}
@@ -213,17 +214,17 @@ def prepare_sft(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool, ou
     shutil.rmtree(tmp, ignore_errors=True)
     splits = {s: write_split(split_examples[s], width, eos_id(tok), sft.pack, tmp / s) for s in SPLITS}
     shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    manifest = {
-        "kind": "sft",
-        "path": str(out),
-        "seq_len": seq_len,
-        "vocab_size": tok.get_vocab_size(),
-        "streaming": False,
-        "splits": splits,
-        "sources": stats,
-        "fingerprint": fingerprint,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(
+        kind="sft",
+        path=str(out),
+        seq_len=seq_len,
+        vocab_size=tok.get_vocab_size(),
+        streaming=False,
+        splits=splits,
+        sources=stats,
+        fingerprint=fingerprint,
+    )
+    manifest.write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # whole or absent: a crash mid-write never leaves a directory that looks done
     return manifest
@@ -281,7 +282,7 @@ def _split_of(key: str, val_fraction: float) -> str:
     return "val" if unit < val_fraction else "train"
 
 
-def write_split(examples: list, width: int, pad_id: int, packed: bool, directory: Path) -> dict:
+def write_split(examples: list, width: int, pad_id: int, packed: bool, directory: Path) -> SplitStats:
     columns = (
         pack(examples, width, pad_id, packed)
         if examples
@@ -292,13 +293,13 @@ def write_split(examples: list, width: int, pad_id: int, packed: bool, directory
     pq.write_table(table, directory / "part-00000.parquet")
     trained = int(columns["loss_mask"].sum())
     used = int((columns["segments"] > 0).sum())
-    return {
-        "examples": len(examples),
-        "windows": len(columns["tokens"]),
-        "tokens": used,
-        "trained_tokens": trained,
-        "fill": used / max(1, columns["tokens"].size),
-    }
+    return SplitStats(
+        examples=len(examples),
+        windows=len(columns["tokens"]),
+        tokens=used,
+        trained_tokens=trained,
+        fill=used / max(1, columns["tokens"].size),
+    )
 
 
 def _fingerprint(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool) -> str:

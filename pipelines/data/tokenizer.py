@@ -11,16 +11,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from raylm.config import TokenizerSection
 
 
-def train_tokenizer(texts: Iterator[list[str]], cfg: TokenizerSection, path: Path) -> Tokenizer:
+def train_tokenizer(texts: Iterator[list[str]], section: TokenizerSection, path: Path) -> Tokenizer:
     """Train on batches of documents and save tokenizer.json at path."""
     tok = Tokenizer(models.BPE())
     # Byte-level: every byte is a symbol, so any input encodes with no unknown token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=[cfg.eos_token],
+        vocab_size=section.vocab_size,
+        min_frequency=section.min_frequency,
+        special_tokens=[section.eos_token],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -1,6 +1,7 @@
 """Scoring packed windows: summed next-token loss in nats and the bytes those tokens cover.
 
-Loss per byte, unlike loss per token, compares models across tokenizers (BRIEF sec. 4)."""
+Loss per byte, unlike loss per token, compares models across tokenizers (bits per byte, as
+The Pile reports it: Gao et al. 2020)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from raylm.config import Section, _describe
+from raylm.config import Section, describe
 from raylm.errors import ConfigError, DataError
 from raylm.pipelines.eval.task_metrics import (
     corpus_bleu,
@@ -89,7 +89,7 @@ def load_task(path: str | Path) -> TaskSpec:
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source=str(path))) from None
+        raise ConfigError(describe(err, source=str(path))) from None
     if (path.parent / spec.path).is_file():  # a data file shipped beside the task file
         spec.path = str((path.parent / spec.path).resolve())
     return spec

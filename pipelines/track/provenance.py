@@ -13,8 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from raylm.config import RaylmConfig, section_fingerprint
-from raylm.models import param_counts
-from raylm.pipelines.train.cost import planned_model
+from raylm.models.config import param_counts, planned_model
 
 REPO = Path(__file__).resolve().parents[2]  # pipelines/track/provenance.py -> the checkout
 

@@ -117,17 +117,17 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def log_dataset(self, manifest: dict, name: str, context: str) -> None:
-        """The prepared data as the run's input (the run page's "Datasets used"): its folder,
-        the prepared data's fingerprint as digest, and the token windows' shape as schema."""
+    def log_dataset(self, folder: str, seq_len: int, name: str, context: str) -> None:
+        """Prepared data as the run's input (the run page's "Datasets used"): its `folder`, the
+        folder's fingerprint name as digest, and the token windows' shape (seq_len + 1) as schema."""
         import numpy as np
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.types import Schema, TensorSpec
 
-        path = Path(manifest["path"])
-        schema = Schema([TensorSpec(np.dtype("int32"), (-1, manifest["seq_len"] + 1), "tokens")])
+        path = Path(folder)
+        schema = Schema([TensorSpec(np.dtype("int32"), (-1, seq_len + 1), "tokens")])
         dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=path.name[:36], schema=schema)
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])

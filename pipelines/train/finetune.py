@@ -17,6 +17,7 @@ from raylm.errors import ConfigError, DataError
 from raylm.models import ModelConfig
 from raylm.models.io import WEIGHTS_FILE, check_safetensors, load_config, load_model, save_model
 from raylm.models.lora import LoraConfig
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.data.sft import prepare_sft
 from raylm.pipelines.train.checkpoint import torn_reason
@@ -72,7 +73,7 @@ def check_fits(cfg: RaylmConfig, base: Path, model: ModelConfig) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the base model's block_size={model.block_size}")
 
 
-def finetune_windows(cfg: RaylmConfig, base: Path) -> dict:
+def finetune_windows(cfg: RaylmConfig, base: Path) -> Manifest:
     """The manifest of the windows to train on: instruction data (sft) or a corpus (cpt), in
     both cases tokenized with the base model's tokenizer."""
     output_dir = Path(cfg.run.output_dir).resolve()

@@ -15,56 +15,57 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raylm.config import TrainSection
+from raylm.fmt import money
 from raylm.models import GPT
 from raylm.models.io import read_weights
 from raylm.models.lora import LoraConfig, apply_lora
-from raylm.pipelines.data.loader import StreamLoader, WindowLoader, read_windows
+from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, read_windows
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.track.tracking import MetricSink
 from raylm.pipelines.train.checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
 from raylm.pipelines.train.cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
 from raylm.pipelines.train.interrupt import StopWatch
+from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.optim import lr_at, make_optimizer, set_lr
 from raylm.pipelines.train.parallelize import autocast, gradient_sync, parallelize
 
 
-def train_loop_per_worker(job: dict) -> None:
-    """job: {"model": ModelConfig, "train": TrainSection, "scaling": ScalingSection,
-    "cpus_per_worker": float, "flops_per_token": int, "data_dir": str, "seq_len": int,
-    "streaming": bool, "seed": int, "tracking": {"uri", "run_id"}, "resume": str | None,
-    "stop": StopRequest actor | None}, built by pretrain.py."""
+def train_loop_per_worker(config: dict) -> None:
+    """config: {"job": TrainJob}, the train_loop_config pretrain.py hands to TorchTrainer."""
+    job: TrainJob = config["job"]
     # Ray Train logs every report at INFO ("Reporting training result ..."); raylm prints
     # its own progress lines, so keep worker logs to warnings.
     logging.getLogger().setLevel(logging.WARNING)
-    cfg, scaling, data_dir = job["train"], job["scaling"], Path(job["data_dir"])
+    train, scaling, data_dir = job.train, job.scaling, Path(job.data_dir)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(job["seed"])  # identical initial weights on every rank
+    torch.manual_seed(job.seed)  # identical initial weights on every rank
     model = build_model(job).to(device)
-    trained = parallelize(model, scaling.strategy, cfg.activation_checkpointing, cfg.compile)
-    optimizer = make_optimizer(model, cfg)
+    trained = parallelize(model, scaling.strategy, train.activation_checkpointing, train.compile)
+    optimizer = make_optimizer(model, train)
     loader = make_loader(job, rank, world)
-    resumed = restore(model, optimizer, loader, job.get("resume"), world)
-    validator = Validator(data_dir, cfg.eval_windows, rank, world, device)
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
-    tokens_per_step = cfg.batch_size * job["seq_len"]
-    hardware = detect_hardware(scaling.use_gpu, world, job["cpus_per_worker"], scaling.price_per_hour)
-    meter = CostMeter(hardware, job["flops_per_token"], tokens_per_step, cfg.max_steps)
-    if cfg.max_usd and hardware.price_per_hour is None:
+    resumed = restore(model, optimizer, loader, job.resume, world)
+    validator = Validator(data_dir, train.eval_windows, rank, world, device)
+    accum = train.batch_size // (train.micro_batch_size * world)
+    tokens_per_step = train.batch_size * job.seq_len
+    hardware = detect_hardware(scaling.use_gpu, world, job.cpus_per_worker, scaling.price_per_hour)
+    meter = CostMeter(hardware, job.flops_per_token, tokens_per_step, train.max_steps)
+    if train.max_usd and hardware.price_per_hour is None:
         raise ValueError(
             f"train.max_usd needs a price and none is known for {hardware.name}: set scaling.price_per_hour"
         )
-    log = StepLog(rank, job["tracking"], cfg, meter, resumed)
-    log.expect(meter.estimate(planned_tokens(cfg, job["seq_len"])))
-    watch = StopWatch(job.get("stop") if rank == 0 else None)
+    log = StepLog(rank, job.tracking, train, meter, resumed)
+    log.expect(meter.estimate(planned_tokens(train, job.seq_len)))
+    watch = StopWatch(job.stop if rank == 0 else None)
 
     # A relaunch of a run whose budget is already spent (the same on every rank: the step and
     # the seconds come from the checkpoint) trains nothing more.
     spent = (
-        spent_budget(cfg, resumed["step"] * tokens_per_step, resumed["train_seconds"], meter)
+        spent_budget(train, resumed["step"] * tokens_per_step, resumed["train_seconds"], meter)
         if resumed["step"]
         else None
     )
@@ -73,27 +74,27 @@ def train_loop_per_worker(job: dict) -> None:
         log.close()
         return
     try:
-        for step in range(resumed["step"], cfg.max_steps):
-            lr = lr_at(step, cfg)
+        for step in range(resumed["step"], train.max_steps):
+            lr = lr_at(step, train)
             set_lr(optimizer, lr)
-            local_loss, grad_norm, data_wait = train_step(trained, optimizer, loader, accum, cfg.grad_clip, device)
+            local_loss, grad_norm, data_wait = train_step(trained, optimizer, loader, accum, train.grad_clip, device)
             done = step + 1
-            wanted = watch.requested() or spent_budget(cfg, done * tokens_per_step, log.elapsed(), meter)
+            wanted = watch.requested() or spent_budget(train, done * tokens_per_step, log.elapsed(), meter)
             loss, stop = reduce_step(local_loss, wanted is not None)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {done}; no checkpoint written for this state")
             log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}, data_wait)
-            last = done == cfg.max_steps or stop
-            if done % cfg.eval_interval == 0 or last:
+            last = done == train.max_steps or stop
+            if done % train.eval_interval == 0 or last:
                 log.eval(done, validator.run(model))
                 log.reset_clock()
-            if done % cfg.checkpoint_interval == 0 or last:
+            if done % train.checkpoint_interval == 0 or last:
                 state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
                 report = {
                     **log.latest,
-                    **spent_so_far(done * tokens_per_step, job["flops_per_token"], log.elapsed(), meter),
+                    **spent_so_far(done * tokens_per_step, job.flops_per_token, log.elapsed(), meter),
                 }
-                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.get("lora"))
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.lora)
                 log.reset_clock()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
@@ -103,28 +104,28 @@ def train_loop_per_worker(job: dict) -> None:
         log.close()  # deliver the metrics of the last interval even when a step raised
 
 
-def build_model(job: dict) -> GPT:
+def build_model(job: TrainJob) -> GPT:
     """A fresh model, or for fine-tuning the base model's weights; LoRA adapters, if configured,
     wrap its linear layers and freeze the rest (before parallelize, which sees a plain module)."""
-    model = GPT(job["model"])
-    if job.get("init"):
-        model.load_state_dict(read_weights(job["init"], model.config))
-    if job.get("lora"):
-        apply_lora(model, job["lora"])
+    model = GPT(job.model)
+    if job.init:
+        model.load_state_dict(read_weights(job.init, model.config))
+    if job.lora:
+        apply_lora(model, job.lora)
     return model
 
 
-def make_loader(job: dict, rank: int, world: int):
+def make_loader(job: TrainJob, rank: int, world: int) -> BatchSource:
     """Batches from the prepared shards (global order, exact resume) or, in streaming mode,
     from the Ray Data stream handed to TorchTrainer as dataset "train"."""
-    micro = job["train"].micro_batch_size
-    if job["streaming"]:
+    micro = job.train.micro_batch_size
+    if job.streaming:
         return StreamLoader(ray.train.get_dataset_shard("train"), micro, world)
-    return WindowLoader(read_windows(Path(job["data_dir"]) / "train"), micro, rank, world, job["seed"])
+    return WindowLoader(read_windows(Path(job.data_dir) / "train"), micro, rank, world, job.seed)
 
 
 def train_step(
-    model, optimizer, loader: WindowLoader, accum: int, grad_clip: float, device
+    model, optimizer, loader: BatchSource, accum: int, grad_clip: float, device
 ) -> tuple[torch.Tensor, float, float]:
     """One optimizer step over `accum` micro-batches; returns this rank's mean loss (a tensor,
     reduced by the caller), the grad norm, and the seconds spent waiting for batches."""
@@ -145,10 +146,10 @@ def train_step(
     return total, float(grad_norm), waited
 
 
-def spent_budget(cfg, tokens: int, seconds: float, meter: CostMeter) -> str | None:
+def spent_budget(train: TrainSection, tokens: int, seconds: float, meter: CostMeter) -> str | None:
     """The budget spent at this step, if any. Tokens agree on every rank; clocks differ a
     little, so a time or dollar budget stops all ranks as soon as one of them sees it spent."""
-    return budget_reason(tokens, seconds, meter.usd(seconds), cfg.max_tokens, cfg.max_hours, cfg.max_usd)
+    return budget_reason(tokens, seconds, meter.usd(seconds), train.max_tokens, train.max_hours, train.max_usd)
 
 
 def spent_so_far(tokens: int, flops_per_token: int, seconds: float, meter: CostMeter) -> dict[str, float]:
@@ -193,7 +194,7 @@ class Validator:
         return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
 
 
-def restore(model: GPT, optimizer, loader: WindowLoader, resume: str | None, world: int) -> dict:
+def restore(model: GPT, optimizer, loader: BatchSource, resume: str | None, world: int) -> dict:
     """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
     from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
     own = ray.train.get_checkpoint()
@@ -233,8 +234,8 @@ class StepLog:
     """Rank 0: metrics to MLflow every step (sent in batches), one progress line per interval
     with throughput, MFU and cost. Every rank keeps the clock (budgets need it)."""
 
-    def __init__(self, rank: int, tracking: dict, cfg, meter: CostMeter, resumed: dict):
-        self.active, self.cfg, self.meter = rank == 0, cfg, meter
+    def __init__(self, rank: int, tracking: dict | None, train: TrainSection, meter: CostMeter, resumed: dict):
+        self.active, self.train, self.meter = rank == 0, train, meter
         self.sink = MetricSink(tracking["uri"], tracking["run_id"]) if self.active and tracking else None
         self.latest: dict[str, float] = {}
         self._prior, self._started = resumed["train_seconds"], time.perf_counter()
@@ -249,7 +250,7 @@ class StepLog:
         self._step = step
         self._record(metrics, step)
         self._waited += data_wait
-        if self.active and (step % self.cfg.log_interval == 0 or step == self.cfg.max_steps):
+        if self.active and (step % self.train.log_interval == 0 or step == self.train.max_steps):
             self._progress(step)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -276,7 +277,7 @@ class StepLog:
             return
         self._record({"cost_vs_estimate": actual / self.estimate_usd}, self._step)
         self.note(
-            f"cost {usd(actual)}: {actual / self.estimate_usd:.2f}x the estimate of {usd(self.estimate_usd)} "
+            f"cost {money(actual)}: {actual / self.estimate_usd:.2f}x the estimate of {money(self.estimate_usd)} "
             f"at {EXPECTED_MFU:.0%} MFU"
         )
 
@@ -312,19 +313,15 @@ class StepLog:
         self._record(m, step)
         if self.sink:
             self.sink.flush()
-        eta = (self.cfg.max_steps - step) * seconds / steps
-        cost = f" | {usd(m['cost_usd'])} of ~{usd(m['projected_usd'])}" if "cost_usd" in m else ""
+        eta = (self.train.max_steps - step) * seconds / steps
+        cost = f" | {money(m['cost_usd'])} of ~{money(m['projected_usd'])}" if "cost_usd" in m else ""
         mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
         print(
-            f"[train] step {step}/{self.cfg.max_steps} | loss {self.latest['train_loss']:.4f} | "
+            f"[train] step {step}/{self.train.max_steps} | loss {self.latest['train_loss']:.4f} | "
             f"lr {self.latest['lr']:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta:.0f}s{cost}",
             flush=True,
         )
         self._clock, self._clock_step, self._waited = now, step, 0.0
-
-
-def usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 0.01 else f"${amount:.5f}"  # a CPU test run costs fractions of a cent
 
 
 def peak_memory_gb() -> float:

@@ -11,14 +11,16 @@ import ray
 from raylm.config import ModelSection, RunSection, ScalingSection, TrainSection
 from raylm.errors import ConfigError, TrainingFailed
 from raylm.models import ModelConfig, flops_per_token
+from raylm.models.config import planned_model
 from raylm.models.io import WEIGHTS_FILE, check_safetensors
 from raylm.models.io import load_config as load_model_config
 from raylm.models.lora import LoraConfig
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.packing import stream_train_windows
 from raylm.pipelines.runtime import cluster_cpus
 from raylm.pipelines.train.checkpoint import STATE_TENSORS, latest_checkpoint, torn_reason
-from raylm.pipelines.train.cost import planned_model
 from raylm.pipelines.train.interrupt import StopRequest, stop_on_sigterm, stop_when_set
+from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.loop import train_loop_per_worker
 
 WORKER_ENV = {
@@ -53,7 +55,7 @@ def pretrain(
     train: TrainSection,
     scaling: ScalingSection,
     run: RunSection,
-    manifest: dict,
+    manifest: Manifest,
     tracking: dict | None,
     resume: Path | None = None,
     init: Path | None = None,
@@ -82,28 +84,28 @@ def pretrain(
 
     refuse_other_model(run, model)
     start = checked_resume(resume, model) if resume else None
-    streaming = bool(manifest.get("streaming"))
+    streaming = manifest.streaming
     cpus = worker_cpus(scaling, streaming)
-    job = {
-        "model": model,
-        "train": train,
-        "scaling": scaling,
-        "cpus_per_worker": cpus,
-        "flops_per_token": flops_per_token(model, manifest["seq_len"]),
-        "data_dir": manifest["path"],
-        "seq_len": manifest["seq_len"],
-        "streaming": streaming,
-        "seed": run.seed,
-        "tracking": tracking,
+    job = TrainJob(
+        model=model,
+        train=train,
+        scaling=scaling,
+        cpus_per_worker=cpus,
+        flops_per_token=flops_per_token(model, manifest.seq_len),
+        data_dir=manifest.path,
+        seq_len=manifest.seq_len,
+        streaming=streaming,
+        seed=run.seed,
+        tracking=tracking,
         # Train V2 dropped resume_from_checkpoint: the loop loads it when Ray has none of the run's own.
-        "resume": str(start) if start else None,
-        "stop": StopRequest.remote(),
-        "init": str(init) if init else None,
-        "lora": lora,
-    }
+        resume=str(start) if start else None,
+        stop=StopRequest.remote(),
+        init=str(init) if init else None,
+        lora=lora,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -123,11 +125,11 @@ def pretrain(
         ),
     )
     try:
-        with stop_on_sigterm(job["stop"]), stop_when_set(stop_event, job["stop"], "stopped by the Tune scheduler"):
+        with stop_on_sigterm(job.stop), stop_when_set(stop_event, job.stop, "stopped by the Tune scheduler"):
             result = trainer.fit()
     except TrainingFailedError as err:
         raise TrainingFailed(f"training failed: {_root_cause(err)}") from err
-    return result, ray.get(job["stop"].reason.remote())
+    return result, ray.get(job.stop.reason.remote())
 
 
 def _root_cause(err: Exception) -> str:
