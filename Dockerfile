@@ -17,7 +17,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 COPY --chown=ray:users pyproject.toml README.md /tmp/deps/
 RUN cd /tmp/deps \
  && python -c "import pathlib, tomllib; \
-[(pathlib.Path(p.replace('.', '/')).mkdir(parents=True), pathlib.Path(p.replace('.', '/'), '__init__.py').touch()) \
+[(pathlib.Path(p.replace('.', '/')).mkdir(parents=True, exist_ok=True), pathlib.Path(p.replace('.', '/'), '__init__.py').touch()) \
  for p in tomllib.load(open('pyproject.toml', 'rb'))['tool']['setuptools']['packages']]" \
  && pip install '.[server]' \
  && pip uninstall -y raylm \

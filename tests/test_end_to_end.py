@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from raylm.cli import main
 from raylm.config import TrainSection
 from raylm.models import GPT, load_model
 from raylm.pipelines.data.loader import read_windows, token_matrix
+from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.eval.scoring import score_windows, summarize
@@ -112,6 +115,60 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
     assert run.data.metrics["data/train/windows"] > 0
 
 
+GOLDEN = REPO / "tests" / "golden" / "quickstart_losses.json"
+# Where a loss may differ from the golden file's when the machine differs from the one that
+# wrote it (other CPU kernels or thread count sum in another order): float32 rounding that 60
+# optimizer steps amplify. A change to the model, data order, optimizer or schedule moves the
+# losses by far more within a few steps.
+GOLDEN_RTOL = 1e-3
+
+
+def cpu_model() -> str:
+    """The CPU's name as Linux reports it ("AMD EPYC"), else platform's (maybe empty)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else []
+    return names[0].strip() if names else platform.processor()
+
+
+def test_train_losses_match_the_golden_file(quickstart):
+    """Every step's train_loss of the seeded quickstart run, against tests/golden/: a refactor
+    that changes numerics fails here. Bit for bit where the machine matches the file's (the same
+    seeded run repeats exactly: tests/test_faults.py relies on it), else within GOLDEN_RTOL."""
+    client, run = only_run(f"sqlite:///{quickstart / 'mlflow.db'}")
+    history = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    losses = [m.value for m in history]
+    machine = {
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "ray_cpus": int(ray.cluster_resources()["CPU"]),  # sets the workers' torch threads
+    }
+    if os.environ.get("RAYLM_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        what = "train_loss at steps 1..N of tests/test_end_to_end.py's quickstart fixture (tiny_overrides, seeded)"
+        GOLDEN.write_text(json.dumps({"what": what, "machine": machine, "train_loss": losses}, indent=1) + "\n")
+    hint = (
+        "If the change is meant to change the numerics, rewrite the file with "
+        f"RAYLM_UPDATE_GOLDEN=1 python -m pytest tests/test_end_to_end.py -k golden, and commit {GOLDEN.name}."
+    )
+    assert GOLDEN.is_file(), f"{GOLDEN} is missing. {hint}"
+    golden = json.loads(GOLDEN.read_text())
+    assert [m.step for m in history] == list(range(1, len(golden["train_loss"]) + 1)), hint
+    exact = golden["machine"] == machine
+    off = [
+        (step, now, then)
+        for step, (now, then) in enumerate(zip(losses, golden["train_loss"]), 1)
+        if (now != then if exact else abs(now - then) > GOLDEN_RTOL * abs(then))
+    ]
+    compared = (
+        "bit for bit (same machine)" if exact else f"rtol {GOLDEN_RTOL} (machine {machine}, file's {golden['machine']})"
+    )
+    assert not off, (
+        f"train_loss differs from {GOLDEN.relative_to(REPO)}, compared {compared}, at {len(off)} of "
+        f"{len(losses)} steps; first (step, now, golden): {off[:3]}. {hint}"
+    )
+
+
 def test_checkpoints_reload_to_the_trained_weights(quickstart):
     run_dir = quickstart / "runs" / "train" / "quickstart"
     assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [
@@ -202,7 +259,7 @@ def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_pat
     overrides = tiny_overrides(tmp_path) + ["data.streaming=true", "train.max_steps=20", "train.eval_interval=20"]
     assert main(cli_args("run", overrides)) == 0
     (prepared,) = (tmp_path / "runs" / "data").iterdir()
-    manifest = json.loads((prepared / "manifest.json").read_text()) | {"path": str(prepared)}
+    manifest = Manifest.load(prepared)
     assert (prepared / "train_docs").is_dir() and not (prepared / "train").exists()
     # The stream the trainer consumed holds exactly the windows prepare counted and hashed.
     digest, windows = hashlib.sha256(), 0
@@ -210,8 +267,8 @@ def test_streaming_mode_trains_on_windows_packed_on_the_fly(ray_cluster, tmp_pat
         tokens = token_matrix(batch.column("tokens"))
         digest.update(tokens.tobytes())
         windows += len(tokens)
-    expected = manifest["splits"]["train"]
-    assert (windows, digest.hexdigest()[:16]) == (expected["windows"], expected["content_hash"])
+    expected = manifest.splits["train"]
+    assert (windows, digest.hexdigest()[:16]) == (expected.windows, expected.content_hash)
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["final_val_loss"] < run.data.metrics["baseline_unigram_nats_per_token"]
