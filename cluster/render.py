@@ -13,9 +13,9 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
-from cluster.platform import platform
-from raylm.config import ClusterSection, RaylmConfig, flatten, set_key, validate
+from raylm.cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
+from raylm.cluster.platform import platform
+from raylm.config import ClusterSection, RaylmConfig, set_key, validate, walk
 from raylm.errors import ConfigError
 from raylm.fmt import redact
 
@@ -81,8 +81,9 @@ def pod_config(raw: dict, cluster: ClusterSection) -> dict:
 
 
 def refuse_credentials(raw: dict) -> None:
-    """A user:password@ URI would be written into the ConfigMap in plain text."""
-    for key, value in flatten(raw).items():
+    """A user:password@ URI would be written into the ConfigMap in plain text. Every string is
+    checked, list items too (data.sources.0.paths.1, eval.texts.0)."""
+    for key, value in walk(raw):
         if isinstance(value, str) and redact(value) != value:
             raise ConfigError(
                 f"{key}={redact(value)} carries a password, which would be written into the manifest: "
@@ -119,22 +120,11 @@ def under_mount(path: str, cluster: ClusterSection) -> bool:
 
 def flatten_paths(raw: dict) -> list[tuple[str, str]]:
     """(dotted key with list indices, value) for every input path in the raw config."""
-    found = []
-    for key, value in _leaves(raw):
-        if any(_matches(key, pattern) for pattern in PATH_KEYS) and isinstance(value, str):
-            found.append((key, value))
-    return found
-
-
-def _leaves(node, prefix: str = ""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], node
+    return [
+        (key, value)
+        for key, value in walk(raw)
+        if isinstance(value, str) and any(_matches(key, pattern) for pattern in PATH_KEYS)
+    ]
 
 
 def _matches(key: str, pattern: str) -> bool:

@@ -130,6 +130,11 @@ def test_spot_gpus_add_the_spot_selector_and_toleration():
             ["tracking.tracking_uri=https://me:hunter2@mlflow.example.com"],
             "tracking.tracking_uri=https://me:***@mlflow.example.com carries a password",
         ),
+        (  # a list item too: the whole list once went through as one value, unread
+            ["data.sources=[{paths: ['https://me:hunter2@files.example.com/a.txt']}]"],
+            "data.sources.0.paths.0=https://me:***@files.example.com/a.txt carries a password",
+        ),
+        (["eval.texts=['https://me:hunter2@files.example.com/b.txt']"], "eval.texts.0=https://me:***@files"),
     ],
 )
 def test_configs_a_cluster_cannot_run_fail_naming_the_key(overrides, message):
