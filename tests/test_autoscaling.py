@@ -20,7 +20,7 @@ is stock Ray.
 
 Isolation from other Ray instances on the machine: free ports, our own --temp-dir, our own
 auth token, and cleanup by process group plus a marker variable in the environment of every
-process we start (never `ray stop`). Slow (55-130 s per case): `pytest -m slow`.
+process we start (never `ray stop`). Slow (55-130 s per case).
 """
 
 from __future__ import annotations

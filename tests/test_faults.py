@@ -257,7 +257,7 @@ def test_driver_sigkilled_then_relaunched_continues_from_its_checkpoint(straight
     )
 
 
-@pytest.mark.slow  # ~35 s, moved out to keep CI under 30 minutes; `pytest -m slow`
+@pytest.mark.slow  # ~35 s
 def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, capsys):
     tmp, _ = straight
     source = tmp / "runs" / "train" / "straight" / f"checkpoint_{STEPS:06d}"
@@ -279,7 +279,7 @@ def test_resume_path_starts_a_new_run_from_another_runs_checkpoint(straight, cap
     assert "--resume" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a scale run (~65 s); `pytest -m slow`
+@pytest.mark.slow  # a scale run (~65 s)
 def test_resume_on_fewer_workers_continues_at_the_same_sequence(straight, capfd):
     """Stopped on 2 workers, relaunched elastic (1 to 2 workers of 2 CPUs each on a 2-CPU
     cluster, so 1 fits): the one worker accumulates 2 micro-batches per step where 2 workers
@@ -295,7 +295,7 @@ def test_resume_on_fewer_workers_continues_at_the_same_sequence(straight, capfd)
     assert {**first, **second} == pytest.approx(reference, rel=1e-5)
 
 
-@pytest.mark.slow  # a scale run (~70 s), moved out to keep CI under 30 minutes; `pytest -m slow`
+@pytest.mark.slow  # a scale run (~70 s)
 def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(straight):
     """FSDP2 shards the same model over the same 2 workers: the same losses up to the order of
     its reduce-scatter sums. Checkpoints hold whole tensors by name, so DDP resumes them."""

@@ -139,7 +139,7 @@ def test_best_config_reproduces_its_trials_loss_with_raylm_run(sweep):
     assert history[TRIAL_STEPS] == pytest.approx(best["val_loss"], abs=1e-6)  # same seed, data, threads: same loss
 
 
-@pytest.mark.slow  # two sweeps of a Ctrl-C'd and resumed run, ~130 s; `pytest -m slow`
+@pytest.mark.slow  # two sweeps of a Ctrl-C'd and resumed run, ~130 s
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     space = {
         "search": {"algorithm": "grid", "max_concurrent_trials": 1},
@@ -241,7 +241,7 @@ def test_optuna_proposes_values_in_the_space_through_ray_tune(tmp_path):
 
 
 def test_trial_budget_sets_the_steps_and_sweep_budget_says_what_was_spent():
-    from raylm.tuning.sweep import sweep_spent
+    from raylm.tuning.space import sweep_spent
 
     assert trial_steps(1024, 1000, LimitSection(tokens=20480)) == 20
     assert trial_steps(1024, 1000, LimitSection(tokens=20480, flops=1000 * 10240)) == 10  # the tighter one wins
