@@ -218,6 +218,11 @@ class TrainSection(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    # A step whose global gradient norm is inf or NaN is never applied. "fail" stops the run
+    # (its last checkpoint stays the newest state); "skip" drops that step's update and goes on,
+    # failing only after max_skipped_steps in a row (a diverged run skips every step).
+    on_nonfinite: Literal["fail", "skip"] = "fail"
+    max_skipped_steps: int = Field(5, gt=0)
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(100, gt=0)
     eval_windows: int = Field(64, gt=0)  # validation windows scored at each eval_interval

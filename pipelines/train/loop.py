@@ -4,6 +4,7 @@ the pieces it calls (optimizer, loader, checkpoint, metrics) live in their own m
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import tempfile
 import time
@@ -73,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.note(f"nothing to train: {spent} at step {resumed['step']}")
         log.close()
         return
+    skipped = 0  # steps in a row not applied for a non-finite gradient
     try:
         for step in range(resumed["step"], train.max_steps):
             lr = lr_at(step, train)
@@ -81,8 +83,9 @@ def train_loop_per_worker(config: dict) -> None:
             done = step + 1
             wanted = watch.requested() or spent_budget(train, done * tokens_per_step, log.elapsed(), meter)
             loss, stop = reduce_step(local_loss, wanted is not None)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {done}; no checkpoint written for this state")
+            skipped = skipped + 1 if check_step(done, loss, grad_norm, train, skipped) else 0
+            if skipped:
+                log.note(f"step {done} not applied: gradient norm {grad_norm}, loss {loss} (train.on_nonfinite=skip)")
             log.step(done, {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}, data_wait)
             last = done == train.max_steps or stop
             if done % train.eval_interval == 0 or last:
@@ -140,10 +143,29 @@ def train_step(
             (loss / accum).backward()
         total += loss.detach() / accum
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    # The norm is of the reduced gradients (DDP all-reduces them, FSDP2 reduces the sharded
+    # norm), so every rank takes the same branch and no collective is left waiting.
+    if math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, float(grad_norm), waited
+    return total, grad_norm, waited
+
+
+def check_step(step: int, loss: float, grad_norm: float, train: TrainSection, skipped: int) -> bool:
+    """Whether the step was skipped (its gradient norm is inf or NaN, so train_step did not
+    apply it); raises when train.on_nonfinite is "fail" or the skips in a row reach
+    train.max_skipped_steps. Either way no checkpoint ever holds a non-finite update."""
+    if math.isfinite(grad_norm):
+        if not math.isfinite(loss):  # a loss overflow in the reduction alone; the update was finite
+            raise FloatingPointError(f"loss is {loss} at step {step}; no checkpoint written for this state")
+        return False
+    what = f"gradient norm is {grad_norm} at step {step} (loss {loss}): the step was not applied"
+    if train.on_nonfinite == "fail":
+        raise FloatingPointError(f"{what}; the last checkpoint is the newest state (train.on_nonfinite=fail)")
+    if skipped + 1 >= train.max_skipped_steps:
+        raise FloatingPointError(f"{what}, {skipped + 1} steps in a row (train.max_skipped_steps)")
+    return True
 
 
 def spent_budget(train: TrainSection, tokens: int, seconds: float, meter: CostMeter) -> str | None:
