@@ -14,15 +14,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raylm.config import RopeScaling
 from raylm.models.config import ModelConfig
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (block_size, head_dim), in the "rotate half" layout Hugging Face uses."""
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    if config.rope_scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, config.rope_scaling)
     angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's scaled RoPE frequencies. A dimension that turns fewer than low_freq_factor
+    times over the pretraining context (Llama 3.1: wavelength > 8192/1 tokens, less than one
+    turn) never saw its angles wrap, so it is slowed by `factor` to stretch over the longer
+    context; one turning more than high_freq_factor times (wavelength < 8192/4 = 2048) encodes
+    local order and is kept; between the two the frequency is interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    turns = scaling.original_max_position_embeddings / wavelen  # turns over the pretraining context
+    # 0 at or below low_freq_factor turns (fully scaled), 1 at or above high_freq_factor (kept):
+    # the clamp gives both outer bands the exact values, the middle the linear blend.
+    keep = ((turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - keep) * inv_freq / scaling.factor + keep * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from pydantic import ValidationError
 
+from raylm.config import RopeScaling
 from raylm.models.config import ModelConfig
 from raylm.models.gpt import GPT
 from raylm.models.io import load_model, read_safetensors, save_model
@@ -90,8 +92,7 @@ def llama_config(config: ModelConfig, eos: int | None) -> dict:
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,  # transformers < 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # transformers >= 5
+        **rope_fields(config),
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -99,6 +100,18 @@ def llama_config(config: ModelConfig, eos: int | None) -> dict:
         "eos_token_id": eos,
         "torch_dtype": "float32",
     }
+
+
+def rope_fields(config: ModelConfig) -> dict:
+    """RoPE in both spellings: transformers < 5 reads rope_theta plus rope_scaling (the scaling
+    alone, no theta), >= 5 rope_parameters (theta and scaling together). Both carry the same
+    values, so it does not matter that 5.x lets a rope_scaling present override rope_parameters."""
+    scaling = config.rope_scaling.model_dump() if config.rope_scaling else None
+    fields = {
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, **(scaling or {})},
+    }
+    return {**fields, "rope_scaling": scaling} if scaling else fields
 
 
 def _copy_tokenizer(model_dir: Path, out: Path, config: ModelConfig) -> int | None:
@@ -150,13 +163,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> GPT:
 
 
 def model_config_from_hf(c: dict) -> ModelConfig:
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     checks = {
         "model_type": (c.get("model_type") == "llama", "only Llama-architecture checkpoints"),
         "hidden_act": (c.get("hidden_act", "silu") == "silu", "SwiGLU with SiLU only"),
         "attention_bias": (not c.get("attention_bias"), "no attention biases"),
         "mlp_bias": (not c.get("mlp_bias"), "no MLP biases"),
-        "rope": (rope.get("rope_type", rope.get("type", "default")) == "default", "plain RoPE, no rope scaling"),
         "head_dim": (
             c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]),
             "head_dim = hidden_size / num_attention_heads",
@@ -165,6 +176,7 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     for key, (ok, what) in checks.items():
         if not ok:
             raise NotConvertible(f"config.json {key}: raylm imports {what}")
+    rope_theta, rope_scaling = rope_from_hf(c)
     return ModelConfig(
         vocab_size=c["vocab_size"],
         n_layer=c["num_hidden_layers"],
@@ -174,9 +186,38 @@ def model_config_from_hf(c: dict) -> ModelConfig:
         block_size=c["max_position_embeddings"],
         ffn_hidden=c["intermediate_size"],
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=c.get("rms_norm_eps", 1e-6),
     )
+
+
+def rope_from_hf(c: dict) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the llama3 scaling, if any, from either spelling (see rope_fields). Like
+    transformers 5, a rope_scaling present wins over rope_parameters; any other rope type is
+    refused, since raylm would compute different frequencies than the checkpoint was trained with."""
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    rope = c.get(key) or {}
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise NotConvertible(
+            f"config.json {key}.rope_type={kind!r}: raylm imports plain RoPE or rope_type 'llama3' only"
+        )
+    fields = {k: rope[k] for k in RopeScaling.model_fields if k in rope and k != "rope_type"}
+    # transformers' fallback when a llama3 config omits it: the model's own context length.
+    fields.setdefault("original_max_position_embeddings", c["max_position_embeddings"])
+    try:
+        return theta, RopeScaling(**fields)
+    except ValidationError as err:
+        raise NotConvertible(f"config.json {key}: " + "; ".join(map(_problem, err.errors()))) from None
+
+
+def _problem(e: dict) -> str:
+    msg = e["msg"].removeprefix("Value error, ")  # a cross-field check names its keys itself
+    return f"{'.'.join(map(str, e['loc']))}: {msg} (got {e['input']!r})" if e["loc"] else msg
 
 
 def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

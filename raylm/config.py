@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -155,6 +156,29 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class RopeScaling(Section):
+    """Llama 3.1's RoPE frequency scaling (HF rope_type "llama3"), which stretches a model
+    pretrained on original_max_position_embeddings tokens to a longer context: frequencies whose
+    wavelength exceeds original/low_freq_factor are divided by `factor`, those shorter than
+    original/high_freq_factor kept, and those between interpolated. Llama 3.1 and 3.2 publish
+    factor 8 and 32, low 1, high 4, original 8192 (models/gpt.py: llama3_inv_freq)."""
+
+    rope_type: Literal["llama3"] = "llama3"  # the only scaling raylm computes; HF's linear, yarn, ... are not
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> RopeScaling:
+        # The interpolation divides by high - low: equal factors leave no band, reversed ones invert it.
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor={self.high_freq_factor} must exceed low_freq_factor={self.low_freq_factor}"
+            )
+        return self
+
+
 class ModelShape(Section):
     """The model's shape, defined and checked once: the config's model section (ModelSection)
     and the model itself (raylm.models.config.ModelConfig) both extend it."""
@@ -168,6 +192,7 @@ class ModelShape(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10_000.0, gt=0)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; imported Llama 3.1/3.2 checkpoints bring theirs
     vocab_size: int | None = Field(None, gt=0)  # None: the tokenizer's, padded to a multiple of 64
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (OLMo 2, Qwen3): tames logit growth at high lr
 
@@ -569,6 +594,8 @@ def _suggestion(loc: tuple) -> str:
         kind = field.annotation if field else None
         if get_origin(kind) is list:
             kind = get_args(kind)[0]
+        elif get_origin(kind) is UnionType:  # an optional section, e.g. model.rope_scaling
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
         if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
             return ""
         section = kind

@@ -203,3 +203,26 @@ def test_bad_finetune_input_fails_before_ray_is_imported(tmp_path, args, expecte
 def test_set_reaches_into_a_list_of_sections():
     cfg = load_config(None, ["data.sources=[{paths: [a.txt]}, {paths: [b.txt]}]", "data.sources.1.split=val"])
     assert cfg.data.sources[1].split == "val" and cfg.data.sources[0].split == "auto"
+
+
+def test_model_rope_scaling_validates_and_names_bad_keys(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "model:\n  preset: llama-1b\n  rope_scaling:\n    factor: 32\n    low_freq_factor: 1\n"
+        "    high_freq_factor: 4\n    original_max_position_embeddings: 8192\n"
+    )
+    scaling = load_config(f).model.rope_scaling
+    assert (scaling.rope_type, scaling.factor, scaling.original_max_position_embeddings) == ("llama3", 32.0, 8192)
+    assert load_config().model.rope_scaling is None  # plain RoPE unless a config asks
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.factor: Input should be greater than 0 \(got 0\)"):
+        load_config(f, ["model.rope_scaling.factor=0"])
+    with pytest.raises(
+        ConfigError, match=r"model\.rope_scaling: high_freq_factor=1\.0 must exceed low_freq_factor=1\.0"
+    ):
+        load_config(f, ["model.rope_scaling.high_freq_factor=1"])
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.rope_type: Input should be 'llama3' \(got 'yarn'\)"):
+        load_config(f, ["model.rope_scaling.rope_type=yarn"])
+    with pytest.raises(
+        ConfigError, match=r"unknown key model\.rope_scaling\.factr \(did you mean model\.rope_scaling\.factor\?\)"
+    ):
+        load_config(f, ["model.rope_scaling.factr=8"])

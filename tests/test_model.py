@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from raylm.config import ModelSection
+from raylm.config import ModelSection, RopeScaling
 from raylm.models import GPT, PRESETS, ModelConfig, flops_per_token, load_model, param_counts, save_model
 from raylm.models.config import planned_model
 from raylm.models.generate import generate, pick_next
-from raylm.models.gpt import KVCache
+from raylm.models.gpt import KVCache, llama3_inv_freq
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -184,3 +184,17 @@ def test_flops_per_token_by_hand():
     matmuls = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128) + 97 * 32  # blocks + output head
     norms = 2 * 2 * 32 + 32  # counted in N as in 6N
     assert flops_per_token(cfg, seq_len=16) == 6 * (matmuls + norms) + 12 * 2 * 4 * 8 * 16
+
+
+def test_llama3_rope_scaling_keeps_high_divides_low_and_blends_between():
+    """head_dim 8, rope_theta 100: wavelengths 2*pi*100^(i/4) = 6.3, 19.9, 63, 199 tokens against
+    the bands of a 32-token pretraining context, 32/4 = 8 and 32/1 = 32."""
+    inv_freq = 1.0 / 100.0 ** (torch.arange(0, 8, 2).float() / 8)
+    scaling = RopeScaling(factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=32)
+    # 19.9 turns 32/19.9 = 1.61 times: keep (1.61 - 1)/(4 - 1) = 0.2035 of the frequency, scale the rest.
+    blended = 0.7965 * 0.31623 / 8 + 0.2035 * 0.31623
+    expected = torch.tensor([1.0, blended, 0.1 / 8, 0.031623 / 8])
+    scaled_freq = llama3_inv_freq(inv_freq, scaling)
+    assert torch.allclose(scaled_freq, expected, rtol=1e-4)
+    tables = GPT(tiny(rope_theta=100.0, block_size=48, rope_scaling=scaling)).rope_cos
+    assert torch.allclose(tables[47, :4], torch.cos(47 * scaled_freq), atol=1e-5)  # the model's tables use them
