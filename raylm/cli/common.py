@@ -1,5 +1,6 @@
 """What every command group shares: the table entry of a command, the config arguments
-(CONFIG, --config, --set) and the flags that set config keys, and the model directory check."""
+(CONFIG, --config, --set), the data flags of every command that reads the data section, the
+flags that set config keys, and the model directory check."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ class Command:
     epilog: str | None = None
 
 
+# argparse expands a unique prefix of a flag by default: `evaluate --data x` once meant
+# `--data-dir x`, silently. Every parser here takes only whole flags.
+ALLOW_ABBREV = False
+
+
 def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], dest: str, metavar: str) -> None:
     sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
     for command in commands:
@@ -35,6 +41,7 @@ def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], d
             description=command.help,
             usage=command.usage,
             epilog=command.epilog,
+            allow_abbrev=ALLOW_ABBREV,
         )
         command.add_args(p)
         if command.handler is not None:
@@ -43,7 +50,9 @@ def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], d
 
 def parser_for(commands: Sequence[Command]) -> argparse.ArgumentParser:
     """`raylm` with these commands."""
-    parser = argparse.ArgumentParser(prog="raylm", description="Train language models end to end on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="raylm", description="Train language models end to end on Ray.", allow_abbrev=ALLOW_ABBREV
+    )
     add_commands(parser, commands, "command", "COMMAND")
     return parser
 
@@ -58,6 +67,18 @@ def config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value by its dotted path, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    """--data, on every command that reads the data section: a later stage finds the data an
+    earlier one prepared by the same sources, so each must be given the same --data."""
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH",
+        help="file, directory, glob or URI of the corpus; each --data is one source (replaces data.sources); "
+        "give every stage of a run the same ones",
     )
 
 

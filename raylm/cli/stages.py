@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from raylm.cli.common import Command, address_arg, config_args, model_dir, resolve_config
+from raylm.cli.common import Command, address_arg, config_args, data_args, model_dir, resolve_config
 from raylm.config import RaylmConfig
 from raylm.errors import ConfigError, DataError
 from raylm.fmt import redact
@@ -21,15 +21,6 @@ STAGES = {
     "evaluate": ("evaluate",),
     "finetune": ("finetune", "evaluate"),
 }
-
-
-def data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        action="append",
-        metavar="PATH",
-        help="file, directory, glob or URI to train on; each --data is one source (replaces data.sources)",
-    )
 
 
 def follow_args(p: argparse.ArgumentParser) -> None:
@@ -230,19 +221,19 @@ COMMANDS = [
     Command(
         "pretrain",
         "train the model on prepared data (Ray Train workers, DDP or FSDP2)",
-        stage_args(resume_args),
+        stage_args(data_args, resume_args),
         cmd_stages,
     ),
     Command(
         "evaluate",
         "score a checkpoint on the validation split (Ray Data batch inference) and sample",
-        stage_args(follow_args, eval_args),
+        stage_args(data_args, follow_args, eval_args),
         cmd_stages,
     ),
     Command(
         "finetune",
         "continued pretraining, instruction SFT or LoRA from a checkpoint or HF model, then evaluate",
-        stage_args(finetune_args, eval_args, resume_args),
+        stage_args(finetune_args, data_args, eval_args, resume_args),
         cmd_stages,
     ),
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from raylm.cli.common import Command, address_arg, config_args, config_source
+from raylm.cli.common import Command, address_arg, config_args, config_source, data_args
 from raylm.config import load_raw, validate
 from raylm.pipelines.runtime import check_tracking_uri
 
 
 def tune_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
+    data_args(p)  # the driver prepares it, the trials read it
     p.add_argument(
         "--space", required=True, metavar="YAML", help="the sweep file: search space, algorithm, scheduler, budgets"
     )
