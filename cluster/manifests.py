@@ -106,6 +106,16 @@ def gpu_nodes(cluster: ClusterSection, scaling: ScalingSection) -> tuple[int, in
     return per_pod, cluster.gpu.max_nodes or math.ceil(scaling.num_workers / per_pod)
 
 
+def worker_nodes(cluster: ClusterSection, scaling: ScalingSection) -> list[tuple[int, int]]:
+    """(CPUs, GPUs) of each worker pod the job's groups reach at their most pods (maxReplicas),
+    CPU pods first: Ray keeps a task that needs no GPU off GPU nodes while others have room."""
+    nodes = [(cluster.cpu.cpus, 0)] * cluster.cpu.max_nodes
+    if scaling.use_gpu:
+        gpus, pods = gpu_nodes(cluster, scaling)
+        nodes += [(cluster.gpu.cpus_per_gpu * gpus, gpus)] * pods
+    return nodes
+
+
 def gpu_group(cluster: ClusterSection, scaling: ScalingSection) -> dict:
     g = cluster.gpu
     gpus, max_pods = gpu_nodes(cluster, scaling)

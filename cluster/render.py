@@ -9,15 +9,18 @@ cluster's MLflow server. Paths a pod cannot see fail here, naming the key.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import PurePosixPath
 
 import yaml
 
-from raylm.cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job
+from raylm.cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job, worker_nodes
 from raylm.cluster.platform import platform
 from raylm.config import ClusterSection, RaylmConfig, set_key, validate, walk
 from raylm.errors import ConfigError
 from raylm.fmt import redact
+from raylm.tuning.capacity import largest_trial, trials_on_nodes
+from raylm.tuning.space import SweepSpec, parse_sweep
 
 JOB_COMMANDS = ("run", "prepare", "pretrain", "finetune", "evaluate", "tune")
 URI_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://")
@@ -47,9 +50,64 @@ def render_job(raw: dict, command: str, space_text: str | None = None) -> list[d
     files = {"config.yaml": yaml.safe_dump(job_cfg, sort_keys=False)}
     entrypoint = f"raylm {command} --config {JOB_DIR}/config.yaml"
     if space_text is not None:
-        files["space.yaml"] = space_text
+        files["space.yaml"] = sweep_file(space_text, raw, cfg)
         entrypoint += f" --space {JOB_DIR}/space.yaml --resume auto"  # a retry continues the sweep
     return [config_map(name, cfg.cluster, files), ray_job(name, cfg.cluster, cfg.scaling, entrypoint)]
+
+
+def sweep_file(space_text: str, raw: dict, cfg: RaylmConfig) -> str:
+    """The sweep file the job runs: the user's, with search.max_concurrent_trials set to what the
+    worker groups hold at their most pods where it is left out. The driver cannot count them: the
+    cluster starts with 0 workers up, so counting there found 0 trials and the job failed."""
+    spec = parse_sweep(space_text, "--space", raw)
+    if spec.search.max_concurrent_trials:
+        return space_text
+    return with_max_concurrent(space_text, cluster_trials(cfg, spec))
+
+
+def cluster_trials(cfg: RaylmConfig, spec: SweepSpec) -> int:
+    """Trials of the sweep's largest shape the job's worker groups hold at once."""
+    s = cfg.scaling
+    workers, cpus = largest_trial(spec, s, s.cpus_per_worker)
+    trials = trials_on_nodes(worker_nodes(cfg.cluster, s), workers, cpus, s.use_gpu)
+    if trials < 1:
+        group = "cluster.gpu.max_nodes" if s.use_gpu else "cluster.cpu.max_nodes"
+        raise ConfigError(
+            f"search.max_concurrent_trials: no trial fits the job's worker groups at their most pods, so none "
+            f"would start: one needs {workers} workers of {cpus:g} CPUs{' and 1 GPU' if s.use_gpu else ''} "
+            f"(scaling.num_workers, scaling.cpus_per_worker, or the space's largest values): raise {group} "
+            "or make the trials smaller"
+        )
+    return trials
+
+
+RENDERED = "# raylm cluster render: trials the job's worker groups hold at once"
+
+
+def with_max_concurrent(text: str, trials: int) -> str:
+    """The sweep file's text with search.max_concurrent_trials, its comments kept; when the edit
+    does not read back as intended (an unusual layout), the file is written anew without them."""
+    raw = yaml.safe_load(text) or {}
+    want = {**raw, "search": {**(raw.get("search") or {}), "max_concurrent_trials": trials}}
+    edited = _edited(text.splitlines(), want["search"])
+    try:
+        if yaml.safe_load(edited) == want:
+            return edited
+    except yaml.YAMLError:
+        pass
+    return yaml.safe_dump(want, sort_keys=False)
+
+
+def _edited(lines: list[str], search: dict) -> str:
+    """A line under a block `search:`; else the one-line `search: {...}` rewritten, or added."""
+    at = next((i for i, line in enumerate(lines) if line.startswith("search:")), None)
+    if at is not None and re.fullmatch(r"search:\s*(#.*)?", lines[at]):
+        below = [line for line in lines[at + 1 :] if line.strip() and not line.lstrip().startswith("#")]
+        indent = re.match(r"\s*", below[0]).group() if below else ""  # the block's own indentation
+        entry = f"{indent or '  '}max_concurrent_trials: {search['max_concurrent_trials']}  {RENDERED}"
+        return "\n".join([*lines[: at + 1], entry, *lines[at + 1 :]]) + "\n"
+    flow = yaml.safe_dump({"search": search}, default_flow_style=None, sort_keys=False).strip() + "  " + RENDERED
+    return "\n".join([*lines[:at], flow, *lines[at + 1 :]] if at is not None else [*lines, flow]) + "\n"
 
 
 def render_cluster(raw: dict) -> list[dict]:

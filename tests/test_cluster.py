@@ -150,13 +150,86 @@ def test_inputs_on_the_volume_or_in_buckets_are_fine():
     assert out["run"]["output_dir"] == "/mnt/raylm/x"
 
 
-def test_tune_job_carries_the_space_file():
-    space = (REPO / "configs" / "tune" / "lr_schedule.yaml").read_text()
-    cm, job = render_job(load_raw(REPO / "configs" / "quickstart.yaml", ["scaling.cpus_per_worker=1"]), "tune", space)
-    assert cm["data"]["space.yaml"] == space
-    assert job["spec"]["entrypoint"].endswith("--space /home/ray/job/space.yaml --resume auto")
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+SWEEPS = sorted((REPO / "configs" / "tune").glob("*.yaml"))
+
+
+def rendered_sweep(overrides: list[str], space: str) -> tuple[dict, dict]:
+    """The sweep file the tune job's entrypoint reads (from its ConfigMap), and the RayJob."""
+    cm, job = render_job(load_raw(QUICKSTART, overrides), "tune", space)
+    assert job["spec"]["entrypoint"] == (
+        "raylm tune --config /home/ray/job/config.yaml --space /home/ray/job/space.yaml --resume auto"
+    )
+    return yaml.safe_load(cm["data"]["space.yaml"]), job
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_tune_job_carries_the_space_file_with_its_concurrency(path):
+    """The user's sweep, comments and all, plus search.max_concurrent_trials: the job's cluster
+    starts with 0 workers up, where the driver counted 0 trials that fit and failed."""
+    text = path.read_text()
+    cm, _ = render_job(load_raw(QUICKSTART, ["scaling.cpus_per_worker=1"]), "tune", text)
+    space = yaml.safe_load(text)
+    trials = yaml.safe_load(cm["data"]["space.yaml"])["search"]["max_concurrent_trials"]
+    assert yaml.safe_load(cm["data"]["space.yaml"]) == {
+        **space,
+        "search": {**space["search"], "max_concurrent_trials": trials},
+    }
+    assert [line for line in text.splitlines() if line.lstrip().startswith("#")] == [
+        line for line in cm["data"]["space.yaml"].splitlines() if line.lstrip().startswith("#")
+    ]
+    # 4 CPU pods of 16 CPUs, trials of 2 workers of 1 CPU and the trial's own 0.01: 7 to a pod,
+    # the 8th's second worker on the next pod; 31 in all (64 / 2.01 = 31.8)
+    assert trials == 31
     with pytest.raises(ConfigError, match="--job tune needs --space"):
         render_job(load_raw(GPT2), "tune")
+
+
+@pytest.mark.parametrize(
+    "overrides, space, trials",
+    [
+        # 3 GPU pods of 2 GPUs (16 CPUs) at most, trials of 2 GPU workers: one trial a pod
+        (
+            ["scaling.use_gpu=true", "cluster.gpu.gpus_per_node=2", "cluster.gpu.max_nodes=3"],
+            {},
+            3,
+        ),
+        # a worker sits on one pod: 3 pods of 16 CPUs hold 3 workers of 10, not 48 / 10 = 4
+        (["scaling.num_workers=1", "scaling.cpus_per_worker=10", "cluster.cpu.max_nodes=3"], {}, 3),
+        # the space's largest trial counts: 2 workers of 10 CPUs on those 3 pods, once
+        (
+            ["scaling.num_workers=1", "scaling.cpus_per_worker=10", "cluster.cpu.max_nodes=3"],
+            {"scaling.num_workers": {"choice": [1, 2]}},
+            1,
+        ),
+    ],
+)
+def test_tune_job_runs_as_many_trials_as_the_worker_groups_hold(overrides, space, trials):
+    text = yaml.safe_dump({"search": {"seed": 3}, "space": {"train.lr": {"choice": [1e-3, 3e-3]}, **space}})
+    sweep, _ = rendered_sweep(["scaling.cpus_per_worker=8", *overrides], text)
+    assert sweep["search"] == {"seed": 3, "max_concurrent_trials": trials}
+
+
+def test_tune_job_keeps_the_sweep_file_s_own_concurrency():
+    text = "search: {max_concurrent_trials: 2}  # two at once, whatever fits\nspace: {train.lr: 0.001}\n"
+    cm, _ = render_job(load_raw(QUICKSTART, ["scaling.cpus_per_worker=1"]), "tune", text)
+    assert cm["data"]["space.yaml"] == text
+
+
+def test_tune_job_no_trial_of_which_fits_fails_at_render_naming_the_key():
+    # one 16-CPU pod: a 16-CPU worker leaves no room for the trial's own 0.01 CPU
+    raw = load_raw(QUICKSTART, ["scaling.num_workers=1", "scaling.cpus_per_worker=16", "cluster.cpu.max_nodes=1"])
+    with pytest.raises(ConfigError, match=r"^search\.max_concurrent_trials: no trial fits .* cluster\.cpu\.max_nodes"):
+        render_job(raw, "tune", "space: {train.lr: 0.001}\n")
+
+
+def test_tune_job_refuses_a_bad_sweep_file_at_render():
+    with pytest.raises(ConfigError, match="search.max_concurrent_trials"):
+        render_job(
+            load_raw(QUICKSTART, ["scaling.cpus_per_worker=1"]),
+            "tune",
+            "search: {max_concurrent_trials: 0}\nspace: {a: 1}\n",
+        )
 
 
 # --- the checks catch what they claim to ----------------------------------------------------

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
-from raylm.config import load_raw
+from raylm.config import load_raw, validate
 from raylm.errors import ConfigError
 from raylm.tuning.scaling_law import TooFewPoints, fit_law, recommend
 from raylm.tuning.space import LimitSection, SweepSpec, load_sweep, trial_config, trial_steps
@@ -306,3 +306,18 @@ def test_resume_modes(tmp_path):
         wants_resume(sweep_dir, False)
     (sweep_dir / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     assert wants_resume(sweep_dir, "auto") is True and wants_resume(sweep_dir, True) is True
+
+
+def test_max_concurrent_takes_the_sweep_file_s_number_with_no_worker_up():
+    """A RayJob's cluster starts with 0 workers: what is up says nothing then, the file's number does."""
+    from raylm.tuning.capacity import max_concurrent
+
+    cfg = validate(load_raw(QUICKSTART, ["scaling.use_gpu=true"]), "test")  # 2 workers
+    spec = SweepSpec.model_validate({"search": {"max_concurrent_trials": 3}, "space": {"train.lr": 1e-3}})
+    assert max_concurrent(spec, cfg.scaling, 2.0, {"CPU": 0.0, "GPU": 0.0}) == 3
+    unset = SweepSpec.model_validate({"space": {"train.lr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"^search\.max_concurrent_trials: one trial needs 4\.01 CPUs and 2 GPUs"):
+        max_concurrent(unset, cfg.scaling, 2.0, {})
+    assert max_concurrent(unset, cfg.scaling, 2.0, {"CPU": 32.0, "GPU": 4.0}) == 2  # 4 GPUs / 2, not 32 / 4.01
+    larger = SweepSpec.model_validate({"space": {"scaling.num_workers": {"choice": [2, 4]}}})
+    assert max_concurrent(larger, cfg.scaling, 2.0, {"CPU": 32.0, "GPU": 4.0}) == 1  # the largest trial counts

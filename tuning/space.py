@@ -40,7 +40,9 @@ class SearchSection(Section):
     # grid: every space entry must be a grid; optuna: Optuna's TPE sampler.
     algorithm: Literal["random", "grid", "optuna"] = "random"
     num_samples: int | None = Field(None, gt=0)  # trials; for grid, repeats of the whole grid. None: 8, grid 1
-    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs hold
+    # None: as many as the cluster's CPUs/GPUs hold (tuning/capacity.py); `raylm cluster render`
+    # writes the count its worker groups hold, as an autoscaling cluster starts with none up.
+    max_concurrent_trials: int | None = Field(None, gt=0)
     seed: int = 0  # the sampler's seed: the same file draws the same trials
 
 
@@ -146,13 +148,17 @@ def load_sweep(path: str | Path, base: dict) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
+    return parse_sweep(path.read_text(), str(path), base)
+
+
+def parse_sweep(text: str, source: str, base: dict) -> SweepSpec:
+    """A sweep file's text (`source` names it in errors), checked as load_sweep checks it."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        spec = SweepSpec.model_validate(raw)
+        spec = SweepSpec.model_validate(yaml.safe_load(text) or {})
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+        raise ConfigError(f"{source}: not valid YAML: {err}".replace("\n", " ")) from None
     except ValidationError as err:
-        raise ConfigError(describe(err, source=str(path)).replace("invalid config", "invalid sweep")) from None
+        raise ConfigError(describe(err, source=source).replace("invalid config", "invalid sweep")) from None
     for key, entry in spec.space.items():
         check_values(base, key, entry)
     return spec

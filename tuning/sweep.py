@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import os
 import signal
 import threading
@@ -29,9 +28,10 @@ from raylm.errors import ConfigError, SweepInterrupted
 from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.runtime import start_ray, tracking_uri
 from raylm.pipelines.track.tracking import Tracker
+from raylm.tuning.capacity import TRIAL_CPU, max_concurrent
 from raylm.tuning.report import SweepResult, summarize
 from raylm.tuning.space import LimitSection, SweepSpec, distribution, sweep_spent
-from raylm.tuning.trial import TRIAL_CPU, Sweep, find_child, plan_trial, run_trial
+from raylm.tuning.trial import Sweep, find_child, plan_trial, run_trial
 
 STATE = "raylm_sweep.json"  # beside Tune's own state: the sweep's MLflow run, for --resume
 
@@ -59,7 +59,7 @@ def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, 
             tracker.run_id,
             cfg.scaling.cpus_per_worker or default_worker_cpus(cfg.scaling.use_gpu),
         )
-        concurrency = spec.search.max_concurrent_trials or max_concurrent(sweep, cfg.scaling, resources)
+        concurrency = max_concurrent(spec, cfg.scaling, sweep.cpus_per_worker, resources)
         tuner = make_tuner(sweep, folder, concurrency, resume)
         print(
             f"[tune] sweep {name!r}: {spec.search.algorithm} search, {spec.scheduler.name} scheduler, "
@@ -157,21 +157,6 @@ def default_worker_cpus(use_gpu: bool) -> float:
     the cluster' as a lone run does: one core, less the trial's own 0.01, so that a 1-worker
     trial fits on one core and 2 run at once on 2 cores."""
     return 1.0 if use_gpu else 1.0 - TRIAL_CPU
-
-
-def max_concurrent(sweep: Sweep, scaling, resources: dict) -> int:
-    """Trials the cluster holds at once. Tune would start more trial processes than their
-    Train workers can be placed for, and they would wait on each other (ray#54305)."""
-    per_trial = TRIAL_CPU + scaling.num_workers * sweep.cpus_per_worker
-    fits = math.floor(resources.get("CPU", 1) / per_trial + 1e-9)
-    if scaling.use_gpu:
-        fits = min(fits, math.floor(resources.get("GPU", 0) / scaling.num_workers))
-    if fits < 1:
-        raise ConfigError(
-            f"scaling: one trial needs {per_trial:g} CPUs{' and GPUs' if scaling.use_gpu else ''}; "
-            f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
-        )
-    return fits
 
 
 def wants_resume(sweep_dir: Path, mode: bool | str) -> bool:

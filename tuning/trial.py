@@ -25,8 +25,6 @@ from raylm.pipelines.track.tracking import Tracker
 from raylm.pipelines.train.pretrain import build_model_config, pretrain
 from raylm.tuning.space import SweepSpec, trial_config, trial_steps
 
-TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run (Tune refuses 0)
-
 
 @dataclass
 class Sweep:
