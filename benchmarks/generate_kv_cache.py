@@ -1,7 +1,7 @@
 """Decoding speed with the KV cache against recomputing the whole context for every token
 (what raylm did before), side by side in one process; medians of N runs.
 
-Usage: python benchmarks/generate_kv_cache.py [--runs 3] [--new 192]
+Usage: python benchmarks/generate_kv_cache.py [--runs 3] [--new 192] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new", type=int, default=192, help="tokens to generate per prompt")
+    parser.add_argument("--smoke", action="store_true", help="a 1-layer model, 8 tokens, one run: check that it runs")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=8192, n_layer=6, n_head=8, n_kv_head=2, n_embd=384, block_size=256)
+    if args.smoke:
+        args.runs, args.new = 1, 8
+        cfg = ModelConfig(vocab_size=512, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, block_size=128)
     model = GPT(cfg).eval()
     prompts = torch.randint(0, cfg.vocab_size, (4, 64)).tolist()
     cached_s, cached = timed(lambda: generate(model, prompts, args.new, temperature=0), args.runs)

@@ -6,7 +6,7 @@ Target: >= 45% MFU on one H100 (llm.c reaches about 40%). The corpus is raylm's
 built-in grammar (generated offline, so the script runs on a machine without network);
 its small vocabulary is padded to GPT-2's 50,304 so that the model has GPT-2's shape and FLOPs.
 
-Usage: python benchmarks/gpu_mfu.py [--steps 60] [--micro 16] [--work DIR]
+Usage: python benchmarks/gpu_mfu.py [--steps 60] [--micro 16] [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -19,6 +19,24 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --smoke without a GPU: the same commands and lookups on CPU with a 1-layer model for 20
+# steps, eager only (compiling on CPU would take minutes); it checks the script, and its
+# figures mean nothing. With a GPU, --smoke keeps the 124M model and runs 20 steps of each mode.
+CPU_SMOKE = [
+    "model.preset=null",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_kv_head=2",
+    "model.n_embd=64",
+    "model.block_size=64",
+    "data.seq_len=64",
+    "data.grammar.num_docs=2000",
+    "tokenizer.vocab_size=300",
+    "scaling.use_gpu=false",
+    "scaling.cpus_per_worker=1",
+]
 
 
 def overrides(work: Path, args, compile: bool) -> list[str]:
@@ -45,7 +63,14 @@ def overrides(work: Path, args, compile: bool) -> list[str]:
         "scaling.use_gpu=true",
         "scaling.cpus_per_worker=8",
         "scaling.max_failures=0",
+        *(CPU_SMOKE if args.smoke and not gpu_present() else []),
     ]
+
+
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def raylm(command: str, work: Path, args, compile: bool) -> None:
@@ -57,11 +82,10 @@ def interval_metrics(work: Path, compile: bool) -> dict[str, float]:
     """Medians over the logged intervals after the first (warm-up, and compilation)."""
     from mlflow.tracking import MlflowClient
 
+    from raylm.pipelines.track.runs import latest_run
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    name = f"pretrain-mfu-{'compiled' if compile else 'eager'}"
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("raylm").experiment_id], filter_string=f"tags.mlflow.runName = '{name}'"
-    )
+    run = latest_run(client, "raylm", f"mfu-{'compiled' if compile else 'eager'}", "pretrain")
 
     def median(key):
         return statistics.median(  # noqa: E731
@@ -76,11 +100,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--micro", type=int, default=16, help="sequences of 1024 tokens per step")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="20 steps; on CPU a tiny model, eager only")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.micro = 20, min(args.micro, 4)
     work = args.work or Path(tempfile.mkdtemp(prefix="raylm-gpu-"))
     raylm("prepare", work, args, False)
     rows = {}
-    for compile in (False, True):
+    for compile in (False,) if args.smoke and not gpu_present() else (False, True):
         raylm("pretrain", work, args, compile)
         rows["compiled" if compile else "eager"] = interval_metrics(work, compile)
     print(f"\nGPT-2 124M preset, bf16, seq 1024, {args.micro} sequences/step, 1 GPU (medians after the first interval)")

@@ -11,7 +11,7 @@ nats/char = raylm's validation bits per byte x ln 2: the text is ASCII, one byte
 raylm predicts BPE tokens, and a token's loss is spread over the characters it covers, so the
 figure compares across tokenizers (pipelines/eval/scoring.py).
 
-Usage: python benchmarks/learn_shakespeare.py [--work DIR] [--set KEY=VALUE ...]
+Usage: python benchmarks/learn_shakespeare.py [--work DIR] [--set KEY=VALUE ...] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 NANOGPT = (1.886, 214.0)  # nats/char, seconds
+# --smoke: the same pipeline at a size that checks the script, not the model (~30 s).
+SMOKE = [
+    "model.n_layer=1",
+    "tokenizer.vocab_size=300",
+    "train.max_steps=10",
+    "train.eval_interval=5",
+    "train.checkpoint_interval=10",
+    "eval.sample_tokens=8",
+]
 
 
 def split_text(work: Path) -> None:
@@ -54,14 +63,14 @@ def run(work: Path, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def curve(work: Path) -> list[tuple[int, float, float]]:
+def curve(work: Path, name: str) -> list[tuple[int, float, float]]:
     """(step, training seconds, validation nats/char) at each evaluation of the run."""
     from mlflow.tracking import MlflowClient
 
+    from raylm.pipelines.track.runs import latest_run
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("raylm").experiment_id], order_by=["start_time DESC"], max_results=1
-    )
+    run = latest_run(client, "raylm", name, "run")
     history = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
     bpb, seconds = history("val_bits_per_byte"), history("train_seconds")
     return [(step, seconds[step], bpb[step] * math.log(2)) for step in sorted(bpb)]
@@ -75,11 +84,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--smoke", action="store_true", help="a 1-layer model for 10 steps: check that the script runs")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="raylm-shakespeare-"))
     split_text(work)
-    wall = run(work, args.set)
-    points = curve(work)
+    overrides = SMOKE + args.set if args.smoke else args.set
+    wall = run(work, overrides)
+    name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.name=")), "shakespeare")
+    points = curve(work, name)
     print(f"\ntinyshakespeare, last 10% as validation, 2 CPU workers (raylm run: {wall:.0f} s wall in all)")
     print(f"{'step':>6} {'train s':>8} {'val nats/char':>14}")
     for step, seconds, loss in points:

@@ -10,7 +10,7 @@
         dedup off, the tokenizer given).
 
 Ray's start-up is measured and reported separately, not counted in any run.
-Usage: python benchmarks/prepare_throughput.py [--runs 3] [--data ../shared/data]
+Usage: python benchmarks/prepare_throughput.py [--runs 3] [--data ../shared/data] [--smoke]
 Needs: pip install -e '.[bench]' (Hugging Face datasets)
 """
 
@@ -132,8 +132,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--smoke", action="store_true", help="one run on tinyshakespeare alone: check that it runs")
     args = parser.parse_args()
     files = corpus_files(args.data)
+    if args.smoke:
+        args.runs, files = 1, files[:1]  # 1.1 MB instead of ~30 MB
     mib = sum(f.stat().st_size for f in files) / 2**20
     tok_path = Path(tempfile.mkdtemp()) / "tokenizer.json"
     train_reference_tokenizer(files, tok_path)

@@ -11,6 +11,8 @@ cores, whatever else runs is taken from the training workers, so this is where t
 comes from.
 
 Usage: python benchmarks/train_overhead.py [--steps 110] [--rounds 2] [--work DIR]   (steps: a multiple of 10)
+       python benchmarks/train_overhead.py --smoke   (20 steps, 1 round: checks that the script runs;
+                                                      its figures mean nothing)
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def cli(command: str, work: Path, steps: int, name: str) -> None:
 def raylm_step_seconds(work: Path, name: str) -> list[float]:
     from mlflow.tracking import MlflowClient
 
+    from raylm.pipelines.track.runs import latest_run
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("raylm").experiment_id], filter_string=f"tags.mlflow.runName = 'pretrain-{name}'"
-    )
+    run = latest_run(client, "raylm", name, "pretrain")
     history = sorted(client.get_metric_history(run.info.run_id, "step_time_s"), key=lambda m: m.step)
     return [m.value for m in history]
 
@@ -193,16 +195,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=110)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="20 steps, 1 round: check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 20, 1
     work = args.work or Path(tempfile.mkdtemp(prefix="raylm-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     cli("prepare", work, args.steps, "overhead")
     rows = []
+    # A smoke run (in the test suite) shares the machine with the session's Ray, which never goes quiet.
+    quiet = (lambda: None) if args.smoke else wait_for_quiet
     for r in range(args.rounds):
-        wait_for_quiet()
+        quiet()
         with CpuSampler() as base_cpu:
             base = interval_median(torchrun_step_seconds(work, args.steps))
-        wait_for_quiet()
+        quiet()
         with CpuSampler() as ours_cpu:
             cli("pretrain", work, args.steps, f"overhead-{r}")
         ours = statistics.median(raylm_step_seconds(work, f"overhead-{r}")[1:])  # one value per 10 steps

@@ -10,7 +10,7 @@ trial, 2 trials at once on 2 CPUs, FIFO so that every trial runs to its end), wi
 long trials: the overhead per trial is about constant, so its share falls as trials grow.
 Ray documents +14% for 10,000 one-second trials (tune-scalability docs).
 
-Usage: python benchmarks/tune_overhead.py [--steps 40 200] [--trials 8] [--work DIR]
+Usage: python benchmarks/tune_overhead.py [--steps 40 200] [--trials 8] [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def main() -> None:
     )
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--work", type=Path, help="keep the outputs here (default: a temporary directory)")
+    parser.add_argument("--smoke", action="store_true", help="one sweep of 2 trials of 10 steps: check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.trials = [10], 2
     work = args.work or Path(tempfile.mkdtemp(prefix="raylm-tune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(

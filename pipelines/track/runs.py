@@ -213,6 +213,21 @@ def _filter(stage: str | None, status: str | None, name: str | None) -> str:
     return " AND ".join(c for c in clauses if c)
 
 
+def latest_run(client: MlflowClient, experiment: str, run_name: str, stage: str):
+    """The newest MLflow run of raylm's run.name `run_name` and `stage`, found by the tags every
+    raylm run carries (MLflow's own run names add the model size and a random suffix)."""
+    found = client.get_experiment_by_name(experiment)
+    query = f"tags.`raylm.run_name` = {_quoted(run_name)} AND tags.`raylm.stage` = {_quoted(stage)}"
+    runs = (
+        client.search_runs([found.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+        if found
+        else []
+    )
+    if not runs:
+        raise DataError(f"no {stage} run with run.name {run_name!r} in experiment {experiment!r}")
+    return runs[0]
+
+
 def _quoted(value: str) -> str:
     """A string literal for MLflow's filter syntax, which has no escapes: either quote works."""
     if "'" not in value:
