@@ -32,6 +32,8 @@ COMMENTS = {
     "minReplicas": "0: no idle node is paid for between jobs.",
     "maxReplicas": "The most pods the autoscaler may start for this group.",
     "restartPolicy": "Never: autoscaler v2 replaces a failed pod itself; Ray Train restarts the workers from a checkpoint.",
+    "lifecycle": "Before an eviction's SIGTERM reaches `ray start`, SIGTERM the raylm driver and wait: it checkpoints and stops.",
+    "terminationGracePeriodSeconds": "cluster.stop_grace_seconds: how long the preStop hook and the driver's checkpoint may take.",
     "nodeSelector": "The GPU node pool (and, with cluster.gpu.spot, its spot nodes).",
     "tolerations": "GPU (and spot) nodes are tainted so that only pods asking for them land there.",
     # ConfigMap
@@ -43,6 +45,9 @@ COMMENTS = {
     "readinessProbe": "The Service sends traffic only once the server answers /health.",
     "type": "ClusterIP: MLflow is reachable inside the cluster; reviewers use kubectl port-forward svc/mlflow 5000.",
 }
+# Keys whose own note covers the keys under them, which would otherwise take a note meant for
+# another object (the preStop hook's exec `command` is not MLflow's).
+COVERS = {"lifecycle": ("command",)}
 KEY = re.compile(r"^(\s*)(- )?([A-Za-z][\w.-]*):")
 BLOCK = re.compile(r"^(\s*)(- )?[\w.-]+: [|>][-+]?$")  # a key whose value is a multi-line block
 
@@ -71,7 +76,7 @@ def commented(text: str) -> str:
         block_indent = None
         m = KEY.match(line)
         if m and m.group(3) in COMMENTS and m.group(3) not in seen:
-            seen.add(m.group(3))
+            seen.update((m.group(3), *COVERS.get(m.group(3), ())))
             out.append(f"{m.group(1)}# {COMMENTS[m.group(3)]}")
         if BLOCK.match(line):
             block_indent = indent

@@ -90,13 +90,19 @@ def head_group(cluster: ClusterSection, config_map: str | None) -> dict:
     mounts = [{"name": "job", "mountPath": JOB_DIR, "readOnly": True}] if config_map else []
     volumes = [{"name": "job", "configMap": {"name": config_map}}] if config_map else []
     container = ray_container("ray-head", cluster, resources(cluster.head_cpus, cluster.head_memory_gib), mounts)
+    # An eviction's SIGTERM goes to `ray start`, not the driver: the hook stops the driver
+    # first (checkpoint at the end of the step), within the pod's grace period, 10 s kept for Ray.
+    hook = ["python", "-m", "raylm.cluster.prestop", "--timeout", str(cluster.stop_grace_seconds - 10)]
+    container["lifecycle"] = {"preStop": {"exec": {"command": hook}}}
+    spec = pod_spec(container, cluster, volumes)
+    spec["terminationGracePeriodSeconds"] = cluster.stop_grace_seconds
     return {
         "serviceType": "ClusterIP",  # reachable inside the cluster only; `kubectl port-forward` to use it
         # dashboard-host 0.0.0.0: the RayJob's submitter pod and the KubeRay operator reach the job
         # server from other pods (a pod's 127.0.0.1 is its own); the ClusterIP Service and the
         # NetworkPolicy keep it inside the namespace.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": {"spec": pod_spec(container, cluster, volumes)},
+        "template": {"spec": spec},
     }
 
 
@@ -185,7 +191,8 @@ def config_map(name: str, cluster: ClusterSection, files: dict[str, str]) -> dic
 # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default).
 # raylm answers SIGTERM by finishing the step, checkpointing and ending its MLflow run KILLED:
 # seconds on a small model, a few minutes for a 7B model's 84 GB of weights and optimizer
-# state on a network volume. A job's runtime env reaches its supervisor, which reads this.
+# state on a network volume. A job's runtime env reaches its supervisor, which reads it.
+# `raylm submit` uses this; a rendered RayJob uses cluster.stop_grace_seconds (same default).
 JOB_STOP_GRACE_S = 300
 
 
@@ -196,7 +203,7 @@ def ray_job(name: str, cluster: ClusterSection, scaling: ScalingSection, entrypo
         "metadata": metadata(name, cluster),
         "spec": {
             "entrypoint": entrypoint,
-            "runtimeEnvYAML": f'env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: "{JOB_STOP_GRACE_S}"\n',
+            "runtimeEnvYAML": f'env_vars:\n  RAY_JOB_STOP_WAIT_TIME_S: "{cluster.stop_grace_seconds}"\n',
             "shutdownAfterJobFinishes": True,  # the GPUs go back when the job ends
             "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
             "activeDeadlineSeconds": cluster.active_deadline_seconds,

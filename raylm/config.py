@@ -430,6 +430,11 @@ class ClusterSection(Section):
     ttl_seconds_after_finished: int = Field(3600, ge=0)  # RayJob: keep the finished cluster's logs this long
     active_deadline_seconds: int = Field(7 * 86400, gt=0)  # RayJob: fail (and stop paying) after this
     backoff_limit: int = Field(2, ge=0)  # RayJob: resubmissions after a failure; each resumes the run
+    # Seconds a stopping driver has to finish its step, checkpoint and end its MLflow run: the
+    # head pod's terminationGracePeriodSeconds (an eviction; its preStop hook signals the driver)
+    # and `ray job stop`'s wait before SIGKILL. Seconds for a small model; a 7B model's ~84 GB
+    # of weights and AdamW state on a network volume take minutes.
+    stop_grace_seconds: int = Field(300, ge=30)
 
 
 class RaylmConfig(Section):

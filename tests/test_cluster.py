@@ -420,3 +420,45 @@ def test_request_bodies_serialize_as_the_client_sends_them():
 
     for doc in render_job(load_raw(GPT2), "pretrain") + render_platform({}):
         assert ApiClient().sanitize_for_serialization(doc) == doc
+
+
+# -- stopping: an eviction reaches the driver --------------------------------------------------
+
+
+def head_pod(docs: list[dict]) -> tuple[dict, dict]:
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    return job, job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+
+def test_head_pod_stops_the_driver_before_the_pod_within_the_configured_grace():
+    job, pod = head_pod(render_job(load_raw(GPT2, ["cluster.stop_grace_seconds=600"]), "pretrain"))
+    (head,) = pod["containers"]
+    assert head["lifecycle"]["preStop"]["exec"]["command"] == [
+        "python",
+        "-m",
+        "raylm.cluster.prestop",
+        "--timeout",
+        "590",
+    ]
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert 'RAY_JOB_STOP_WAIT_TIME_S: "600"' in job["spec"]["runtimeEnvYAML"]  # `ray job stop` waits as long
+    with pytest.raises(ConfigError, match="cluster.stop_grace_seconds"):
+        render_job(load_raw(GPT2, ["cluster.stop_grace_seconds=5"]), "pretrain")
+
+
+@pytest.mark.parametrize(
+    "argv, driver",
+    [
+        (["/home/ray/anaconda3/bin/python", "/home/ray/anaconda3/bin/raylm", "pretrain", "--config", "c.yaml"], True),
+        (["python", "-m", "raylm", "run", "configs/quickstart.yaml"], True),
+        (["raylm", "tune", "c.yaml", "--space", "s.yaml"], True),
+        (["python", "-m", "raylm.cluster.prestop", "--timeout", "290"], False),  # the hook itself
+        (["raylm", "runs"], False),  # reads MLflow, trains nothing
+        (["ray", "start", "--head", "--block"], False),
+        (["python", "-m", "pytest", "tests/raylm"], False),
+    ],
+)
+def test_the_prestop_hook_signals_raylm_drivers_only(argv, driver):
+    from raylm.cluster.prestop import is_driver
+
+    assert is_driver(argv) is driver

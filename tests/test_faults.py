@@ -308,18 +308,22 @@ def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(straight):
 
 
 def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_cluster):
-    """SIGTERM to the driver (what `ray job stop` and a pod eviction send): the workers stop
-    at the end of the step with a checkpoint, the command exits 143, the MLflow run ends
-    KILLED, and the same command continues bit for bit."""
+    """SIGTERM to the driver (what `ray job stop` sends), here from the head pod's preStop hook
+    as an eviction runs it (cluster/prestop.py, the process a pod would start): the workers
+    stop at the end of the step with a checkpoint, the hook returns once the driver has exited,
+    the command exits 143, the MLflow run ends KILLED, and the same command continues bit for bit."""
 
     from raylm.pipelines.train.checkpoint import torn_reason
 
     tmp, reference = straight
     proc, log = start_driver(tmp, "terminated")
     wait_for(tmp / "runs" / "train" / "terminated" / "checkpoint_000002" / "COMMIT.json", 120, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    print(f"[fault] sent SIGTERM to the driver (pid {proc.pid}) after checkpoint_000002")
-    code = proc.wait(timeout=120)
+    hook = [sys.executable, "-m", "raylm.cluster.prestop", "--timeout", "120", "--under", str(os.getpid())]
+    stopped_by = subprocess.run(hook, capture_output=True, text=True, timeout=150, cwd=REPO)
+    print(f"[fault] the preStop hook after checkpoint_000002: {stopped_by.stdout.strip()}")
+    assert f"SIGTERM to raylm driver(s) [{proc.pid}]" in stopped_by.stdout and not stopped_by.stderr
+    assert proc.poll() is not None  # the hook waited for the driver to exit
+    code = proc.wait(timeout=10)
     text = log.read_text()
     assert code == 143, text[-3000:]
     assert "SIGTERM received" in text and "run the same command again to resume" in text
