@@ -6,8 +6,12 @@ and metrics, raylm's model and scorer.
     raylm lm-eval --checkpoint ... --tasks arc_easy_shared --include-path configs/lm_eval
 
 Log-likelihoods come from `scoring.continuation_logliks`, the function raylm's own
-multiple-choice and cloze tasks use, so the two harnesses agree on the same data
-(tests/test_end_to_end.py checks it). `lm-eval` is optional: `pip install 'raylm[lm-eval]'`.
+multiple-choice and cloze tasks use, on ids encoded the same way (`scoring.encode_pairs`: no
+special tokens inside a continuation; an empty context is the tokenizer's BOS, else its EOS),
+so the two harnesses agree on the same data (tests/test_end_to_end.py). That raylm's task
+scores match lm-eval's own `hf` backend on the model's HF export, through transformers'
+logits, tests/test_lm_eval_agreement.py checks. `lm-eval` is optional:
+`pip install 'raylm[lm-eval]'`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from raylm.models import load_model
 from raylm.models.generate import generate
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
-from raylm.pipelines.eval.scoring import continuation_logliks
+from raylm.pipelines.eval.scoring import continuation_logliks, document_start, encode_contexts, encode_pairs
 
 
 @register_model("raylm")
@@ -30,25 +34,27 @@ class RaylmLM(LM):
         super().__init__()
         self.model = load_model(checkpoint).eval()
         self.tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer.json")
-        self.eos = eos_id(self.tokenizer)
+        self.eos = eos_id(self.tokenizer)  # where a generated answer ends
+        self.start = document_start(self.tokenizer)  # what a text's first token is predicted from
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" means the default here
         self.max_gen_toks = int(max_gen_toks)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        """The text's tokens, without special tokens (no BOS)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(context, continuation) -> (log p(continuation | context), greedy?); an empty context
-        starts a document (EOS), as in raylm's tasks."""
-        pairs = [(self.encode(ctx) or [self.eos], self.encode(cont)) for ctx, cont in (r.args for r in requests)]
+        """(context, continuation) -> (log p(continuation | context), greedy?), encoded as raylm's
+        tasks encode them; an empty context starts a document (BOS, else EOS)."""
+        pairs = encode_pairs(self.tokenizer, [r.args for r in requests])
         return continuation_logliks(self.model, pairs, self.batch)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         """A whole text's log-likelihood, in windows of the model's context that each predict new
-        tokens once (lm-eval's rolling windows), the first conditioned on EOS."""
+        tokens once (lm-eval's rolling windows), the first conditioned on the document start."""
         out = []
         for (text,) in (r.args for r in requests):
-            windows = get_rolling_token_windows(self.encode(text), self.eos, self.model.config.block_size, 1)
+            windows = get_rolling_token_windows(self.encode(text), self.start, self.model.config.block_size, 1)
             pairs = [make_disjoint_window(w) for w in windows]
             out.append(sum(ll for ll, _ in continuation_logliks(self.model, pairs, self.batch)))
         return out
@@ -60,7 +66,7 @@ class RaylmLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else until
             max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
-            ids = self.encode(context)[-(self.model.config.block_size - max_new) :] or [self.eos]
+            ids = encode_contexts(self.tokenizer, [context])[0][-(self.model.config.block_size - max_new) :]
             text = self.tokenizer.decode(
                 generate(self.model, [ids], max_new, temperature=0, stop_tokens=(self.eos,))[0]
             )

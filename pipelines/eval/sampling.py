@@ -11,6 +11,7 @@ from raylm.errors import RaylmError
 from raylm.models import load_model
 from raylm.models.generate import generate
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
+from raylm.pipelines.eval.scoring import encode_contexts
 
 
 def sample_texts(
@@ -23,13 +24,15 @@ def sample_texts(
     stop: tuple[str, ...] = (),
     seed: int = 0,
 ) -> list[str]:
-    """Each prompt plus its continuation, decoded as one batch. An empty prompt starts a
-    fresh document after EOS; a continuation ends before EOS or any `stop` string."""
+    """Each prompt plus its continuation, decoded as one batch. A prompt follows the tokenizer's
+    BOS if it adds one (an imported Llama's; raylm's add none), an empty one starts a fresh
+    document (BOS, else after EOS), as scored tasks encode them; a continuation ends before EOS
+    or any `stop` string."""
     model = load_model(checkpoint_dir)
     tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
     eos = eos_id(tok)
     stops = (eos, *(_single_token(tok, s) for s in stop))
-    ids = [tok.encode(p, add_special_tokens=False).ids if p else [eos] for p in prompts]
+    ids = encode_contexts(tok, prompts)
     try:
         new = generate(
             model, ids, max_new_tokens, temperature, top_k, top_p, stops, torch.Generator().manual_seed(seed)

@@ -1,7 +1,12 @@
 """Scoring packed windows: summed next-token loss in nats and the bytes those tokens cover.
 
 Loss per byte, unlike loss per token, compares models across tokenizers (bits per byte, as
-The Pile reports it: Gao et al. 2020)."""
+The Pile reports it: Gao et al. 2020).
+
+Texts become the ids to score here too, the same way for raylm's tasks and the lm-eval adapter:
+a context after the special tokens the tokenizer puts before a text (an imported Llama 2/3
+tokenizer's BOS, as lm-eval's `hf` backend has it; raylm's own tokenizers put none), a
+continuation without any, so that no BOS lands inside a scored answer."""
 
 from __future__ import annotations
 
@@ -10,7 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from raylm.errors import DataError
 from raylm.pipelines.data.loader import as_batch
+from raylm.pipelines.data.tokenizer import KNOWN_EOS, eos_id
+
+# Begin-of-text markers of imported tokenizers (Llama 3, Llama 2 and Mistral, Gemma), for one
+# whose post-processor does not add its BOS.
+KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<bos>")
 
 
 @torch.no_grad()
@@ -56,3 +67,56 @@ def continuation_logliks(
             span = slice(len(row) - 1 - len(cont), len(row) - 1)  # the continuation's targets
             out.append((float(token_logp[j, span].sum()), bool(greedy[j, span].all())))
     return out
+
+
+def context_start(tokenizer) -> list[int]:
+    """The special tokens the tokenizer's post-processor puts before a text: a Llama 2/3
+    tokenizer.json's BOS; none for raylm's own tokenizers. Found by encoding a probe with and
+    without special tokens."""
+    for probe in ("a", "0", " "):
+        plain = tokenizer.encode(probe, add_special_tokens=False).ids
+        if plain:
+            full = tokenizer.encode(probe, add_special_tokens=True).ids
+            at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+            return full[:at]
+    return []
+
+
+def document_start(tokenizer) -> int:
+    """What an empty context stands for, a document's start: the tokenizer's BOS (the token its
+    post-processor puts first, else a special token with a BOS name), else its end-of-document
+    token, which the next document follows (raylm's own tokenizers: <|endoftext|>). The token
+    lm-eval's `hf` backend puts there too (its tokenizer's BOS, else EOS)."""
+    start = context_start(tokenizer)
+    if start:
+        return start[0]
+    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    named = [specials[name] for name in KNOWN_BOS if name in specials]
+    named += [i for i in (tokenizer.token_to_id(name) for name in KNOWN_EOS) if i is not None]
+    if named:
+        return named[0]
+    if specials:
+        return eos_id(tokenizer)
+    raise DataError(
+        "the tokenizer has no begin- or end-of-text token to start a document from "
+        f"(none of {', '.join(KNOWN_BOS + KNOWN_EOS)}, and no special tokens), which an empty context needs"
+    )
+
+
+def encode_contexts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Contexts (or prompts) as ids: each after `context_start`, an empty one `document_start`."""
+    start, empty, out = context_start(tokenizer), None, []
+    for text in texts:
+        ids = start + tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            empty = document_start(tokenizer) if empty is None else empty
+            ids = [empty]
+        out.append(ids)
+    return out
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) texts -> the ids `continuation_logliks` scores: the context as
+    `encode_contexts` has it, the continuation without special tokens."""
+    contexts = encode_contexts(tokenizer, [context for context, _ in pairs])
+    return [(ids, tokenizer.encode(cont, add_special_tokens=False).ids) for ids, (_, cont) in zip(contexts, pairs)]

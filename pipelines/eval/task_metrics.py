@@ -85,8 +85,9 @@ def corpus_chrf(predictions: list[str], references: list[str]) -> float:
 
 def choose(logliks: list[float], lengths: list[int]) -> tuple[int, int]:
     """The option a model picks: by total log-likelihood (lm-eval's `acc`) and by
-    log-likelihood per byte of the option's text (`acc_norm`, which does not favour short
-    options). Returns (raw choice, normalized choice)."""
+    log-likelihood per unit of the option's length, which does not favour short options: its
+    characters for lm-eval's `acc_norm`, its UTF-8 bytes for `acc_bytes` (each option's text
+    without the delimiter before it). Returns (raw choice, normalized choice)."""
     raw = max(range(len(logliks)), key=lambda i: logliks[i])
     norm = max(range(len(logliks)), key=lambda i: logliks[i] / max(1, lengths[i]))
     return raw, norm

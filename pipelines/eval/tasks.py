@@ -11,7 +11,9 @@ rows a template cannot express (WinoGrande's blank, LAMBADA's last word) have a 
     answer: "{label}"              # the index of the right option (answer_offset: 1 if 1-based)
 
 Each example becomes (context, continuation) pairs, one per option, scored by
-log-likelihood (`scoring.continuation_logliks`), as lm-evaluation-harness does.
+log-likelihood (`scoring.continuation_logliks`), as lm-evaluation-harness does; its metrics
+are lm-eval's too: `acc` by total log-likelihood, `acc_norm` per character of the option
+(without the space before it) and `acc_bytes` per UTF-8 byte of it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class Example:
     gold: int  # -1: a counterfactual pair with no stereotypical side
     references: list[str] | None = None
     attribute: str | None = None
+    # The options as lm-eval's doc_to_choice gives them (no target_delimiter), whose lengths
+    # normalize acc_norm and acc_bytes; None: the continuations.
+    choices: list[str] | None = None
 
     def solved(self) -> str:
         """The example with its answer, as a k-shot demonstration."""
@@ -151,7 +156,7 @@ def make_example(spec: TaskSpec, row: dict) -> Example:
     gold = int(spec.answer.format(**row)) - spec.answer_offset
     if not 0 <= gold < len(options):
         raise IndexError(f"answer {gold + spec.answer_offset} is not one of {len(options)} options")
-    return Example([(context, spec.target_delimiter + o) for o in options], gold)
+    return Example([(context, spec.target_delimiter + o) for o in options], gold, choices=options)
 
 
 def _options(template: str | list[str], row: dict) -> list[str]:
@@ -185,9 +190,8 @@ def winogrande_example(row: dict) -> Example:
     if not blank:
         raise ValueError("a WinoGrande sentence has a '_' blank")
     continuation = " " + after.strip()
-    return Example(
-        [(before + row["option1"], continuation), (before + row["option2"], continuation)], int(row["answer"]) - 1
-    )
+    filled = [before + row["option1"], before + row["option2"]]  # lm-eval's choices for this task
+    return Example([(f, continuation) for f in filled], int(row["answer"]) - 1, choices=filled)
 
 
 def lambada_example(row: dict) -> Example:
@@ -230,17 +234,15 @@ def counterfactual_row(ex: Example, row: dict) -> dict:
 
 
 def choice_rows(model, tokenizer, examples: list[Example], batch: int = 16) -> list[dict]:
-    """Options by total log-likelihood (`correct`) and per byte of the option (`correct_norm`,
-    which does not favour short options); a single-option cloze example is right when greedy
-    decoding gives its continuation."""
-    from raylm.pipelines.eval.scoring import continuation_logliks
+    """Options by total log-likelihood (`correct`), per character of the option (`correct_norm`,
+    lm-eval's acc_norm, which does not favour short options) and per UTF-8 byte of it
+    (`correct_bytes`, lm-eval's acc_bytes); a single-option cloze example is right when greedy
+    decoding gives its continuation. Continuations are scored without special tokens; an empty
+    context is the tokenizer's document start (`scoring.encode_pairs`)."""
+    from raylm.pipelines.eval.scoring import continuation_logliks, encode_pairs
     from raylm.pipelines.eval.task_metrics import choose
 
-    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
-    start = tokenizer.token_to_id("<|endoftext|>")  # what an empty context means: a document starts
-    pairs = [(encode(ctx) or [start], encode(cont)) for ex in examples for ctx, cont in ex.pairs]
-    if any(ctx == [None] for ctx, _ in pairs):
-        raise ValueError("an empty context needs the tokenizer's <|endoftext|> token")
+    pairs = encode_pairs(tokenizer, [pair for ex in examples for pair in ex.pairs])
     scored = iter(continuation_logliks(model, pairs, batch))
     rows = []
     for ex in examples:
@@ -249,15 +251,19 @@ def choice_rows(model, tokenizer, examples: list[Example], batch: int = 16) -> l
         if len(ex.pairs) == 1:
             rows.append({"gold": 0, "loglik": logliks[0], "correct": results[0][1]})
             continue
-        raw, norm = choose(logliks, [len(cont.encode()) for _, cont in ex.pairs])
+        choices = ex.choices or [cont for _, cont in ex.pairs]
+        raw, norm = choose(logliks, [len(c) for c in choices])
+        _, per_byte = choose(logliks, [len(c.encode()) for c in choices])
         rows.append(
             {
                 "gold": ex.gold,
                 "pred": raw,
                 "pred_norm": norm,
+                "pred_bytes": per_byte,
                 "logliks": logliks,
                 "correct": raw == ex.gold,
                 "correct_norm": norm == ex.gold,
+                "correct_bytes": per_byte == ex.gold,
             }
         )
     return rows
@@ -289,7 +295,11 @@ def aggregate(spec: TaskSpec, rows: list[dict]) -> dict[str, float]:
     if spec.kind != "generate":
         return {
             "acc": mean("correct"),
-            **({"acc_norm": mean("correct_norm")} if spec.kind == "multiple_choice" else {}),
+            **(
+                {"acc_norm": mean("correct_norm"), "acc_bytes": mean("correct_bytes")}
+                if spec.kind == "multiple_choice"
+                else {}
+            ),
             "examples": n,
         }
     if spec.metric == "numeric":
@@ -303,13 +313,14 @@ def aggregate(spec: TaskSpec, rows: list[dict]) -> dict[str, float]:
 def generate_answers(model, tokenizer, prompts: list[str], spec: TaskSpec, batch: int = 8) -> list[str]:
     from raylm.models.generate import generate
     from raylm.pipelines.data.tokenizer import eos_stop
+    from raylm.pipelines.eval.scoring import encode_contexts
 
     # A small model's context holds at most half new tokens; a long prompt keeps its end.
     max_new = min(spec.max_new_tokens, model.config.block_size // 2)
     room = model.config.block_size - max_new
     answers = []
     for i in range(0, len(prompts), batch):
-        ids = [tokenizer.encode(p).ids[-room:] for p in prompts[i : i + batch]]
+        ids = [ctx[-room:] for ctx in encode_contexts(tokenizer, prompts[i : i + batch])]
         for new in generate(
             model, ids, max_new, temperature=0, stop_tokens=eos_stop(tokenizer)
         ):  # an answer ends at EOS
