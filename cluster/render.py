@@ -25,10 +25,12 @@ from raylm.tuning.space import SweepSpec, parse_sweep
 JOB_COMMANDS = ("run", "prepare", "pretrain", "finetune", "evaluate", "tune")
 URI_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://")
 
-# Config keys holding input paths: a pod sees only its image, the run volume and URIs.
+# Config keys holding input paths: a pod sees only its image, the run volume and URIs. The
+# first two are read through pyarrow's filesystems; the rest are opened as local files, so the
+# config refuses URIs for them (raylm/config.py LocalPath) and they belong on the run volume.
+URI_KEYS = ("data.sources.*.paths.*", "finetune.sft.sources.*.paths.*")
 PATH_KEYS = (
-    "data.sources.*.paths.*",
-    "finetune.sft.sources.*.paths.*",
+    *URI_KEYS,
     "finetune.base",
     "tokenizer.path",
     "eval.task_data_dir",
@@ -163,11 +165,13 @@ def on_volume(path: str, cluster: ClusterSection, key: str) -> str:
 
 
 def check_visible(key: str, path: str, cluster: ClusterSection) -> None:
-    if path.startswith(URI_SCHEMES) or under_mount(path, cluster):
+    uri_ok = any(_matches(key, pattern) for pattern in URI_KEYS)
+    if (uri_ok and path.startswith(URI_SCHEMES)) or under_mount(path, cluster):
         return
     raise ConfigError(
         f"{key}={path} is a path on this machine, which the pods cannot see: copy it onto the run "
-        f"volume (cluster.storage.mount_path={cluster.storage.mount_path}) or use an s3:// gs:// hf:// URI"
+        f"volume (cluster.storage.mount_path={cluster.storage.mount_path})"
+        + (" or use an s3:// gs:// hf:// URI" if uri_ok else "")
     )
 
 

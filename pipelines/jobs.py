@@ -21,7 +21,7 @@ from raylm.pipelines.data.prepare import find_prepared, prepare
 from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.eval.tasks import load_task
-from raylm.pipelines.runtime import start_ray, tracking_uri
+from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
 from raylm.pipelines.track.review import log_loss_curve, log_model
 from raylm.pipelines.track.tracking import Tracker
@@ -96,6 +96,7 @@ def run_lifecycle(
     stage = stages[0] if len(stages) == 1 else "run"
     started = time.perf_counter()
     start_ray(address)
+    size_pools_for(cfg.cluster)
     with open_tracker(cfg, stage) as tracker:
         out = Outcome(tracker, checkpoint=checkpoint)
         if "finetune" in stages:
@@ -278,6 +279,7 @@ def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_
     loss and eval.tasks, at the checkpoint's step), on Ray Data replicas beside the training
     workers. Ends after the checkpoint of train.max_steps, or after idle_minutes with none new."""
     start_ray(address)
+    size_pools_for(cfg.cluster)
     run_dir = train_storage(cfg.run) / cfg.run.name
     manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
     seen: set[str] = set()

@@ -71,10 +71,42 @@ def quiet_ray_data() -> None:
     ctx.execution_options.preserve_order = True
 
 
+_cluster = None  # the config's cluster section (size_pools_for), for a cluster that reports no CPU yet
+
+
+def size_pools_for(cluster) -> None:
+    """Remember the config's cluster section: cluster_cpus falls back on its CPU worker group."""
+    global _cluster
+    _cluster = cluster
+
+
 def cluster_cpus() -> float:
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    return pool_cpus(ray.cluster_resources(), _cluster)
+
+
+def pool_cpus(resources: dict, cluster=None) -> float:
+    """CPUs to size Ray Data's encoder and evaluation pools (and shared worker CPUs) from: the
+    cluster's; when it reports none, as an autoscaling cluster does before its first worker pod
+    (the head has num-cpus 0), the most the config's CPU worker group brings up; else an error
+    (a pool of 1 would run a cluster's work on one CPU without a word)."""
+    cpus = float(resources.get("CPU", 0))
+    if cpus > 0:
+        return cpus
+    group = cluster.cpu.max_nodes * cluster.cpu.cpus if cluster is not None else 0
+    if group > 0:
+        print(
+            f"[raylm] the Ray cluster reports no CPUs yet (an autoscaling cluster with no worker up): "
+            f"sizing pools for cluster.cpu.max_nodes={cluster.cpu.max_nodes} x cluster.cpu.cpus={cluster.cpu.cpus}",
+            flush=True,
+        )
+        return float(group)
+    raise ConfigError(
+        "the Ray cluster reports no CPUs (a head started with num-cpus 0 and no worker up?), so Ray Data's "
+        "pools cannot be sized: add CPU workers, or for an autoscaling cluster set cluster.cpu.max_nodes "
+        "and cluster.cpu.cpus to what its CPU worker group reaches"
+    )
 
 
 def tracking_uri(configured: str | None) -> str:

@@ -6,18 +6,38 @@ Unknown keys and wrong types fail at load time, before Ray starts, with the full
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raylm.errors import ConfigError
+from raylm.fmt import redact
+
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3:// gs:// hf:// http(s):// file:// ...
+
+
+def _local_path(value: str) -> str:
+    """Keys the runtime opens as files on the machine that reads them (eval texts, the
+    decontamination sets, tokenizer.path, finetune.base): a URI would be taken for a folder named
+    "s3:". Inputs that pyarrow reads from object storage are data.sources and finetune.sft.sources."""
+    if URI.match(value):
+        raise ValueError(
+            f"{redact(value)} is a URI, but this key is read as a local path (raylm does not read it from "
+            "object storage): copy it to local disk, or on a cluster onto the run volume (cluster.storage.mount_path)"
+        )
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(_local_path)]
 
 
 class Section(BaseModel):
@@ -27,8 +47,18 @@ class Section(BaseModel):
 
 class RunSection(Section):
     name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    output_dir: str = "runs"  # prepared data, checkpoints and samples go under here
+    output_dir: str = "runs"  # prepared data, checkpoints and samples go under here; a local path or mounted volume
     seed: int = 1337
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_a_uri(cls, value: str) -> str:
+        if URI.match(value):
+            raise ValueError(
+                f"{redact(value)} is a URI: object storage for checkpoints is not supported yet; give a local "
+                "path or a mounted volume (e.g. the bucket through its CSI driver or a FUSE mount)"
+            )
+        return value
 
 
 class GrammarSection(Section):
@@ -98,7 +128,7 @@ class DedupSection(Section):
 
 
 class DecontaminateSection(Section):
-    eval_paths: list[str] = []  # JSONL eval sets; every string field of a row is eval text
+    eval_paths: list[LocalPath] = []  # JSONL eval sets (local paths or globs); every string field of a row is eval text
     ngram_words: int = Field(13, gt=0)  # GPT-3's decontamination used 13-grams
     drop: bool = False  # False: report contaminated documents, keep them
 
@@ -132,9 +162,25 @@ class TokenizerSection(Section):
     vocab_size: int = Field(2048, ge=300)  # byte-level BPE starts from 256 byte symbols
     min_frequency: int = Field(2, ge=1)
     eos_token: str = "<|endoftext|>"  # joins documents in the packed stream
-    special_tokens: list[str] = []  # more tokens the BPE must keep whole, e.g. chat markers
+    # More tokens the BPE keeps whole, e.g. chat markers: special ids right after eos_token's, in
+    # this order (a trained tokenizer only; tokenizer.path brings its own).
+    special_tokens: list[Annotated[str, Field(min_length=1)]] = []
     sample_bytes: int = Field(200_000_000, gt=0)  # cleaned training text the BPE trainer sees
-    path: str | None = None  # an existing tokenizer.json to reuse instead of training one
+    path: LocalPath | None = None  # an existing tokenizer.json (a local file) to reuse instead of training one
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _distinct(cls, tokens: list[str]) -> list[str]:
+        repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return tokens
+
+    @model_validator(mode="after")
+    def _trained_or_given(self) -> TokenizerSection:
+        if self.path and self.special_tokens:
+            raise ValueError("special_tokens are trained into a new tokenizer; tokenizer.path brings its own")
+        return self
 
 
 # Shapes only: the vocabulary comes from the tokenizer the data was prepared with. GPT-2/3
@@ -209,7 +255,8 @@ class ModelShape(Section):
 
 class ModelSection(ModelShape):
     """A preset's shape (PRESETS above), with any field given beside it winning:
-    `model: {preset: 124m, n_layer: 6}`. Without a preset, the fields' defaults."""
+    `model: {preset: 124m, n_layer: 6}`. Without a preset, the fields' defaults. A preset
+    --set on the command line over a file's own shape fields is refused (load_raw)."""
 
     preset: Literal[tuple(PRESETS)] | None = None
 
@@ -293,9 +340,9 @@ class EvalSection(Section):
     # Tasks (pipelines/eval/tasks.py): YAML files such as configs/tasks/arc_easy.yaml, over JSONL
     # files under task_data_dir (e.g. ../shared/data); scored after the validation split.
     tasks: list[str] = []
-    task_data_dir: str | None = None
+    task_data_dir: LocalPath | None = None  # a local folder
     task_limit: int | None = Field(None, gt=0)  # the first N examples of each task (quick checks)
-    texts: list[str] = []  # UTF-8 text files also scored for loss, perplexity and bits per byte
+    texts: list[LocalPath] = []  # local UTF-8 text files also scored for loss, perplexity and bits per byte
 
     @model_validator(mode="after")
     def _tasks_have_data(self) -> EvalSection:
@@ -350,9 +397,9 @@ class LoraSection(Section):
 
 class FinetuneSection(Section):
     # A raylm checkpoint or model directory (model.json), or a Hugging Face Llama directory
-    # (config.json + safetensors), which is imported first. The model section is not used:
-    # the shape is the base's.
-    base: str | None = None
+    # (config.json + safetensors), which is imported first; a local path. The model section is not
+    # used: the shape is the base's.
+    base: LocalPath | None = None
     # sft: instruction data from sft.sources. cpt: continued pretraining on the data section's
     # corpus, tokenized with the base model's tokenizer.
     mode: Literal["sft", "cpt"] = "sft"
@@ -505,9 +552,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ra
 def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     """The config tree as written (YAML plus overrides), before validation and defaults."""
     raw = _read_yaml(Path(path)) if path else {}
-    for item in overrides:
-        _apply_override(raw, item)
+    in_file = copy.deepcopy(raw.get("model")) if isinstance(raw.get("model"), dict) else {}
+    set_keys = [_apply_override(raw, item) for item in overrides]
+    _check_preset_override(in_file, raw, set_keys, str(path))
     return raw
+
+
+SHAPE_FIELDS = tuple(dict.fromkeys(k for shape in PRESETS.values() for k in shape))  # what a preset sets
+
+
+def _check_preset_override(in_file: dict, raw: dict, set_keys: list[str], path: str) -> None:
+    """`--set model.preset=124m` on a file whose model section gives its own shape (n_layer: 4, ...)
+    would lose to those fields, as fields beside a preset do (ModelSection), and train the file's
+    model under the preset's name. Shape fields --set as well win; a file naming that same preset
+    keeps its fields beside it."""
+    preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
+    if "model.preset" not in set_keys or preset not in PRESETS or in_file.get("preset") == preset:
+        return
+    shape = {**{k: ModelShape.model_fields[k].default for k in SHAPE_FIELDS}, **PRESETS[preset]}
+    conflicts = [
+        f"model.{k}" for k in SHAPE_FIELDS if k in in_file and f"model.{k}" not in set_keys and in_file[k] != shape[k]
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--set model.preset={preset} conflicts with {', '.join(conflicts)} set in {path}, which would win "
+            f"over the preset's shape: remove them from the file or --set them too"
+        )
 
 
 def _read_yaml(path: Path) -> dict:
@@ -524,11 +594,12 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key.path=value, got {item!r}")
     set_key(raw, key.strip(), _parse_value(text), "--set ")
+    return key.strip()
 
 
 def set_key(raw: dict, key: str, value: Any, origin: str = "") -> None:

@@ -134,12 +134,29 @@ def test_spot_gpus_add_the_spot_selector_and_toleration():
             ["data.sources=[{paths: ['https://me:hunter2@files.example.com/a.txt']}]"],
             "data.sources.0.paths.0=https://me:***@files.example.com/a.txt carries a password",
         ),
-        (["eval.texts=['https://me:hunter2@files.example.com/b.txt']"], "eval.texts.0=https://me:***@files"),
+        (  # eval.texts are opened as local files: a URI is refused, its password masked in the message
+            ["eval.texts=['https://me:hunter2@files.example.com/b.txt']"],
+            "eval.texts.0: https://me:***@files.example.com/b.txt is a URI, but this key is read as a local path",
+        ),
+        (["tokenizer.path=s3://b/tokenizer.json"], "tokenizer.path: s3://b/tokenizer.json is a URI, but this key"),
+        (["finetune.base=hf://org/model"], "finetune.base: hf://org/model is a URI, but this key is read as a local"),
+        (["run.output_dir=s3://b/runs"], "run.output_dir: s3://b/runs is a URI: object storage for checkpoints"),
     ],
 )
 def test_configs_a_cluster_cannot_run_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         render_job(load_raw(GPT2, overrides), "pretrain")
+
+
+def test_a_local_input_the_pods_cannot_see_is_told_to_use_a_uri_only_where_one_is_read():
+    with pytest.raises(ConfigError) as err:
+        render_job(load_raw(GPT2, ["eval.task_data_dir=/data/tasks"]), "pretrain")
+    assert str(err.value) == (
+        "eval.task_data_dir=/data/tasks is a path on this machine, which the pods cannot see: copy it onto "
+        "the run volume (cluster.storage.mount_path=/mnt/raylm)"
+    )
+    with pytest.raises(ConfigError, match=r"/mnt/raylm\) or use an s3:// gs:// hf:// URI$"):
+        render_job(load_raw(GPT2, ["data.sources=[{paths: [/data/a.txt]}]"]), "pretrain")
 
 
 def test_inputs_on_the_volume_or_in_buckets_are_fine():

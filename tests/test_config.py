@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,62 @@ def test_model_rope_scaling_validates_and_names_bad_keys(tmp_path):
         ConfigError, match=r"unknown key model\.rope_scaling\.factr \(did you mean model\.rope_scaling\.factor\?\)"
     ):
         load_config(f, ["model.rope_scaling.factr=8"])
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://b/r", "hf://org/x", "https://host/runs", "file:///tmp/r"])
+def test_output_dir_on_object_storage_is_refused_naming_the_key(uri):
+    with pytest.raises(ConfigError, match=r"run\.output_dir: .* is a URI: object storage for checkpoints"):
+        load_config(None, [f"run.output_dir={uri}"])
+    assert load_config(None, ["run.output_dir=/mnt/raylm/runs"]).run.output_dir == "/mnt/raylm/runs"  # a mount
+    assert load_config(None, ["run.output_dir=out/runs"]).run.output_dir == "out/runs"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.decontaminate.eval_paths=[evals/a.jsonl, 's3://b/evals/*.jsonl']", "data.decontaminate.eval_paths.1"),
+        ("eval.texts=['gs://b/held_out.txt']", "eval.texts.0"),
+        ("eval.task_data_dir=s3://b/tasks", "eval.task_data_dir"),
+        ("tokenizer.path=hf://org/model/tokenizer.json", "tokenizer.path"),
+        ("finetune.base=s3://b/base", "finetune.base"),
+    ],
+)
+def test_uris_for_keys_read_as_local_files_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key) + r": \S+ is a URI, but this key is read as a local path"):
+        load_config(None, [override])
+
+
+def test_uris_stay_fine_where_pyarrow_reads_them():
+    cfg = load_config(None, ["data.sources=[{paths: ['s3://b/web/*.jsonl']}]", "eval.texts=[/mnt/raylm/a.txt]"])
+    assert cfg.data.sources[0].paths == ["s3://b/web/*.jsonl"] and cfg.eval.texts == ["/mnt/raylm/a.txt"]
+
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"  # model: n_layer 4, n_head 4, n_embd 128, block_size 128
+
+
+def test_a_preset_set_over_shape_fields_of_the_file_is_an_error_naming_them():
+    with pytest.raises(
+        ConfigError,
+        match=r"--set model\.preset=124m conflicts with model\.n_layer, model\.n_head, model\.n_embd, "
+        r"model\.block_size set in .*quickstart\.yaml.*remove them from the file or --set them too",
+    ):
+        load_config(QUICKSTART, ["model.preset=124m"])
+
+
+def test_shape_fields_set_beside_a_preset_on_the_command_line_win():
+    fields = ["model.n_head=12", "model.n_embd=768", "model.block_size=1024"]
+    model = load_config(QUICKSTART, ["model.n_layer=6", "model.preset=124m", *fields]).model
+    assert (model.preset, model.n_layer, model.n_head, model.n_embd, model.block_size) == ("124m", 6, 12, 768, 1024)
+    model = load_config(None, ["model.preset=124m", "model.n_layer=6"]).model  # no file: nothing to conflict with
+    assert (model.n_layer, model.n_embd) == (6, 768)
+
+
+def test_a_file_naming_its_preset_keeps_its_fields_beside_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {preset: 124m, n_layer: 6, dropout: 0.1}\n")
+    assert load_config(f).model.n_layer == 6
+    assert load_config(f, ["model.preset=124m"]).model.n_layer == 6  # the same preset again: the file as it is
+    with pytest.raises(ConfigError, match=r"--set model\.preset=350m conflicts with model\.n_layer set in"):
+        load_config(f, ["model.preset=350m"])  # dropout is no shape field
+    f.write_text("model: {n_layer: 12, n_head: 12, dropout: 0.1}\n")  # the preset's own values: no conflict
+    assert load_config(f, ["model.preset=124m"]).model.n_embd == 768

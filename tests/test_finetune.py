@@ -4,6 +4,7 @@ the shared instruction sets, and `raylm finetune` on real Ray raising a task's s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -370,6 +371,67 @@ def test_a_hugging_face_base_is_imported_once_and_starts_as_the_same_model(base,
     torch.testing.assert_close(load_model(imported)(x)[0], load_model(base / "base")(x)[0])
     with pytest.raises(DataError, match="neither a raylm model directory"):
         resolve_base(str(tmp_path), tmp_path / "runs")
+
+
+def test_a_hugging_face_base_is_imported_again_when_its_weights_change(base, tmp_path):
+    """The import is cached by what the directory holds, not by its path: new weights written
+    over the old ones are imported, not served from the stale import."""
+    from raylm.models.hf import export_hf
+    from raylm.pipelines.train.finetune import resolve_base
+
+    hf = export_hf(base / "base", tmp_path / "hf")
+    first = resolve_base(str(hf), tmp_path / "runs")
+    weights = hf / "model.safetensors"
+    before = weights.stat()
+    changed = load_model(base / "base")
+    with torch.no_grad():
+        changed.norm.weight.mul_(3.0)
+    save_model(changed, tmp_path / "changed")
+    shutil.copyfile(base / "base" / "tokenizer.json", tmp_path / "changed" / "tokenizer.json")
+    export_hf(tmp_path / "changed", hf)  # same path, same file sizes, new weights
+    assert weights.stat().st_size == before.st_size
+    if weights.stat().st_mtime_ns == before.st_mtime_ns:  # a filesystem with coarse timestamps
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    second = resolve_base(str(hf), tmp_path / "runs")
+    assert second != first and (first / "model.json").is_file()
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(load_model(second)(x)[0], changed(x)[0])
+    assert not torch.allclose(load_model(first)(x)[0], changed(x)[0])
+    (hf / "config.json").write_text(
+        (hf / "config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06')
+    )
+    assert resolve_base(str(hf), tmp_path / "runs") not in (first, second)  # the config is part of the key
+
+
+def test_sft_sources_given_as_uris_are_read_and_cached_through_their_filesystem(base, tmp_path, monkeypatch):
+    """list_files gives a URI's files as bucket/key paths of its pyarrow filesystem; the cache
+    key once stat'ed those as local paths and crashed. A local folder stands in for the bucket."""
+    import pyarrow.fs as pafs
+
+    from raylm.config import SftSection
+    from raylm.pipelines.data import readers
+    from raylm.pipelines.data.sft import prepare_sft
+
+    (tmp_path / "bucket").mkdir()
+    data = tmp_path / "bucket" / "colors.jsonl"
+    shutil.copyfile(base / "colors.jsonl", data)
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    monkeypatch.setattr(readers, "_list_remote", lambda uri: ([uri.removeprefix("s3://")], [], store))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # bucket/colors.jsonl is no local path from here
+    sft = SftSection(sources=[SftSourceSection(paths=["s3://bucket/colors.jsonl"])], val_fraction=0.3)
+    first = prepare_sft(sft, base / "tokenizer.json", 32, False, tmp_path / "runs")
+    assert first.splits["train"].examples + first.splits["val"].examples == len(data.read_text().splitlines())
+    assert prepare_sft(sft, base / "tokenizer.json", 32, False, tmp_path / "runs").path == first.path  # reused
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": "What color is the sun?", "response": "yellow"}) + "\n")
+    assert prepare_sft(sft, base / "tokenizer.json", 32, False, tmp_path / "runs").path != first.path
+    monkeypatch.undo()  # pyarrow's own filesystem for a file:// URI, mixed with a plain path in one source
+    local = SftSection(sources=[SftSourceSection(paths=[data.as_uri(), str(base / "sizes.jsonl")])], val_fraction=0.3)
+    mixed = prepare_sft(local, base / "tokenizer.json", 32, False, tmp_path / "runs")
+    assert mixed.sources["colors"]["rows"] == len(data.read_text().splitlines()) + len(
+        (base / "sizes.jsonl").read_text().splitlines()
+    )
 
 
 def test_continued_pretraining_uses_the_base_tokenizer_and_lowers_loss_on_the_new_corpus(ray_cluster, base):

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylm.config import load_config
-from raylm.errors import DataError
+from raylm.config import ClusterSection, TokenizerSection, load_config
+from raylm.errors import ConfigError, DataError
 from raylm.pipelines.data.loader import read_windows
 from raylm.pipelines.data.manifest import Manifest
-from raylm.pipelines.data.prepare import find_prepared, prepare
-from raylm.pipelines.data.tokenizer import load_tokenizer
+from raylm.pipelines.data.prepare import Source, find_prepared, mixing_fractions, prepare
+from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from raylm.pipelines.runtime import pool_cpus
 from tests import corrupt_corpus
 from tests.conftest import SHARED_DATA
 
@@ -207,3 +208,51 @@ def test_path_matching_nothing_is_an_error(tmp_path):
     cfg = load_config(None, [f"data.sources=[{{paths: ['{tmp_path / 'nothing' / '*.txt'}']}}]"])
     with pytest.raises(DataError, match=r"data\.sources\.0\.paths: .* matches no readable files"):
         prepare(cfg.data, cfg.tokenizer, tmp_path / "out")
+
+
+# -- without Ray: special tokens, mixing weights, pool sizes -----------------------------------
+
+
+def test_special_tokens_are_trained_in_as_single_special_ids_after_eos(tmp_path):
+    section = TokenizerSection(vocab_size=300, min_frequency=1, special_tokens=["<|user|>", "<|assistant|>"])
+    train_tokenizer(iter([["the cat sat on the mat. " * 20, "a dog ran. " * 20]]), section, tmp_path / "tok.json")
+    tok = load_tokenizer(tmp_path / "tok.json")  # as saved, the way prepare and training read it
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    assert specials == {"<|endoftext|>": 0, "<|user|>": 1, "<|assistant|>": 2} and eos_id(tok) == 0
+    encoded = tok.encode("<|user|>the cat<|assistant|>a dog", add_special_tokens=False)
+    assert encoded.ids[0] == 1 and encoded.tokens.count("<|assistant|>") == 1 and 2 in encoded.ids
+    with pytest.raises(ValueError, match="listed more than once: <\\|user\\|>"):
+        TokenizerSection(special_tokens=["<|user|>", "<|user|>"])
+    with pytest.raises(
+        ConfigError, match=r"tokenizer: special_tokens are trained into a new tokenizer; tokenizer\.path"
+    ):
+        load_config(None, ["tokenizer.path=tok.json", "tokenizer.special_tokens=[<|user|>]"])  # not silently unused
+
+
+def mix_source(name: str, weight: float | None) -> Source:
+    return Source(name, [f"{name}.txt"], None, "text", "text", "paragraph", weight, [])
+
+
+def test_a_weighted_source_left_empty_fails_naming_it():
+    sources = [mix_source("books", 0.7), mix_source("web", 0.3)]
+    doc_sources = np.array(["books", "books", "web", "web"], dtype=object)
+    doc_bytes = np.array([100, 100, 50, 50])
+    assert mixing_fractions(sources, doc_sources, doc_bytes, np.ones(4, bool)) == pytest.approx(
+        {"books": 1.0, "web": 200 / 0.7 * 0.3 / 100}  # books, the scarcer for its weight, kept whole
+    )
+    cleaned_away = np.array([True, True, False, False])  # every web document dropped by cleaning or dedup
+    with pytest.raises(DataError, match=r"^data\.sources\.1 \(web\): no document left after reading, cleaning"):
+        mixing_fractions(sources, doc_sources, doc_bytes, cleaned_away)
+    unweighted = [mix_source("books", None), mix_source("web", None)]  # natural proportions: nothing to meet
+    assert mixing_fractions(unweighted, doc_sources, doc_bytes, cleaned_away) == {"books": 1.0, "web": 1.0}
+
+
+def test_pools_are_sized_from_the_cluster_or_the_config_never_silently_one(capsys):
+    assert pool_cpus({"CPU": 8.0}, ClusterSection()) == 8.0
+    # An autoscaling cluster before its first worker pod (head num-cpus 0): the CPU group's most.
+    group = ClusterSection(cpu={"max_nodes": 3, "cpus": 16})
+    assert pool_cpus({"memory": 1e9}, group) == 48.0
+    assert "cluster.cpu.max_nodes=3 x cluster.cpu.cpus=16" in capsys.readouterr().out
+    for cluster in (None, ClusterSection(cpu={"max_nodes": 0})):
+        with pytest.raises(ConfigError, match="the Ray cluster reports no CPUs .* cluster.cpu.max_nodes"):
+            pool_cpus({"CPU": 0.0}, cluster)

@@ -26,7 +26,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from raylm.config import DataSection, TokenizerSection, flatten, section_fingerprint, set_key, validate
 from raylm.errors import ConfigError, SweepInterrupted
 from raylm.pipelines.data.prepare import prepare
-from raylm.pipelines.runtime import start_ray, tracking_uri
+from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.tracking import Tracker
 from raylm.tuning.capacity import TRIAL_CPU, max_concurrent
 from raylm.tuning.report import SweepResult, summarize
@@ -46,6 +46,7 @@ def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, 
     state_file = folder / name / STATE
     resume = wants_resume(folder / name, resume)
     resources = start_ray(address)
+    size_pools_for(cfg.cluster)
     for data, tok in datasets(base, spec):
         prepare(data, tok, Path(cfg.run.output_dir))
     started = time.perf_counter()

@@ -45,6 +45,7 @@ from raylm.pipelines.data.readers import (
     SNIPPET_CHARS,
     documents_of_file,
     file_format,
+    file_stamp,
     list_source,
     source_name,
 )
@@ -298,13 +299,21 @@ def mixing_fractions(
     sources: list[Source], doc_sources: np.ndarray, doc_bytes: np.ndarray, alive: np.ndarray
 ) -> dict[str, float]:
     """Keep probabilities that give each source its weight's share of the output bytes.
-    The scarcest source relative to its weight is kept whole; the others are subsampled."""
+    The scarcest source relative to its weight is kept whole; the others are subsampled. A
+    weighted source with nothing left would make every share zero: that fails here, naming it."""
     if all(s.weight is None for s in sources):
         return {s.name: 1.0 for s in sources}
     avail = {s.name: float(doc_bytes[alive & (doc_sources == s.name)].sum()) for s in sources}
+    empty = [f"data.sources.{i} ({s.name})" for i, s in enumerate(sources) if not avail[s.name]]
+    if empty:
+        raise DataError(
+            f"{', '.join(empty)}: no document left after reading, cleaning, dedup and decontamination, so "
+            "its mixing weight cannot be met and every source would be sampled out to nothing: "
+            "fix its paths, format or text_field, loosen data.clean, or remove the source"
+        )
     total_w = sum(s.weight for s in sources)
     output = min(avail[s.name] / (s.weight / total_w) for s in sources)
-    return {s.name: min(1.0, output * s.weight / total_w / avail[s.name]) if avail[s.name] else 1.0 for s in sources}
+    return {s.name: min(1.0, output * s.weight / total_w / avail[s.name]) for s in sources}
 
 
 # -- stage 3: apply verdicts, split, subsample ------------------------------------------------------
@@ -477,8 +486,7 @@ def _inputs_fingerprint(sources: list[Source]) -> str:
     stamp = hashlib.sha256()
     for s in sources:
         for f in s.files:
-            info = s.filesystem.get_file_info(f) if s.filesystem else None
-            size, mtime = (info.size, info.mtime_ns) if info else (Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
+            size, mtime = file_stamp(f, s.filesystem)
             stamp.update(f"{s.name}:{f}:{size}:{mtime}".encode())
     return stamp.hexdigest()[:12]
 

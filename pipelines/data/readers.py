@@ -121,6 +121,16 @@ def _readable(name: str) -> bool:
     return bool(suffixes) and suffixes[-1] in READABLE
 
 
+def file_stamp(path: str, filesystem=None) -> tuple[int, int | None]:
+    """(size, mtime in ns) of a listed file, for cache keys: through its pyarrow filesystem for a
+    URI (list_files gives such paths without their scheme, e.g. bucket/key), else os.stat."""
+    if filesystem is None:
+        stat = Path(path).stat()
+        return stat.st_size, stat.st_mtime_ns
+    info = filesystem.get_file_info(path)
+    return info.size, info.mtime_ns
+
+
 def file_format(path: str, configured: str) -> str:
     if configured != "auto":
         return configured

@@ -29,7 +29,7 @@ from raylm.config import SftSection, SftSourceSection, TemplateSection
 from raylm.errors import DataError
 from raylm.pipelines.data.arrays import as_fixed_list
 from raylm.pipelines.data.manifest import Manifest, SplitStats
-from raylm.pipelines.data.readers import list_source, source_name
+from raylm.pipelines.data.readers import file_stamp, list_source, source_name
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
 
 SPLITS = ("train", "val")
@@ -233,10 +233,9 @@ def prepare_sft(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool, ou
 def read_source(source: SftSourceSection, key: str, template: TemplateSection, strict: bool):
     """Every usable example of a source as (template pieces, text for the split hash), and
     counts: rows read, examples kept, and rows skipped per reason."""
-    files, filesystem = list_source_paths(source, key)
     counts: Counter = Counter()
     examples = []
-    for path in files:
+    for path, filesystem in list_source_paths(source, key):
         with filesystem.open_input_stream(path) if filesystem else open(path, "rb") as f:
             lines = f.read().decode("utf-8", errors="replace").splitlines()
         for number, line in enumerate(lines, start=1):
@@ -258,12 +257,13 @@ def read_source(source: SftSourceSection, key: str, template: TemplateSection, s
     return examples, counts
 
 
-def list_source_paths(source: SftSourceSection, key: str):
-    files, filesystem = [], None
+def list_source_paths(source: SftSourceSection, key: str) -> list[tuple[str, object]]:
+    """(path, pyarrow filesystem or None for a local path) of every file of the source's paths."""
+    files = []
     for pattern in source.paths:
         found, _, filesystem = list_source(pattern, f"{key}.paths")
-        files += found
-    return files, filesystem
+        files += [(path, filesystem) for path in found]
+    return files
 
 
 def _reason(err: Exception) -> str:
@@ -305,9 +305,8 @@ def write_split(examples: list, width: int, pad_id: int, packed: bool, directory
 def _fingerprint(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool) -> str:
     h = hashlib.sha256(json.dumps([sft.model_dump(mode="json"), seq_len, strict]).encode())
     h.update(Path(tokenizer).read_bytes())
-    for source in sft.sources:
-        for pattern in source.paths:
-            for path in list_source(pattern, "finetune.sft.sources.paths")[0]:
-                stat = Path(path).stat() if "://" not in path else None
-                h.update(f"{path}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}".encode())
+    for i, source in enumerate(sft.sources):
+        for path, filesystem in list_source_paths(source, f"finetune.sft.sources.{i}"):
+            size, mtime = file_stamp(path, filesystem)  # a URI's through pyarrow: its path is bucket/key
+            h.update(f"{path}:{size}:{mtime}".encode())
     return h.hexdigest()[:12]

@@ -12,7 +12,8 @@ from raylm.config import TokenizerSection
 
 
 def train_tokenizer(texts: Iterator[list[str]], section: TokenizerSection, path: Path) -> Tokenizer:
-    """Train on batches of documents and save tokenizer.json at path."""
+    """Train on batches of documents and save tokenizer.json at path. EOS is the first special
+    token (id 0), then tokenizer.special_tokens in order (ids 1, 2, ...): each encodes whole."""
     tok = Tokenizer(models.BPE())
     # Byte-level: every byte is a symbol, so any input encodes with no unknown token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -20,7 +21,7 @@ def train_tokenizer(texts: Iterator[list[str]], section: TokenizerSection, path:
     trainer = trainers.BpeTrainer(
         vocab_size=section.vocab_size,
         min_frequency=section.min_frequency,
-        special_tokens=[section.eos_token],
+        special_tokens=list(dict.fromkeys([section.eos_token, *section.special_tokens])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -51,14 +51,33 @@ def import_base(hf_dir: Path, output_dir: Path) -> Path:
 
     if not (hf_dir / "tokenizer.json").is_file():
         raise DataError(f"finetune.base: {hf_dir} has no tokenizer.json (a fast tokenizer is needed)")
-    out = output_dir / "base" / hashlib.sha256(str(hf_dir).encode()).hexdigest()[:12]
+    out = output_dir / "base" / hf_content_key(hf_dir)
     if not (out / "model.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            import_hf(hf_dir, out)
+            import_hf(hf_dir, tmp)
         except NotConvertible as err:
             raise DataError(f"finetune.base: {err}") from None
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # whole or absent: an import that died midway is not reused
         print(f"[finetune] imported {hf_dir} -> {out}", flush=True)
     return out
+
+
+def hf_content_key(hf_dir: Path) -> str:
+    """The import's cache key, from what it is made of: the JSON files (config, tokenizer, shard
+    index) by content, and each weights file by name, size and modification time (hashing
+    gigabytes of safetensors on every start would take minutes). New weights at the same path
+    are imported again, not served from the old import."""
+    h = hashlib.sha256()
+    for path in sorted(hf_dir.iterdir()):
+        if path.suffix == ".json" and path.is_file():
+            h.update(f"{path.name}\0".encode() + path.read_bytes() + b"\0")
+        elif path.suffix == ".safetensors":
+            stat = path.stat()
+            h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:12]
 
 
 def check_fits(cfg: RaylmConfig, base: Path, model: ModelConfig) -> None:
