@@ -11,7 +11,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 # Dependencies first, in their own layer: editing the source does not reinstall torch.
 # pip resolves them from pyproject.toml alone, in a scratch folder holding an empty
 # __init__.py for each package that pyproject.toml lists.
-# On Linux x86_64, PyPI's torch is the CUDA build, which is what a GPU image wants.
+# On Linux x86_64, PyPI's torch is the CUDA build, which is what a GPU image wants; it is pinned
+# to the version tested, inside pyproject.toml's range (tests/test_packaging.py checks).
 # The `server` extra: the MLflow server's PostgreSQL and S3/GCS clients (cluster/platform.yaml
 # runs MLflow from this same image).
 COPY --chown=ray:users pyproject.toml README.md /tmp/deps/
@@ -19,7 +20,7 @@ RUN cd /tmp/deps \
  && python -c "import pathlib, tomllib; \
 [(pathlib.Path(p.replace('.', '/')).mkdir(parents=True, exist_ok=True), pathlib.Path(p.replace('.', '/'), '__init__.py').touch()) \
  for p in tomllib.load(open('pyproject.toml', 'rb'))['tool']['setuptools']['packages']]" \
- && pip install '.[server]' \
+ && pip install '.[server]' 'torch==2.13.0' \
  && pip uninstall -y raylm \
  && cd / && rm -rf /tmp/deps
 

@@ -8,12 +8,56 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, IncompatibleVersion
 from raylm.fmt import redact
+
+# The versions raylm is tested with, as pyproject.toml pins them (tests/test_packaging.py checks):
+# where raylm reaches past a library's public API, `require` names the version that had it.
+TESTED = {"ray": "2.60", "mlflow": "3.17", "torch": "2.13"}
+
+
+def require(owner, attribute: str, dist: str):
+    """owner.attribute, which raylm uses although `dist` (ray, mlflow) does not publish it: the
+    installed version lacking it fails at once, in one line naming the version that has it,
+    rather than with an AttributeError deep in a worker or a silent change of behaviour."""
+    try:
+        return getattr(owner, attribute)
+    except AttributeError:
+        raise incompatible(f"{api_name(owner)}.{attribute}", dist) from None
+
+
+def api_name(owner) -> str:
+    """ray._private.ray_constants for a module, its module and class name for a class or an object."""
+    if isinstance(owner, types.ModuleType) or (not isinstance(owner, type) and hasattr(owner, "__name__")):
+        return owner.__name__
+    cls = owner if isinstance(owner, type) else type(owner)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def private_module(name: str, dist: str):
+    """The module `name` of `dist`, which its next version may move or remove (see `require`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+            raise  # a dependency of that module is missing, not the module itself
+        raise incompatible(name, dist) from None
+
+
+def incompatible(what: str, dist: str) -> IncompatibleVersion:
+    from importlib.metadata import version
+
+    tested = TESTED[dist]
+    return IncompatibleVersion(
+        f"raylm needs {what} ({dist} {tested} has it); {dist} {version(dist)} lacks it: install {dist}=={tested}.*"
+    )
 
 
 def start_ray(address: str | None = None) -> dict:
@@ -27,6 +71,7 @@ def start_ray(address: str | None = None) -> dict:
         else:
             # "local" forces a new instance: a bare init() may join a stale `ray start` cluster.
             # The dashboard stays on: Ray Train's cleanup polls the state API it serves.
+            logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(not_token_auth_notice)
             with loopback_node():
                 ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
             # One machine has no nodes to drain: Ray Train's preemption watcher (an actor polling
@@ -34,6 +79,18 @@ def start_ray(address: str | None = None) -> dict:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_ray_data()
     return ray.cluster_resources()
+
+
+# A new local instance gets token authentication (Ray 2.60's default, and still wanted on a
+# loopback-only node: any local process could otherwise run code in it), and Ray logs a WARNING
+# saying so each time, with how to opt out. raylm keeps it on, so that notice is dropped; only
+# that one: Ray's warning that authentication is *disabled* (RAY_AUTH_MODE=disabled) still shows.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+def not_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_AUTH_NOTICE)
 
 
 @contextmanager
@@ -47,9 +104,8 @@ def loopback_node():
     when it is imported, before this runs, so the parsed flag is set here, for this init only;
     once the node runs, Ray answers the node IP from the node. Nothing is left in the
     environment: a `ray start` launched later from this process keeps Ray's defaults."""
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER  # AttributeError, not a silent no-op, if Ray renames it
+    ray_constants = private_module("ray._private.ray_constants", "ray")  # Ray has no public way to do this
+    before = require(ray_constants, "ENABLE_RAY_CLUSTER", "ray")  # not a silent no-op if Ray renames it
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield

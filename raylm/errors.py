@@ -21,6 +21,11 @@ class ClusterError(RaylmError):
     KubeRay CRD, no permission)."""
 
 
+class IncompatibleVersion(RaylmError):
+    """An installed Ray, MLflow or torch lacks an API that raylm relies on outside the library's
+    public surface (pipelines/runtime.py `require`): the versions pyproject.toml pins have it."""
+
+
 class TrainingFailed(RaylmError):
     """The training workers raised (e.g. a NaN loss); Ray has printed their traceback."""
 

@@ -5,9 +5,12 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import tomllib
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.conftest import REPO
 
@@ -30,6 +33,32 @@ def test_installed_ray_matches_pin():
     import ray
 
     assert ray.__version__.startswith(ray_pin() + ".")
+
+
+def dependency(name: str) -> Requirement:
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (req,) = [d for d in deps if d.name == name]
+    return req
+
+
+def test_ray_mlflow_and_torch_are_capped_at_the_versions_tested():
+    """pyproject.toml admits the tested minor version of each and nothing newer (raylm uses APIs
+    of Ray and MLflow that they do not publish: pipelines/runtime.py `require` names TESTED when
+    one is gone), and those are the versions installed here."""
+    from raylm.pipelines.runtime import TESTED
+
+    for name, tested in TESTED.items():
+        major, minor = map(int, tested.split("."))
+        spec = dependency(name).specifier
+        assert f"{tested}.0" in spec and f"{tested}.99" in spec and f"{major}.{minor + 1}.0" not in spec, name
+        assert Version(version(name)).release[:2] == (major, minor), name
+
+
+def test_dockerfile_pins_the_tested_torch():
+    from raylm.pipelines.runtime import TESTED
+
+    (pin,) = re.findall(r"'torch==([\d.]+)'", (REPO / "Dockerfile").read_text())
+    assert pin.startswith(TESTED["torch"] + ".") and pin in dependency("torch").specifier
 
 
 def listed_packages() -> list[str]:

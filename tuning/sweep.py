@@ -31,13 +31,14 @@ from raylm.pipelines.track.tracking import Tracker
 from raylm.tuning.capacity import TRIAL_CPU, max_concurrent
 from raylm.tuning.report import SweepResult, summarize
 from raylm.tuning.space import LimitSection, SweepSpec, distribution, sweep_spent
-from raylm.tuning.trial import Sweep, find_child, plan_trial, run_trial
+from raylm.tuning.trial import Sweep, check_tune_session, find_child, plan_trial, run_trial
 
 STATE = "raylm_sweep.json"  # beside Tune's own state: the sweep's MLflow run, for --resume
 
 
 def run_sweep(base: dict, spec: SweepSpec, spec_text: str, address: str | None, resume: bool | str) -> SweepResult:
     """Run (or resume) the sweep of config tree `base` over `spec`; returns its summary."""
+    check_tune_session()
     base = absolute_paths(base)
     cfg = validate(base, "config")
     if cfg.data.streaming:

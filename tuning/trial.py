@@ -21,6 +21,7 @@ from raylm.errors import RaylmError
 from raylm.models import ModelConfig, flops_per_token, param_counts
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared
+from raylm.pipelines.runtime import incompatible, private_module, require
 from raylm.pipelines.track.tracking import Tracker
 from raylm.pipelines.train.pretrain import build_model_config, pretrain
 from raylm.tuning.space import SweepSpec, trial_config, trial_steps
@@ -123,10 +124,23 @@ def run_trial(params: dict, sweep: Sweep) -> None:
 
 def tune_stop_event():
     """Set when Tune stops this trial (a scheduler decision, the sweep's end). Tune cannot
-    stop a function trial's thread, and with actor reuse its Train run would train on."""
-    from ray.train._internal.session import get_session  # where TuneReportCallback finds the session too
+    stop a function trial's thread, and with actor reuse its Train run would train on.
+    Ray has no public way for a function trainable to learn it was stopped: this is the event
+    Tune's FunctionTrainable sets, on the session where TuneReportCallback finds its queue too
+    (check_tune_session vets both before the sweep starts)."""
+    session = private_module("ray.train._internal.session", "ray")
+    return require(require(session, "get_session", "ray")(), "stop_event", "ray")
 
-    return get_session().stop_event
+
+def check_tune_session(session=None) -> None:
+    """Before Ray starts: the Ray Train session API tune_stop_event reads in every trial is
+    there, so that a Ray release that moved it fails the sweep at once, in one line, instead of
+    every trial (`session`: a stand-in for the module, in tests)."""
+    session = session or private_module("ray.train._internal.session", "ray")
+    require(session, "get_session", "ray")
+    reset = require(require(session, "_TrainSession", "ray"), "reset", "ray")  # where it creates stop_event
+    if "stop_event" not in reset.__code__.co_names:
+        raise incompatible(f"{session.__name__}._TrainSession.stop_event", "ray")
 
 
 def tune_report_callback():

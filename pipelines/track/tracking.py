@@ -7,6 +7,8 @@ instead of mlflow's global "active run" let a worker in another process join the
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from raylm.errors import Interrupted
 from raylm.fmt import redact
+from raylm.pipelines.runtime import incompatible, private_module, require
 
 SYSTEM_METRICS_SECONDS = 10  # MLflow's default sampling interval: ~360 points per hour per metric
 
@@ -123,14 +126,18 @@ class Tracker:
         import numpy as np
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.types import Schema, TensorSpec
 
         path = Path(folder)
         schema = Schema([TensorSpec(np.dtype("int32"), (-1, seq_len + 1), "tokens")])
-        dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=path.name[:36], schema=schema)
+        meta = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=path.name[:36], schema=schema)
+        # The entity from the dataset's public dict (name, digest, source, source_type, schema).
+        fields = meta.to_dict()
+        keys = ("name", "digest", "source_type", "source", "schema", "profile")
+        dataset = Dataset(**{k: fields.get(k) for k in keys})
         tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
 
     def register_model(self, name: str, artifact_path: str = "model") -> int:
         """A new version of registered model `name` (created if new) from this run's artifact."""
@@ -155,14 +162,28 @@ def start_system_metrics(uri: str, run_id: str):
     """MLflow's system-metrics monitor on this run, or None where it cannot start (no psutil).
     It stops by itself once the run has ended, or when the server cannot be reached."""
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not "Started/Stopping monitoring"
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=uri)
-    except Exception as err:  # noqa: BLE001 - a missing optional dependency must not stop a run
-        print(f"[mlflow] system metrics are off: {err}", file=sys.stderr)
+    if importlib.util.find_spec("psutil") is None:  # MLflow's CPU monitor needs it; MLflow does not require it
+        print("[mlflow] system metrics are off: psutil is not installed", file=sys.stderr)
         return None
+    monitor = system_metrics_monitor()(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=uri)
     monitor.start()
+    return monitor
+
+
+def system_metrics_monitor(module=None):
+    """MLflow's SystemMetricsMonitor class, checked. MLflow's public switch for it
+    (mlflow.enable_system_metrics_logging) only covers runs that mlflow.start_run opens, and
+    raylm's runs are MlflowClient runs with explicit ids, joined from other processes; so raylm
+    starts the monitor itself, through a class MLflow does not document: a version that moves it
+    or changes what raylm calls fails here, in one line (`module`: a stand-in, in tests)."""
+    module = module or private_module("mlflow.system_metrics.system_metrics_monitor", "mlflow")
+    monitor = require(module, "SystemMetricsMonitor", "mlflow")
+    require(monitor, "start", "mlflow")
+    require(monitor, "finish", "mlflow")
+    params = inspect.signature(monitor).parameters
+    for name in ("run_id", "sampling_interval", "tracking_uri"):
+        if name not in params:
+            raise incompatible(f"SystemMetricsMonitor({name}=...)", "mlflow")
     return monitor
 
 

@@ -10,6 +10,7 @@ import sys
 
 from raylm.cli import cluster, cost, models, runs, stages, tune
 from raylm.cli.common import Command, parser_for
+from raylm.cli.quiet import drop_harmless_stderr
 from raylm.errors import Interrupted, RaylmError
 
 # In `raylm --help` order.
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a `raylm` process (the console script, python -m raylm); not a caller in-process
+        drop_harmless_stderr()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
