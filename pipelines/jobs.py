@@ -24,7 +24,7 @@ from raylm.pipelines.eval.tasks import load_task
 from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
 from raylm.pipelines.track.review import log_loss_curve, log_model
-from raylm.pipelines.track.tracking import Tracker
+from raylm.pipelines.track.tracking import Tracker, deliver_pending
 from raylm.pipelines.train.checkpoint import latest_checkpoint, whole_checkpoints
 from raylm.pipelines.train.finetune import (
     check_fits,
@@ -59,8 +59,11 @@ class Outcome:
 
 def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     """A new MLflow run named for what it is (pretrain-124m-tinystories-3f9c), tagged with the
-    code, config and library versions, holding the config; earlier launches of this run.name
-    and stage that a dead driver left RUNNING are marked KILLED first."""
+    code, config and library versions, holding the config. First, what earlier runs could not
+    deliver at their end (the server was out) is delivered and their final status set; then
+    earlier launches of this run.name and stage that a dead driver left RUNNING are marked
+    KILLED. From here on an outage of the server costs the job nothing: what it misses waits in
+    <run.output_dir>/mlflow_pending/ for the next command."""
     tags = {
         "raylm.stage": stage,
         "raylm.run_name": cfg.run.name,
@@ -72,7 +75,10 @@ def open_tracker(cfg: RaylmConfig, stage: str) -> Tracker:
     tracker = Tracker(
         tracking_uri(t.tracking_uri), t.experiment, run_title(cfg, stage), tags, system_metrics=t.system_metrics
     )
+    pending, handlers = Path(cfg.run.output_dir).resolve() / "mlflow_pending", {"loss_curve": log_loss_curve}
+    deliver_pending(tracker, pending, handlers)
     tracker.retire_orphans(cfg.run.name, stage)
+    tracker.keep_undelivered(pending, handlers)
     tracker.log_params(cfg.flat())
     tracker.log_text(redact(cfg.to_yaml()), "config.yaml")
     return tracker

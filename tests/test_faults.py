@@ -501,3 +501,79 @@ def ray_session_logs() -> list[str]:
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     return [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+
+
+def test_mlflow_server_out_at_the_run_s_end_costs_the_job_nothing_and_the_next_command_delivers(
+    straight, ray_cluster, tmp_path, monkeypatch, capfd
+):
+    """The `mlflow server` stops after training, just before the driver logs model/, plots/,
+    the final metrics and the FINISHED status: the command still exits 0 and says what was not
+    delivered, which waits in <run.output_dir>/mlflow_pending/ (no password in it). With the
+    server back on the same port, the next command on the run (`raylm evaluate`) delivers it:
+    the first run is FINISHED, with its model, loss curve and final metrics."""
+    import raylm.pipelines.jobs as jobs
+    from tests.mlflow_server import MlflowServer
+
+    tmp, _ = straight
+    server = MlflowServer(tmp_path).start()
+    uri = f"http://raylm:{PASSWORD}@127.0.0.1:{server.port}"
+    steps = 4
+    overrides = [
+        *[o for o in tiny_overrides(tmp) if not o.startswith("tracking.")],
+        f"tracking.tracking_uri={uri}",
+        "run.name=outage-at-end",
+        f"train.max_steps={steps}",
+        "train.log_interval=1",
+        "train.eval_interval=100",
+        "train.checkpoint_interval=100",
+        "train.warmup_steps=1",
+        "eval.max_windows=2",
+        "eval.sample_tokens=0",
+    ]
+    trained = jobs.log_trained
+
+    def stop_then_log(*args, **kwargs):
+        server.stop()
+        print(
+            f"[fault] stopped the MLflow server at {server.url} after training, before the driver's end-of-run logging"
+        )
+        return trained(*args, **kwargs)
+
+    run_config = str(REPO / "configs" / "quickstart.yaml")
+    args = [x for o in overrides for x in ("--set", o)]
+    pending = tmp / "runs" / "mlflow_pending"
+    try:
+        monkeypatch.setattr(jobs, "log_trained", stop_then_log)
+        started = time.monotonic()
+        assert main(["pretrain", run_config, *args]) == 0
+        print(f"[fault] the pretrain command exited 0 in {time.monotonic() - started:.0f} s without its server")
+        monkeypatch.setattr(jobs, "log_trained", trained)
+        out = capfd.readouterr()
+        text = out.out + out.err
+        (line,) = [x for x in text.splitlines() if "did not answer at the end of run" in x]
+        assert "not delivered: model/, plots/ (the loss curve), " in line and "status FINISHED" in line, line
+        assert PASSWORD not in text
+        (file,) = pending.glob("*.json")
+        assert PASSWORD not in file.read_text() and json.loads(file.read_text())["status"] == "FINISHED"
+        report = [x for x in text.splitlines() if x.startswith("[fault]")] + [f"[fault] said: {line.strip()}"]
+
+        server.start()
+        client = MlflowClient(server.url)
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("raylm").experiment_id], filter_string=launches_of("outage-at-end")
+        )
+        assert run.info.status == "RUNNING"
+        assert main(["evaluate", run_config, *args]) == 0
+        delivered = capfd.readouterr().out
+        assert f"delivered to run {run.info.run_id[:8]}" in delivered
+        report += [x for x in delivered.splitlines() if x.startswith("[mlflow] delivered")]
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED"
+        assert {"pretrain_seconds", "total_seconds"} <= set(run.data.metrics)
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"model", "plots"}
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
+        assert not list(pending.glob("*.json"))
+        report.append("[fault] survived: the next command delivered model/, plots/ and the final metrics; FINISHED")
+        print("\n".join(report))
+    finally:
+        server.stop()

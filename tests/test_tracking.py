@@ -53,3 +53,70 @@ def test_prepared_data_is_logged_as_the_run_s_dataset_input(tmp_path):
     (column,) = json.loads(dataset.schema)["mlflow_colspec"]
     assert column["name"] == "tokens" and column["tensor-spec"] == {"dtype": "int32", "shape": [-1, 65]}
     assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+
+
+def test_driver_outage_at_the_end_keeps_what_was_missed_and_the_next_command_delivers_it(tmp_path, monkeypatch, capfd):
+    """A real `mlflow server` stops before the run's end: the final metrics, an artifact from a
+    temporary folder, a tag, the loss curve and the FINISHED status wait in a pending file
+    (nothing raises); with the server back on the same port, the next Tracker's deliver_pending
+    sends them and sets FINISHED with the run's real end time."""
+    import tempfile
+    from pathlib import Path
+
+    from raylm.pipelines.track.tracking import deliver_pending
+    from tests.mlflow_server import MlflowServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # connection refused at once
+    server = MlflowServer(tmp_path).start()
+    pending = tmp_path / "runs" / "mlflow_pending"
+    handlers = {"loss_curve": lambda t: t.log_text("drawn after the outage", "plots/curve.txt")}
+    try:
+        with Tracker(server.url, "outage", "run", {}) as tracker:
+            tracker.keep_undelivered(pending, handlers)
+            tracker.log_metrics({"train_loss": 2.0}, 1)
+            server.stop()
+            tracker.log_metrics({"final_val_loss": 1.5, "final_val_bits_per_byte": 0.9})
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "model").mkdir()
+                (Path(tmp) / "model" / "config.json").write_text('{"n": 1}')
+                tracker.log_artifact(Path(tmp) / "model", "model")
+            tracker.attempt({"kind": "loss_curve"}, lambda: 1 / 0)  # offline: never called
+            tracker.set_tags({"raylm.checkpoint": "/ckpt"})
+        err = capfd.readouterr().err
+        assert "does not answer (connection refused)" in err
+        assert (
+            "not delivered: model/, plots/ (the loss curve), 2 metrics, 1 tag, status FINISHED; "
+            f"kept in {pending / (tracker.run_id + '.json')}"
+        ) in err
+        record = json.loads((pending / f"{tracker.run_id}.json").read_text())
+        assert record["status"] == "FINISHED" and record["uri"] == server.url
+        (copy,) = [a["path"] for a in record["actions"] if a["kind"] == "artifact"]
+        assert (Path(copy) / "config.json").read_text() == '{"n": 1}'  # the temporary original is gone
+
+        server.start()
+        client = MlflowClient(server.url)
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"
+        later = Tracker(server.url, "outage", "next", {})
+        assert deliver_pending(later, pending, handlers) == [tracker.run_id]
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.info.end_time == record["end_time"]
+        assert run.data.metrics == {"train_loss": 2.0, "final_val_loss": 1.5, "final_val_bits_per_byte": 0.9}
+        assert run.data.tags["raylm.checkpoint"] == "/ckpt"
+        assert {f.path for f in client.list_artifacts(tracker.run_id)} == {"model", "plots"}
+        assert not list(pending.glob("*.json")) and not (pending / tracker.run_id).exists()
+        assert "delivered to run" in capfd.readouterr().out
+    finally:
+        server.stop()
+
+
+def test_a_failure_that_is_no_outage_still_raises(tmp_path):
+    """Only an unreachable server is waited out: a local store's error raises as before."""
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    with Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "errors", "run", {}) as tracker:
+        tracker.keep_undelivered(tmp_path / "pending", {})
+        tracker.log_params({"a": 1})
+        with pytest.raises(MlflowException):
+            tracker.log_params({"a": 2})  # a param cannot change
+    assert not (tmp_path / "pending").exists()

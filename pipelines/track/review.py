@@ -29,16 +29,16 @@ def log_model(tracker: Tracker, model_dir: Path, tracking: TrackingSection) -> N
         tracker.log_artifact(out, "model")
     if tracking.register_model:
         version = tracker.register_model(tracking.register_model)
-        print(f"[mlflow] registered model {tracking.register_model!r} version {version}", flush=True)
+        if version is not None:  # None: kept for later, in an outage of the server
+            print(f"[mlflow] registered model {tracking.register_model!r} version {version}", flush=True)
 
 
 def log_loss_curve(tracker: Tracker) -> None:
     """plots/loss.png: train and validation loss against step, read back from the run; none for
-    a launch that trained nothing (a relaunch whose budget was already spent)."""
-    curves = {
-        key: sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, key)) for key in CURVES
-    }
-    if not any(curves.values()):
+    a launch that trained nothing (a relaunch whose budget was already spent). In an outage of
+    the server, drawn when what the run kept is delivered (the curve is read back from the run)."""
+    curves = tracker.attempt({"kind": "loss_curve"}, lambda: read_curves(tracker))
+    if not curves or not any(curves.values()):
         return
     fig, ax = figure((7, 4))
     for key, history in curves.items():
@@ -52,3 +52,9 @@ def log_loss_curve(tracker: Tracker) -> None:
         path = Path(tmp) / "loss.png"
         save_figure(fig, path, bbox_inches="tight")
         tracker.log_artifact(path, "plots")
+
+
+def read_curves(tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
+    return {
+        key: sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, key)) for key in CURVES
+    }

@@ -12,10 +12,13 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -23,9 +26,13 @@ from mlflow.tracking import MlflowClient
 
 from raylm.errors import Interrupted
 from raylm.fmt import redact
-from raylm.pipelines.runtime import incompatible, private_module, require
+from raylm.pipelines.runtime import incompatible, private_module, require, unreachable
 
 SYSTEM_METRICS_SECONDS = 10  # MLflow's default sampling interval: ~360 points per hour per metric
+# The driver's writes where an outage is waited out (keep_undelivered): 2 quick retries (~5 s)
+# and a 20 s timeout unless the environment says otherwise, not MLflow's 7 retries with backoff
+# and 120 s each (minutes per call in an outage).
+DRIVER_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 class Tracker:
@@ -46,8 +53,7 @@ class Tracker:
         # MLflow prints "View run ... at: <tracking URI>" as a run ends, password included if the
         # URI has one; raylm's summary prints the link with the password masked instead.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        self.uri = uri
-        self.client = MlflowClient(uri)
+        self._attach(uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         if run_id:
@@ -57,6 +63,29 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.experiment_id = exp_id
         self.monitor = start_system_metrics(uri, self.run_id) if system_metrics else None
+
+    def _attach(self, uri: str, run_id: str | None = None) -> None:
+        self.uri, self.client, self.run_id, self.monitor = uri, MlflowClient(uri), run_id, None
+        # With keep_undelivered(): where what the server missed waits, and why it was missed.
+        self.pending_dir: Path | None = None
+        self.handlers: dict[str, Callable[[Tracker], None]] = {}
+        self.outage: str | None = None
+        self.undelivered: list[dict] = []
+        self.final: dict | None = None  # the run's status and end time, once it ended without the server
+
+    @classmethod
+    def of_run(cls, uri: str, run_id: str) -> Tracker:
+        """An existing run, to write to; it stays as it is (no status change)."""
+        tracker = cls.__new__(cls)
+        tracker._attach(uri, run_id)
+        return tracker
+
+    def keep_undelivered(self, folder: Path, handlers: dict[str, Callable[[Tracker], None]]) -> None:
+        """From now on, a write the tracking server does not answer (an outage) costs the job
+        nothing: it waits, with the run's final status, in <folder>/<run id>.json (artifacts
+        copied next to it) for deliver_pending() of a later command. `handlers`: how to redo
+        the deferred actions named by kind (the loss curve, read back from the run)."""
+        self.pending_dir, self.handlers = folder, handlers
 
     def __enter__(self) -> Tracker:
         return self
@@ -69,8 +98,83 @@ class Tracker:
         else:
             status = RunStatus.FAILED
         if self.monitor:
-            self.monitor.finish()
-        self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+            with self._http():  # its last flush: a short try in an outage
+                self.monitor.finish()
+        end = int(time.time() * 1000)
+        self.attempt(
+            {"kind": "status", "status": RunStatus.to_string(status), "end_time": end},
+            lambda: self.client.set_terminated(self.run_id, RunStatus.to_string(status), end),
+        )
+        if self.final and unreachable(self.uri) is None:  # back already: deliver now
+            deliver_pending(self, self.pending_dir, self.handlers, only=self.run_id)
+        elif self.final:
+            self._report_undelivered()
+
+    def attempt(self, action: dict, send: Callable[[], object]):
+        """send()'s result; or, once the server is out (this call's failure or an earlier one's)
+        and keep_undelivered() was called, None, with `action` (JSON: what send() does) kept
+        for later. Any other failure raises."""
+        if self.outage is None:
+            try:
+                with self._http():
+                    return send()
+            except Exception as err:
+                if not self._went_out(err):
+                    raise
+        self._keep(action)
+        return None
+
+    def _http(self):
+        """Short HTTP retries where an outage costs nothing (keep_undelivered); MLflow's own elsewhere."""
+        return driver_http() if self.pending_dir is not None else nullcontext()
+
+    def _went_out(self, err: Exception) -> bool:
+        """Whether `err` was the server's outage (then kept actions replace writes from now on)."""
+        self.outage = self._outage(err)
+        if self.outage is not None:
+            print(
+                f"[mlflow] the tracking server at {redact(self.uri)} does not answer ({self.outage}): "
+                f"keeping what run {self.run_id[:8]} logs from now on in {self.pending_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.outage is not None
+
+    def _keep(self, action: dict) -> None:
+        if action["kind"] == "status":
+            self.final = {"status": action["status"], "end_time": action["end_time"]}
+        else:
+            self.undelivered.append(action)
+        self._save()
+
+    def _outage(self, err: Exception) -> str | None:
+        """Why the server cannot take writes now, or None (then `err` is not an outage)."""
+        if self.pending_dir is None or not self.uri.startswith(("http://", "https://")):
+            return None
+        reason = unreachable(self.uri)
+        if reason is None and str(err).startswith("API request to"):  # MLflow's HTTP failure after its retries
+            reason = redact(str(err).splitlines()[0])[:200]
+        return reason
+
+    def pending_file(self) -> Path:
+        return self.pending_dir / f"{self.run_id}.json"
+
+    def _save(self) -> None:
+        record = {"run_id": self.run_id, "uri": redact(self.uri), "actions": self.undelivered, **(self.final or {})}
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.pending_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.pending_file())
+
+    def _report_undelivered(self) -> None:
+        what = describe(self.undelivered + ([{"kind": "status", **self.final}] if self.final else []))
+        print(
+            f"[mlflow] the server at {redact(self.uri)} did not answer at the end of run {self.run_id[:8]}: "
+            f"not delivered: {what}; kept in {self.pending_file()}; the next raylm command with this run.output_dir "
+            "and tracking URI delivers them",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def retire_orphans(self, run_name: str, stage: str) -> list[str]:
         """Mark KILLED the runs of this run.name and stage left RUNNING by a driver that died (a
@@ -97,32 +201,74 @@ class Tracker:
         return retired
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        tags = {k: str(v) for k, v in tags.items()}
+
+        def send():
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+
+        self.attempt({"kind": "tags", "tags": tags}, send)
 
     def log_params(self, params: dict) -> None:
         """Values as text, any URI password masked (a tracking URI may carry one)."""
-        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        texts = {k: redact(str(v))[:6000] for k, v in params.items()}
+        self.attempt({"kind": "params", "params": texts}, lambda: self._send_params(texts))
+
+    def _send_params(self, texts: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in texts.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.attempt(
+            {"kind": "metrics", "metrics": values, "step": step or 0, "timestamp": now},
+            lambda: self._send_metrics(values, step or 0, now),
+        )
+
+    def _send_metrics(self, values: dict[str, float], step: int, timestamp: int) -> None:
+        batch = [Metric(k, v, timestamp, step) for k, v in values.items()]
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file or folder; in an outage, a copy of it waits (the original may be temporary)."""
+        if self.outage is None:
+            try:
+                with self._http():
+                    return self._send_artifact(path, artifact_path)
+            except Exception as err:
+                if not self._went_out(err):
+                    raise
+        copy = self.pending_dir / self.run_id / f"{len(self.undelivered):04d}" / path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, copy, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, copy)
+        self._keep({"kind": "artifact", "path": str(copy), "artifact_path": artifact_path})
+
+    def _send_artifact(self, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.attempt(
+            {"kind": "text", "text": text, "name": name}, lambda: self.client.log_text(self.run_id, text, name)
+        )
 
     def log_dataset(self, folder: str, seq_len: int, name: str, context: str) -> None:
         """Prepared data as the run's input (the run page's "Datasets used"): its `folder`, the
         folder's fingerprint name as digest, and the token windows' shape (seq_len + 1) as schema."""
+        self.attempt(
+            {"kind": "dataset", "folder": folder, "seq_len": seq_len, "name": name, "context": context},
+            lambda: self._send_dataset(folder, seq_len, name, context),
+        )
+
+    def _send_dataset(self, folder: str, seq_len: int, name: str, context: str) -> None:
         import numpy as np
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
@@ -139,8 +285,15 @@ class Tracker:
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
 
-    def register_model(self, name: str, artifact_path: str = "model") -> int:
-        """A new version of registered model `name` (created if new) from this run's artifact."""
+    def register_model(self, name: str, artifact_path: str = "model") -> int | None:
+        """A new version of registered model `name` (created if new) from this run's artifact;
+        None in an outage (registered when what the server missed is delivered)."""
+        return self.attempt(
+            {"kind": "register", "name": name, "artifact_path": artifact_path},
+            lambda: self._register(name, artifact_path),
+        )
+
+    def _register(self, name: str, artifact_path: str) -> int:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -155,19 +308,141 @@ class Tracker:
         """Rows as an MLflow table artifact; list values (options, references) as JSON text."""
         columns = sorted({k for row in rows for k in row})
         data = {c: [json.dumps(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for r in rows] for c in columns}
-        self.client.log_table(self.run_id, data=data, artifact_file=name)
+        self.attempt(
+            {"kind": "table", "data": data, "name": name},
+            lambda: self.client.log_table(self.run_id, data=data, artifact_file=name),
+        )
+
+    def redo(self, action: dict) -> None:
+        """Send one action attempt() kept; raises if the server fails again."""
+        kind = action["kind"]
+        if kind == "metrics":
+            self._send_metrics(action["metrics"], action["step"], action["timestamp"])
+        elif kind == "params":
+            self._send_params(action["params"])
+        elif kind == "tags":
+            for key, value in action["tags"].items():
+                self.client.set_tag(self.run_id, key, value)
+        elif kind == "artifact":
+            self._send_artifact(Path(action["path"]), action["artifact_path"])
+        elif kind == "text":
+            self.client.log_text(self.run_id, action["text"], action["name"])
+        elif kind == "table":
+            self.client.log_table(self.run_id, data=action["data"], artifact_file=action["name"])
+        elif kind == "dataset":
+            self._send_dataset(action["folder"], action["seq_len"], action["name"], action["context"])
+        elif kind == "register":
+            version = self._register(action["name"], action["artifact_path"])
+            print(f"[mlflow] registered model {action['name']!r} version {version}", flush=True)
+        else:
+            self.handlers[kind](self)
+
+
+@contextmanager
+def driver_http():
+    """DRIVER_HTTP for the block, where the environment does not set these variables."""
+    saved = {key: os.environ.get(key) for key in DRIVER_HTTP}
+    os.environ.update({key: saved[key] or value for key, value in DRIVER_HTTP.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def describe(actions: list[dict]) -> str:
+    """What kept actions hold, in a few words: model/, plots/, 3 metrics, 2 tags, status FINISHED."""
+    parts: list[str] = []
+    counts: dict[str, int] = {}
+    for a in actions:
+        kind = a["kind"]
+        if kind == "artifact":
+            parts.append(f"{a['artifact_path']}/" if a["artifact_path"] else Path(a["path"]).name)
+        elif kind in ("text", "table"):
+            parts.append(a["name"])
+        elif kind == "register":
+            parts.append(f"registration of model {a['name']!r}")
+        elif kind == "loss_curve":
+            parts.append("plots/ (the loss curve)")
+        elif kind == "dataset":
+            parts.append("the dataset input")
+        elif kind == "status":
+            continue
+        else:
+            counts[kind] = counts.get(kind, 0) + len(a[kind])
+    parts += [f"{n} {kind[:-1] if n == 1 else kind}" for kind, n in counts.items()]
+    parts += [f"status {a['status']}" for a in actions if a["kind"] == "status"]
+    return ", ".join(dict.fromkeys(parts))
+
+
+def deliver_pending(
+    tracker: Tracker, folder: Path, handlers: dict[str, Callable[[Tracker], None]], only: str | None = None
+) -> list[str]:
+    """What earlier runs' drivers kept in `folder` during an outage of this tracker's server,
+    delivered, and each run's final status set with its real end time; their files are then
+    deleted. Runs of another store are left alone; one the server fails again keeps what is
+    left, for the next command. `only`: that run's file alone. Returns the ids of the runs fully delivered."""
+    done = []
+    for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = json.loads(file.read_text())
+        if record.get("uri") != redact(tracker.uri) or only not in (None, record["run_id"]):
+            continue
+        run = Tracker.of_run(tracker.uri, record["run_id"])
+        run.handlers = handlers
+        actions, what = record["actions"], describe(record["actions"])
+        try:
+            with driver_http():
+                while actions:
+                    run.redo(actions[0])
+                    actions.pop(0)
+                if record.get("status"):
+                    run.client.set_terminated(run.run_id, record["status"], record["end_time"])
+        except Exception as err:  # noqa: BLE001 - a later command tries again; this one goes on
+            file.write_text(json.dumps(record, indent=1))
+            print(
+                f"[mlflow] could not yet deliver what run {run.run_id[:8]} kept in {file} "
+                f"({redact(str(err).splitlines()[0] if str(err) else err.__class__.__name__)[:200]}): "
+                "a later command tries again",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        file.unlink()
+        shutil.rmtree(folder / run.run_id, ignore_errors=True)
+        status = f"; marked {record['status']}" if record.get("status") else ""
+        print(
+            f"[mlflow] delivered to run {run.run_id[:8]} what the server missed at its end: {what}{status}", flush=True
+        )
+        done.append(run.run_id)
+    return done
 
 
 def start_system_metrics(uri: str, run_id: str):
     """MLflow's system-metrics monitor on this run, or None where it cannot start (no psutil).
     It stops by itself once the run has ended, or when the server cannot be reached."""
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not "Started/Stopping monitoring"
+    # Its warnings in an outage ("Failed to get mlflow run: API request to <URI> ...") carry the
+    # tracking URI, password included: masked.
+    monitor_log = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    if not any(isinstance(f, RedactingFilter) for f in monitor_log.filters):
+        monitor_log.addFilter(RedactingFilter())
     if importlib.util.find_spec("psutil") is None:  # MLflow's CPU monitor needs it; MLflow does not require it
         print("[mlflow] system metrics are off: psutil is not installed", file=sys.stderr)
         return None
     monitor = system_metrics_monitor()(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=uri)
     monitor.start()
     return monitor
+
+
+class RedactingFilter(logging.Filter):
+    """A logger's records with any URI password masked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 def system_metrics_monitor(module=None):
