@@ -479,11 +479,17 @@ def driver_alive(tags: dict[str, str]) -> bool:
 class MetricSink:
     """Worker side: buffers step metrics and sends them in batches from a background thread,
     so the training loop never waits on the tracking server (a remote server's round trip, or
-    an outage with MLflow's HTTP retries, would otherwise stall every flush). A failed send
-    keeps the metrics (up to a cap) for the next try; close() reports what never arrived."""
+    an outage with MLflow's HTTP retries, would otherwise stall every flush). The thread sends
+    every SEND_SECONDS and when asked (flush: after an evaluation or a checkpoint, and at the
+    end). A failed send keeps the metrics (up to a cap) for the next try; close() reports what
+    never arrived."""
 
     MAX_BUFFERED = 100_000
-    RETRY_SECONDS = 5.0
+    # Measured on 2 cores against `mlflow server` with a sqlite store: one log_batch costs the
+    # server ~9 ms of CPU plus ~0.085 ms per value, and the sender ~3 ms plus ~0.02 ms per value.
+    # Sending every 10 steps of the quickstart model (~0.3 s) spent ~5% of the machine on the
+    # fixed part alone; every 5 s it is ~0.2% of a core, and the per-value part is what is left.
+    SEND_SECONDS = 5.0
     CLOSE_SECONDS = 30.0  # at the end, how long to keep trying to deliver the rest
 
     def __init__(self, uri: str, run_id: str):
@@ -525,17 +531,14 @@ class MetricSink:
 
     def _send_loop(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.wait(timeout=self.SEND_SECONDS)
             self._wake.clear()
             while self._send_some():
                 pass
             with self._lock:
                 pending = bool(self.buffer)
             if self._closing and not pending:
-                return
-            if pending:  # the server is unreachable: try again later (or once more at close)
-                self._wake.wait(timeout=self.RETRY_SECONDS)
-                self._wake.set()
+                return  # else (an outage) try again in SEND_SECONDS until close() stops waiting
 
     def _send_some(self) -> bool:
         """Send up to 1000 metrics (log_batch's limit); True if something was sent."""
@@ -550,7 +553,7 @@ class MetricSink:
                 self._outage_since = time.monotonic()
                 print(
                     f"[mlflow] could not log metrics ({err.__class__.__name__}); holding them and retrying "
-                    f"every {self.RETRY_SECONDS:g} s",
+                    f"every {self.SEND_SECONDS:g} s",
                     file=sys.stderr,
                 )
             return False

@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = done == train.max_steps or stop
             if done % train.eval_interval == 0 or last:
                 log.eval(done, validator.run(model))
-                log.reset_clock()
+                log.after_pause()
             if done % train.checkpoint_interval == 0 or last:
                 state = {"step": done, "loader": loader.state_dict(), "train_seconds": log.elapsed(), "workers": world}
                 report = {
@@ -98,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
                     **spent_so_far(done * tokens_per_step, job.flops_per_token, log.elapsed(), meter),
                 }
                 report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.lora)
-                log.reset_clock()
+                log.after_pause()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
                 break
@@ -307,9 +307,12 @@ class StepLog:
         if self.active:
             print(f"[train] {text}", flush=True)
 
-    def reset_clock(self) -> None:
-        """Keep evaluation and checkpoint time out of the next interval's tokens/s."""
+    def after_pause(self) -> None:
+        """After an evaluation or a checkpoint: keep its time out of the next interval's
+        tokens/s, and send the buffered metrics now (one request, against a save's seconds)."""
         self._clock = time.perf_counter()
+        if self.sink:
+            self.sink.flush()
 
     def close(self) -> None:
         if self.sink:
@@ -333,8 +336,6 @@ class StepLog:
             **self.meter.metrics(step, self.elapsed(), tok_s),
         }
         self._record(m, step)
-        if self.sink:
-            self.sink.flush()
         eta = (self.train.max_steps - step) * seconds / steps
         cost = f" | {money(m['cost_usd'])} of ~{money(m['projected_usd'])}" if "cost_usd" in m else ""
         mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
