@@ -212,3 +212,19 @@ def unreachable(url: str, seconds: float = 5.0) -> str | None:
             else "cannot connect"
         )
     return None
+
+
+@contextmanager
+def env_defaults(defaults: dict[str, str]):
+    """`defaults` in os.environ for the block, where the environment does not set them; the
+    environment as it was afterwards."""
+    saved = {key: os.environ.get(key) for key in defaults}
+    os.environ.update({key: saved[key] or value for key, value in defaults.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value

@@ -4,7 +4,6 @@ listing takes about as long as importing mlflow (~1.5 s)."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from raylm.errors import ConfigError, DataError
 from raylm.fmt import duration, money, redact
-from raylm.pipelines.runtime import unreachable
+from raylm.pipelines.runtime import env_defaults, unreachable
 
 STALE_SECONDS = 10 * 60  # a RUNNING run silent this long may have lost its driver (flagged "RUNNING?")
 # Sorts the server can do, the newest first among ties; a run without the metric comes last.
@@ -171,26 +170,10 @@ def open_store(uri: str, experiment: str):
     """A Store for a block that reads it; MLflow's failures end the block as one-line DataErrors."""
     _check_store(uri)
     try:
-        with _short_http_timeouts():
+        with env_defaults(HTTP_DEFAULTS):  # one try, 10 s: MLflow's 7 retries of 120 s wait minutes
             yield Store(uri, experiment)
     except MlflowException as err:
         raise DataError(f"cannot read MLflow runs at {redact(uri)}: {redact(str(err).splitlines()[0])}") from None
-
-
-@contextmanager
-def _short_http_timeouts():
-    """One try with a 10 s timeout (unless the environment says otherwise): MLflow's default,
-    7 retries with backoff and 120 s each, keeps a wrong server URI waiting for minutes."""
-    saved = {key: os.environ.get(key) for key in HTTP_DEFAULTS}
-    os.environ.update({key: saved[key] or value for key, value in HTTP_DEFAULTS.items()})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
 
 
 def _check_store(uri: str) -> None:

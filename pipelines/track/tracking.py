@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from raylm.errors import Interrupted
 from raylm.fmt import redact
-from raylm.pipelines.runtime import incompatible, private_module, require, unreachable
+from raylm.pipelines.runtime import env_defaults, incompatible, private_module, require, unreachable
 
 SYSTEM_METRICS_SECONDS = 10  # MLflow's default sampling interval: ~360 points per hour per metric
 # The driver's writes where an outage is waited out (keep_undelivered): 2 quick retries (~5 s)
@@ -126,7 +126,7 @@ class Tracker:
 
     def _http(self):
         """Short HTTP retries where an outage costs nothing (keep_undelivered); MLflow's own elsewhere."""
-        return driver_http() if self.pending_dir is not None else nullcontext()
+        return env_defaults(DRIVER_HTTP) if self.pending_dir is not None else nullcontext()
 
     def _went_out(self, err: Exception) -> bool:
         """Whether `err` was the server's outage (then kept actions replace writes from now on)."""
@@ -338,21 +338,6 @@ class Tracker:
             self.handlers[kind](self)
 
 
-@contextmanager
-def driver_http():
-    """DRIVER_HTTP for the block, where the environment does not set these variables."""
-    saved = {key: os.environ.get(key) for key in DRIVER_HTTP}
-    os.environ.update({key: saved[key] or value for key, value in DRIVER_HTTP.items()})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
-
-
 def describe(actions: list[dict]) -> str:
     """What kept actions hold, in a few words: model/, plots/, 3 metrics, 2 tags, status FINISHED."""
     parts: list[str] = []
@@ -394,7 +379,7 @@ def deliver_pending(
         run.handlers = handlers
         actions, what = record["actions"], describe(record["actions"])
         try:
-            with driver_http():
+            with env_defaults(DRIVER_HTTP):
                 while actions:
                     run.redo(actions[0])
                     actions.pop(0)
