@@ -4,6 +4,7 @@ metrics is reported, not raised. On the driver's side, prepared data becomes the
 input."""
 
 import json
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -23,6 +24,32 @@ def test_sink_delivers_every_metric(tmp_path):
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 1201))
     assert len(client.get_metric_history(run_id, "lr")) == 1200
+
+
+def test_deliver_returns_once_every_metric_so_far_is_in_the_store(tmp_path):
+    """What the loop calls before a checkpoint: a driver killed right after the save must not
+    take steps up to it with it (flush alone returns before anything is sent)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("deliver")).info.run_id
+    sink = MetricSink(uri, run_id)
+    for step in range(1, 1501):  # two log_batch calls
+        sink.add({"train_loss": 1.0 / step}, step)
+    sink.deliver()
+    assert len(client.get_metric_history(run_id, "train_loss")) == 1500
+    sink.close()
+
+
+def test_deliver_does_not_wait_out_an_outage(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sink = MetricSink("http://127.0.0.1:9", "0" * 32)  # nothing listens
+    sink.CLOSE_SECONDS = 1.0
+    sink.add({"train_loss": 2.0}, 1)
+    started = time.monotonic()
+    sink.deliver()  # the first send fails: the outage begins, and deliver stops waiting
+    sink.deliver()  # already in an outage: returns at once
+    assert time.monotonic() - started < sink.DELIVER_SECONDS
+    sink.close()
 
 
 def test_sink_survives_an_unreachable_server(monkeypatch, capfd):

@@ -466,8 +466,9 @@ class MetricSink:
     so the training loop never waits on the tracking server (a remote server's round trip, or
     an outage with MLflow's HTTP retries, would otherwise stall every flush). The thread sends
     every SEND_SECONDS and when asked (flush: after an evaluation or a checkpoint, and at the
-    end). A failed send keeps the metrics (up to a cap) for the next try; close() reports what
-    never arrived."""
+    end); before a checkpoint the loop waits for delivery (deliver), so that a relaunch from
+    that checkpoint finds every earlier step in MLflow. A failed send keeps the metrics (up to
+    a cap) for the next try; close() reports what never arrived."""
 
     MAX_BUFFERED = 100_000
     # Measured on 2 cores against `mlflow server` with a sqlite store: one log_batch costs the
@@ -476,6 +477,8 @@ class MetricSink:
     # fixed part alone; every 5 s it is ~0.2% of a core, and the per-value part is what is left.
     SEND_SECONDS = 5.0
     CLOSE_SECONDS = 30.0  # at the end, how long to keep trying to deliver the rest
+    # One log_batch takes ~12 ms here; the bound is for a server that hangs without failing.
+    DELIVER_SECONDS = 10.0
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(uri), run_id
@@ -483,6 +486,8 @@ class MetricSink:
         self.dropped = 0  # oldest metrics discarded past MAX_BUFFERED
         self.held = 0  # metrics that waited out an outage and were delivered after it
         self._lock, self._wake, self._closing = threading.Lock(), threading.Event(), False
+        self._settled_changed = threading.Condition(self._lock)
+        self._added = self._settled = 0  # metrics added; of them, sent or dropped (FIFO order)
         self._outage_since: float | None = None
         self._sender = threading.Thread(target=self._send_loop, daemon=True, name="raylm-mlflow-sink")
         self._sender.start()
@@ -491,14 +496,27 @@ class MetricSink:
         now = int(time.time() * 1000)
         with self._lock:
             self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._added += len(metrics)
             overflow = len(self.buffer) - self.MAX_BUFFERED
             if overflow > 0:
                 self.dropped += overflow
+                self._settled += overflow
                 del self.buffer[:overflow]
 
     def flush(self) -> None:
         """Ask the sender to deliver what is buffered; returns at once."""
         self._wake.set()
+
+    def deliver(self) -> None:
+        """Send what is buffered and wait until it has arrived (at most DELIVER_SECONDS): called
+        before a checkpoint, because a driver killed after the save takes the workers, and the
+        metrics they still hold, with it. In an outage it does not wait: they stay held."""
+        with self._settled_changed:
+            target = self._added
+            self._wake.set()
+            self._settled_changed.wait_for(
+                lambda: self._settled >= target or self._outage_since is not None, timeout=self.DELIVER_SECONDS
+            )
 
     def close(self) -> None:
         self._closing = True
@@ -535,15 +553,20 @@ class MetricSink:
             self.client.log_batch(self.run_id, metrics=batch)
         except Exception as err:  # noqa: BLE001 - any tracking failure is survivable here
             if self._outage_since is None:
-                self._outage_since = time.monotonic()
                 print(
                     f"[mlflow] could not log metrics ({err.__class__.__name__}); holding them and retrying "
                     f"every {self.SEND_SECONDS:g} s",
                     file=sys.stderr,
                 )
+                with self._settled_changed:
+                    self._outage_since = time.monotonic()
+                    self._settled_changed.notify_all()
             return False
-        with self._lock:  # add() appends, and trims the front only past MAX_BUFFERED
-            del self.buffer[: max(0, len(batch) - (self.dropped - dropped_before))]
+        with self._settled_changed:  # add() appends, and trims the front only past MAX_BUFFERED
+            sent = max(0, len(batch) - (self.dropped - dropped_before))
+            del self.buffer[:sent]
+            self._settled += sent
+            self._settled_changed.notify_all()
             waiting = len(self.buffer)
         if self._outage_since is not None:
             self.held += len(batch) + waiting

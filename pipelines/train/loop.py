@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
                     **log.latest,
                     **spent_so_far(done * tokens_per_step, job.flops_per_token, log.elapsed(), meter),
                 }
+                log.deliver()  # steps up to this checkpoint are in MLflow before it exists
                 report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.lora)
                 log.after_pause()
             if stop:
@@ -313,6 +314,11 @@ class StepLog:
         self._clock = time.perf_counter()
         if self.sink:
             self.sink.flush()
+
+    def deliver(self) -> None:
+        """Wait until the metrics so far have reached MLflow (not in an outage; bounded)."""
+        if self.sink:
+            self.sink.deliver()
 
     def close(self) -> None:
         if self.sink:
