@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raylm.config import TrainSection
 from raylm.models import GPT, ModelConfig
-from raylm.pipelines.data.loader import WindowLoader, read_windows
+from raylm.pipelines.data.loader import WindowLoader, WindowStore
 from raylm.pipelines.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     model = GPT(ModelConfig(**json.loads(open(model_json).read())))
     ddp = DistributedDataParallel(model)
     optimizer = make_optimizer(model, cfg)
-    loader = WindowLoader(read_windows(f"{data_dir}/train"), micro, rank, world, seed=1337)
+    loader = WindowLoader(WindowStore.open(f"{data_dir}/train"), micro, rank, world, seed=1337)
     accum = batch // (micro * world)
     seconds = []
     for step in range(steps):

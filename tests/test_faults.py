@@ -383,7 +383,7 @@ def prepared_content(output_dir) -> dict[str, str]:
     (data_dir,) = (output_dir / "data").iterdir()
     files = {
         str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(data_dir.rglob("*.parquet")) + [data_dir / "tokenizer.json"]
+        for p in sorted(data_dir.rglob("*.npy")) + [data_dir / "tokenizer.json"]
     }
     manifest = json.loads((data_dir / "manifest.json").read_text())
     return files | {"splits": json.dumps(manifest["splits"], sort_keys=True)}

@@ -9,7 +9,8 @@ the config sections and the input files (a rerun with the same inputs reuses it)
 
     <output_dir>/data/<fingerprint>/
         tokenizer.json
-        train/*.parquet, val/*.parquet, test/*.parquet   rows: `tokens`, int32[seq_len + 1]
+        train/, val/, test/                              <split>-00000.npy ...: int32 (windows, seq_len + 1),
+                                                         memory-mapped by training (loader.WindowStore)
         report.json, report.md, report.png               the data report
         manifest.json                                    written last: marks completion
 """
@@ -39,7 +40,7 @@ from raylm.pipelines.data.cleaning import TRANSFORMS, assign_split, clean_batch
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
 from raylm.pipelines.data.dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
 from raylm.pipelines.data.manifest import Manifest, Reference, SplitStats, UnigramBaseline
-from raylm.pipelines.data.packing import SPLITS, encode_and_pack, write_train_documents
+from raylm.pipelines.data.packing import SHARD_FORMAT, SPLITS, encode_and_pack, write_train_documents
 from raylm.pipelines.data.readers import (
     DOCUMENT_SCHEMA,
     SNIPPET_CHARS,
@@ -492,9 +493,9 @@ def _inputs_fingerprint(sources: list[Source]) -> str:
 
 
 def _fingerprint(data: DataSection, tok_cfg: TokenizerSection, sources: list[Source]) -> str:
-    return hashlib.sha256(f"{section_fingerprint(data, tok_cfg)}:{_inputs_fingerprint(sources)}".encode()).hexdigest()[
-        :12
-    ]
+    # SHARD_FORMAT: data prepared in another shard layout (Parquet before "npy-1") is not reused.
+    key = f"{section_fingerprint(data, tok_cfg)}:{_inputs_fingerprint(sources)}:{SHARD_FORMAT}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _summary_line(m: Manifest) -> str:

@@ -6,10 +6,11 @@ loss mask and example ids, packed so that no example attends to another.
         -> ids + mask (1 on assistant text and the EOS closing it; the model learns to stop)
         -> packed windows: tokens, loss_mask, segments (1..k per example, 0 for padding)
 
-The training loop reads the three columns as one (N, 3, seq_len + 1) array (loader.py), and
-the model turns `segments` into a block-diagonal causal mask with positions restarting at each
-example (models/gpt.py). Instruction sets are small (GSM8K train: 7,473 rows, 3.9 MB), so this
-runs in the driver; the tokenizer's encode_batch uses every core.
+The windows are written as (N, 3, seq_len + 1) int32 .npy shards that the training loop
+memory-maps (packing.ShardWriter, loader.WindowStore), and the model turns `segments` into a
+block-diagonal causal mask with positions restarting at each example (models/gpt.py).
+Instruction sets are small (GSM8K train: 7,473 rows, 3.9 MB), so this runs in the driver; the
+tokenizer's encode_batch uses every core.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raylm.config import SftSection, SftSourceSection, TemplateSection
 from raylm.errors import DataError
-from raylm.pipelines.data.arrays import as_fixed_list
+from raylm.pipelines.data.loader import SFT_COLUMNS
 from raylm.pipelines.data.manifest import Manifest, SplitStats
+from raylm.pipelines.data.packing import SHARD_FORMAT, ShardWriter
 from raylm.pipelines.data.readers import file_stamp, list_source, source_name
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
 
@@ -185,7 +185,7 @@ def truncate(ids: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray,
 
 def prepare_sft(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool, output_dir: Path) -> Manifest:
     """Read, render, encode, split and pack every source; write <output_dir>/sft/<fingerprint>/
-    with train/ and val/ Parquet windows, tokenizer.json and manifest.json. A rerun with the
+    with train/ and val/ .npy windows, tokenizer.json and manifest.json. A rerun with the
     same inputs reuses it."""
     fingerprint = _fingerprint(sft, tokenizer, seq_len, strict)
     out = output_dir / "sft" / fingerprint
@@ -288,9 +288,9 @@ def write_split(examples: list, width: int, pad_id: int, packed: bool, directory
         if examples
         else {k: np.zeros((0, width), np.int32) for k in ("tokens", "loss_mask", "segments")}
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    table = pa.table({k: as_fixed_list(v) for k, v in columns.items()})
-    pq.write_table(table, directory / "part-00000.parquet")
+    writer = ShardWriter(directory)
+    writer.write(np.stack([columns[c] for c in SFT_COLUMNS], axis=1))  # (N, 3, width) int32
+    writer.close()
     trained = int(columns["loss_mask"].sum())
     used = int((columns["segments"] > 0).sum())
     return SplitStats(
@@ -303,7 +303,7 @@ def write_split(examples: list, width: int, pad_id: int, packed: bool, directory
 
 
 def _fingerprint(sft: SftSection, tokenizer: Path, seq_len: int, strict: bool) -> str:
-    h = hashlib.sha256(json.dumps([sft.model_dump(mode="json"), seq_len, strict]).encode())
+    h = hashlib.sha256(json.dumps([sft.model_dump(mode="json"), seq_len, strict, SHARD_FORMAT]).encode())
     h.update(Path(tokenizer).read_bytes())
     for i, source in enumerate(sft.sources):
         for path, filesystem in list_source_paths(source, f"finetune.sft.sources.{i}"):

@@ -21,7 +21,7 @@ from raylm.fmt import money
 from raylm.models import GPT
 from raylm.models.io import read_weights
 from raylm.models.lora import LoraConfig, apply_lora
-from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, read_windows
+from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, WindowStore
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.track.tracking import MetricSink
@@ -120,12 +120,12 @@ def build_model(job: TrainJob) -> GPT:
 
 
 def make_loader(job: TrainJob, rank: int, world: int) -> BatchSource:
-    """Batches from the prepared shards (global order, exact resume) or, in streaming mode,
-    from the Ray Data stream handed to TorchTrainer as dataset "train"."""
+    """Batches from the prepared shards, memory-mapped (global order, exact resume), or in
+    streaming mode from the Ray Data stream handed to TorchTrainer as dataset "train"."""
     micro = job.train.micro_batch_size
     if job.streaming:
         return StreamLoader(ray.train.get_dataset_shard("train"), micro, world)
-    return WindowLoader(read_windows(Path(job.data_dir) / "train"), micro, rank, world, job.seed)
+    return WindowLoader(WindowStore.open(Path(job.data_dir) / "train"), micro, rank, world, job.seed)
 
 
 def train_step(
@@ -200,7 +200,7 @@ class Validator:
     """Scores the first `n` validation windows, split across ranks, summed over all of them."""
 
     def __init__(self, data_dir: Path, n: int, rank: int, world: int, device):
-        windows = read_windows(data_dir / "val")[:n]
+        windows = WindowStore.open(data_dir / "val").head(n)  # reads n windows, not the split
         self.windows = torch.from_numpy(windows[rank::world].astype(np.int64)).to(device)
         self.token_bytes = torch.from_numpy(token_byte_lengths(load_tokenizer(data_dir / "tokenizer.json"))).to(device)
 
