@@ -76,8 +76,9 @@ class SourceSection(Section):
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"  # auto: by file suffix
     text_field: str = "text"  # JSONL key / Parquet column holding the document
     doc_boundary: Literal["paragraph", "line", "file"] = "paragraph"  # how plain text splits into documents
-    # Share of the output relative to the other sources' weights; unset on every source: keep
-    # the natural proportions. Sources are subsampled (never repeated) to reach the shares.
+    # Share of the train tokens relative to the other sources' weights; unset on every source:
+    # keep the natural proportions. Sources are subsampled, or repeated up to data.max_repeats
+    # times, to reach the shares.
     weight: float | None = Field(None, gt=0)
     # auto: each document goes to train/val/test by a hash of its text (data.val_fraction,
     # data.test_fraction). train/val/test: the whole source goes there, e.g. a held-out file.
@@ -147,6 +148,11 @@ class DataSection(Section):
     # same windows on the fly with Ray Data (no tokenized copy; resume needs the same workers).
     streaming: bool = False
     reject_samples: int = Field(5, ge=0)  # rejected documents kept per reason in the report
+    # With weights: the most times a source's train documents may appear (epochs of it) to meet
+    # its share. 1 only subsamples, so up-weighting a small source throws away most of a large
+    # one; 4 is where repeated data still helps about as much as new data (Muennighoff et al.
+    # 2023, "Scaling Data-Constrained Language Models").
+    max_repeats: float = Field(1.0, ge=1, le=64)
 
     @model_validator(mode="after")
     def _splits_and_weights(self) -> DataSection:

@@ -19,7 +19,7 @@ from ray.util.state import list_actors, list_tasks
 
 from raylm.config import load_config
 from raylm.pipelines.data.prepare import prepare
-from raylm.pipelines.runtime import quiet_ray_data
+from raylm.pipelines.runtime import configure_ray_data
 from raylm.pipelines.train.pretrain import build_model_config, pretrain
 
 
@@ -35,7 +35,7 @@ def main(corpus: str, out: str, overrides: list[str]) -> None:
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="WARNING")
-    quiet_ray_data()
+    configure_ray_data()
     try:
         cfg = load_config(None, [f"data.sources=[{{paths: ['{corpus}']}}]", *overrides])
         manifest = prepare(cfg.data, cfg.tokenizer, Path(out))

@@ -1,10 +1,17 @@
+"""Dedup keys per document, and the rule that decides which documents go: judge.py's Ray Data
+sorts against a single-process reference of the same rule (below), on planted duplicates."""
+
 import json
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 
+from raylm.config import DedupSection
+from raylm.pipelines.data.arrays import as_fixed_list
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
-from raylm.pipelines.data.dedup import dedup_columns, exact_keys, first_of_each, lsh_bands, near_duplicates, words
+from raylm.pipelines.data.dedup import dedup_columns, exact_keys, lsh_bands, words
+from raylm.pipelines.data.judge import DropIndex, duplicates, position
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -23,6 +30,114 @@ def edit(words: list[str], rng, fraction: float) -> list[str]:
 def signatures(texts, bands=32, num_perm=128):
     cols = dedup_columns(pa.array(texts), num_perm, bands, shingle_words=5, exact=True, near=True)
     return cols["band_keys"], cols["signature"]
+
+
+# -- the reference: the rule in one process, as raylm decided it in its driver until judge.py --
+
+
+def first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Mask of exact duplicates (in input order): True where the key appeared earlier."""
+    _, first = np.unique(keys, return_index=True)
+    dup = np.ones(len(keys), dtype=bool)
+    dup[first] = False
+    return dup
+
+
+def near_duplicates(bands: np.ndarray, signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """Mask of near duplicates (rows in input order): in each LSH bucket, members linked to the
+    bucket's first if their signatures agree on >= threshold; of each connected cluster, every
+    member but the first goes (union-find)."""
+    parent = np.arange(len(bands))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for column in bands.T:
+        order = np.argsort(column, kind="stable")
+        keys = column[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+            group = order[start:end]
+            for other in group[1:]:
+                if (signatures[group[0]] == signatures[other]).mean() >= threshold:
+                    ra, rb = root(group[0]), root(other)
+                    parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(i) != i for i in range(len(bands))], dtype=bool)
+
+
+def reference_reasons(cols: dict, threshold: float) -> np.ndarray:
+    reasons = np.full(len(cols["exact_key"]), "", dtype=object)
+    reasons[first_of_each(cols["exact_key"])] = "exact_duplicate"
+    alive = np.flatnonzero(reasons == "")
+    near = near_duplicates(cols["band_keys"][alive], cols["signature"][alive], threshold)
+    reasons[alive[near]] = "near_duplicate"
+    return reasons
+
+
+def planted_corpus(rng, n: int) -> list[str]:
+    """Random documents, exact copies (15%) and 1-3 word edits (30%) of earlier ones: edits of
+    edits make clusters whose ends need not match each other."""
+    vocab, docs = [f"w{i}" for i in range(3000)], []
+    for _ in range(n):
+        r = rng.random()
+        if docs and r < 0.15:
+            docs.append(docs[rng.integers(len(docs))])
+        elif docs and r < 0.45:
+            words_ = docs[rng.integers(len(docs))].split()
+            for j in rng.choice(len(words_), rng.integers(1, 4), replace=False):
+                words_[j] = f"x{rng.integers(9)}"
+            docs.append(" ".join(words_))
+        else:
+            docs.append(" ".join(rng.choice(vocab, 60)))
+    return docs
+
+
+def test_ray_data_judge_drops_what_the_reference_rule_drops(ray_cluster):
+    """Rows in input order, handed to Ray in blocks whose order is not the input's: the same
+    documents go, for the same reasons, as in the one-process reference."""
+    rng = np.random.default_rng(0)
+    texts = planted_corpus(rng, 800)
+    cols = dedup_columns(pa.array(texts), 128, 32, 5, True, True)
+    pos = position(np.repeat(np.arange(8), 100), np.tile(np.arange(1, 101) * 3, 8))  # 8 files
+    table = pa.table(
+        {
+            "pos": pos,
+            "exact_key": cols["exact_key"],
+            "band_keys": as_fixed_list(cols["band_keys"]),
+            "signature": as_fixed_list(cols["signature"]),
+        }
+    )
+    blocks = [table.slice(i, 100) for i in rng.permutation(np.arange(0, 800, 100))]
+    got = DropIndex.of(duplicates(ray.data.from_arrow(blocks), DedupSection())).reasons(pos)
+    want = reference_reasons(cols, DedupSection().threshold)
+    assert {r: int((want == r).sum()) for r in ("exact_duplicate", "near_duplicate")} == {
+        "exact_duplicate": 113,
+        "near_duplicate": 85,
+    }  # the planted corpus has both, plenty of each
+    assert got.tolist() == want.tolist()
+
+
+def test_drop_index_looks_up_across_blocks_and_exact_wins(ray_cluster):
+    drops = [
+        pa.table({"pos": [2, 5, 9], "reason": ["near_duplicate"] * 3}),
+        pa.table({"pos": pa.array([], pa.int64()), "reason": pa.array([], pa.string())}),
+        pa.table({"pos": [9, 40, 41], "reason": ["exact_duplicate", "near_duplicate", "exact_duplicate"]}),
+    ]
+    index = DropIndex.of(ray.data.from_arrow(drops).materialize())
+    assert len(index.blocks) == 2  # the empty block is not kept
+    pos = np.array([41, 1, 9, 2, 40, 100])
+    assert index.reasons(pos).tolist() == [
+        "exact_duplicate",
+        "",
+        "exact_duplicate",
+        "near_duplicate",
+        "near_duplicate",
+        "",
+    ]
+    assert index.reasons(np.array([3, 4])).tolist() == ["", ""]
 
 
 def test_exact_key_ignores_case_spacing_and_punctuation():

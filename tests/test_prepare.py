@@ -14,7 +14,7 @@ from raylm.config import ClusterSection, TokenizerSection, load_config
 from raylm.errors import ConfigError, DataError
 from raylm.pipelines.data.loader import read_windows
 from raylm.pipelines.data.manifest import Manifest
-from raylm.pipelines.data.prepare import Source, find_prepared, mixing_fractions, prepare
+from raylm.pipelines.data.prepare import Source, find_prepared, mixing_repeats, prepare
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raylm.pipelines.runtime import pool_cpus
 from tests import corrupt_corpus
@@ -149,6 +149,32 @@ def test_mixing_weights_reach_the_asked_shares(ray_cluster, tmp_path):
     check_funnel_adds_up(big)
 
 
+def test_a_small_source_is_repeated_to_its_share_instead_of_subsampling_the_large_one(ray_cluster, tmp_path):
+    """data.max_repeats=3 with equal weights: the small source's train documents appear 3 times
+    (as 3 epochs of it), and the big one gives up a quarter instead of three quarters."""
+    rng = np.random.default_rng(1)
+    for name, n in (("big", 600), ("sml", 150)):  # names of one length: the same bytes per token
+        (tmp_path / f"{name}.txt").write_text(
+            "\n\n".join(" ".join(rng.choice([f"{name}{i}" for i in range(400)], 40)) for _ in range(n))
+        )
+    sources = [
+        {"paths": [str(tmp_path / "big.txt")], "weight": 1},
+        {"paths": [str(tmp_path / "sml.txt")], "weight": 1},
+    ]
+    manifest, report = run_prepare(tmp_path, sources, "data.dedup.near=false", "data.max_repeats=3")
+    big, small = report["sources"]["big"], report["sources"]["sml"]
+    assert small["repeats"] == 3 and big["repeats"] == pytest.approx(0.75, abs=0.03)
+    assert abs(small["share_achieved"] - 0.5) < 0.06 and abs(big["share_achieved"] - 0.5) < 0.06
+    assert "mix_sampled_out" in big["rejects"] and "mix_sampled_out" not in small["rejects"]
+    kept_small = small["stages"][-1]["docs_out"]
+    assert kept_small == 150  # repeats add train tokens, not documents to the funnel
+    # Train:val tokens near 3 x 0.8/0.2 = 12 for the repeated source (4 unrepeated): val is never repeated.
+    assert small["tokens"]["train"] / small["tokens"]["val"] > 8
+    windows = read_windows(Path(manifest.path) / "train")
+    assert windows.shape[0] == manifest.splits["train"].windows
+    check_funnel_adds_up(big)
+
+
 def test_a_source_can_be_the_whole_validation_split(ray_cluster, tmp_path):
     """split: val holds out a whole file (the last 10% of a book, a new domain), and a
     source with split: train gives none of its documents to validation."""
@@ -235,16 +261,18 @@ def mix_source(name: str, weight: float | None) -> Source:
 
 def test_a_weighted_source_left_empty_fails_naming_it():
     sources = [mix_source("books", 0.7), mix_source("web", 0.3)]
-    doc_sources = np.array(["books", "books", "web", "web"], dtype=object)
-    doc_bytes = np.array([100, 100, 50, 50])
-    assert mixing_fractions(sources, doc_sources, doc_bytes, np.ones(4, bool)) == pytest.approx(
+    assert mixing_repeats(sources, {"books": 200.0, "web": 100.0}) == pytest.approx(
         {"books": 1.0, "web": 200 / 0.7 * 0.3 / 100}  # books, the scarcer for its weight, kept whole
     )
-    cleaned_away = np.array([True, True, False, False])  # every web document dropped by cleaning or dedup
+    cleaned_away = {"books": 200.0}  # every web document dropped by cleaning or dedup
     with pytest.raises(DataError, match=r"^data\.sources\.1 \(web\): no document left after reading, cleaning"):
-        mixing_fractions(sources, doc_sources, doc_bytes, cleaned_away)
+        mixing_repeats(sources, cleaned_away)
     unweighted = [mix_source("books", None), mix_source("web", None)]  # natural proportions: nothing to meet
-    assert mixing_fractions(unweighted, doc_sources, doc_bytes, cleaned_away) == {"books": 1.0, "web": 1.0}
+    assert mixing_repeats(unweighted, cleaned_away) == {"books": 1.0, "web": 1.0}
+    # Up to 3 repeats: books, the scarcer, 3 times; web gets the same 3x output's share.
+    assert mixing_repeats(sources, {"books": 200.0, "web": 100.0}, 3.0) == pytest.approx(
+        {"books": 3.0, "web": min(3.0, 600 / 0.7 * 0.3 / 100)}
+    )
 
 
 def test_pools_are_sized_from_the_cluster_or_the_config_never_silently_one(capsys):

@@ -3,9 +3,8 @@
 Exact: a 64-bit hash of the document's lowercased words. Near: MinHash signatures over word
 n-gram shingles, banded for LSH (Broder 1997; Leskovec et al., Mining of Massive Datasets,
 ch. 3); candidates sharing a band are confirmed by their estimated Jaccard similarity.
-Workers compute keys and signatures; the driver holds one small index (8 x (1 + bands) +
-4 x num_perm bytes per document) to decide, so the survivor of each cluster is the same on
-any cluster: the first document in input order.
+Workers compute keys and signatures per document; judge.py decides which documents go, with
+Ray Data sorts over all of them (the first of each cluster in input order stays).
 """
 
 from __future__ import annotations
@@ -125,37 +124,3 @@ def dedup_columns(
         out["signature"] = minhash(sh, doc_of, len(texts), num_perm)
         out["band_keys"] = band_keys(out["signature"], bands)
     return out
-
-
-def first_of_each(keys: np.ndarray) -> np.ndarray:
-    """Boolean mask of exact duplicates: True where the key appeared at an earlier position."""
-    _, first = np.unique(keys, return_index=True)
-    dup = np.ones(len(keys), dtype=bool)
-    dup[first] = False
-    return dup
-
-
-def near_duplicates(bands: np.ndarray, signatures: np.ndarray, threshold: float) -> np.ndarray:
-    """bands (N, B) int64, signatures (N, P) uint32 -> mask of documents to drop: every member
-    of a similarity cluster except its first. Candidates come from shared band keys and are
-    linked only if their signatures agree on at least `threshold` of the permutations."""
-    parent = np.arange(len(bands))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for column in bands.T:
-        order = np.argsort(column, kind="stable")
-        sorted_keys = column[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sizes = np.diff(np.r_[starts, len(order)])
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):  # singletons have no pair
-            group = order[start : start + size]
-            for other in group[1:]:  # compare to the group's first member (lowest position)
-                if (signatures[group[0]] == signatures[other]).mean() >= threshold:
-                    ra, rb = root(group[0]), root(other)
-                    parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) != i for i in range(len(bands))], dtype=bool)

@@ -88,13 +88,19 @@ class EncodeAndPack:
         )
 
 
-def kept_documents(docs, source_names: list[str], splits: tuple[str, ...] = SPLITS):
+def kept_documents(docs, source_names: list[str], splits: tuple[str, ...] = SPLITS, passes: int = 1):
     """The surviving documents, split after split (train first), each split in input order,
     with their source as an index into `sources`. Train leading means its packing blocks are
-    the same whether prepare packs all splits or streaming mode packs train alone."""
-    kept = docs.filter(expr=col("reason") == "").select_columns(["text", "source", "split"])
+    the same whether prepare packs all splits or streaming mode packs train alone. A repeated
+    source's train documents come again in later passes over train (pass k: those with more
+    than k copies), as epochs of that source would."""
+    kept = docs.filter(expr=col("reason") == "").select_columns(["text", "source", "split", "copies"])
     kept = kept.map_batches(_with_source_index, fn_kwargs={"names": source_names}, batch_format="pyarrow")
-    parts = [kept.filter(expr=col("split") == split) for split in splits]
+    parts = []
+    for split in splits:
+        rounds = range(passes) if split == "train" else range(1)
+        parts += [kept.filter(expr=(col("split") == split) & (col("copies") > k)) for k in rounds]
+    parts = [p.drop_columns(["copies"]) for p in parts]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -131,17 +137,24 @@ def _pack_task(batch: pa.Table, tokenizer_path: str, width: int, n_sources: int)
 
 
 def encode_and_pack(
-    docs, source_names: list[str], tokenizer_path: Path, seq_len: int, out: Path, write: tuple[str, ...]
+    docs,
+    source_names: list[str],
+    tokenizer_path: Path,
+    seq_len: int,
+    out: Path,
+    write: tuple[str, ...],
+    passes: int = 1,
 ) -> dict:
     """Pack the kept documents and consume the windows in order on the driver: per-split
     statistics for the manifest, and the splits named in `write` as shards under `out`."""
-    windows = pack_stream(kept_documents(docs, source_names), tokenizer_path, seq_len, len(source_names))
+    kept = kept_documents(docs, source_names, passes=passes)
+    windows = pack_stream(kept, tokenizer_path, seq_len, len(source_names))
     return collect_windows(windows, len(source_names), {s: ShardWriter(out / s) for s in write})
 
 
-def write_train_documents(docs, source_names: list[str], out: Path) -> None:
-    """Streaming mode keeps the cleaned train documents instead of their windows."""
-    train = kept_documents(docs, source_names, splits=("train",))
+def write_train_documents(docs, source_names: list[str], out: Path, passes: int = 1) -> None:
+    """Streaming mode keeps the cleaned train documents (repeats included) instead of their windows."""
+    train = kept_documents(docs, source_names, splits=("train",), passes=passes)
     train.write_parquet(
         str(out / TRAIN_DOCS),
         filename_provider=ShardNames("docs"),

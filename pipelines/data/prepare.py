@@ -17,10 +17,14 @@ the config sections and the input files (a rerun with the same inputs reuses it)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import math
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +42,17 @@ from raylm.pipelines.data import grammar
 from raylm.pipelines.data.arrays import as_fixed_list, as_matrix
 from raylm.pipelines.data.cleaning import TRANSFORMS, assign_split, clean_batch
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
-from raylm.pipelines.data.dedup import dedup_columns, first_of_each, lsh_bands, near_duplicates
+from raylm.pipelines.data.dedup import dedup_columns, lsh_bands
+from raylm.pipelines.data.judge import WHOLE, DropIndex, duplicates, position
 from raylm.pipelines.data.manifest import Manifest, Reference, SplitStats, UnigramBaseline
 from raylm.pipelines.data.packing import SHARD_FORMAT, SPLITS, encode_and_pack, write_train_documents
 from raylm.pipelines.data.readers import (
-    DOCUMENT_SCHEMA,
     SNIPPET_CHARS,
-    documents_of_file,
+    RawFile,
     file_format,
     file_stamp,
     list_source,
+    read_documents,
     source_name,
 )
 from raylm.pipelines.data.report import READ_REASONS, build_report, write_report
@@ -93,9 +98,10 @@ def prepare(data: DataSection, tok_cfg: TokenizerSection, output_dir: Path) -> M
     with clock("encode + pack + write") as seen:
         # Streaming mode stores the train documents (packed again while training), not their windows.
         written = tuple(s for s in SPLITS if not (s == "train" and data.streaming))
-        stats = encode_and_pack(docs, [s.name for s in sources], out / "tokenizer.json", data.seq_len, out, written)
+        names, passes = [s.name for s in sources], math.ceil(max(verdicts.repeats.values()))
+        stats = encode_and_pack(docs, names, out / "tokenizer.json", data.seq_len, out, written, passes)
         if data.streaming:
-            write_train_documents(docs, [s.name for s in sources], out)
+            write_train_documents(docs, names, out, passes)
         seen["tokens"] = sum(int(st["source_tokens"].sum()) for st in stats.values())
 
     report = build_report(sources, doc_counts, stats, verdicts, tok, samples, data)
@@ -177,42 +183,50 @@ def _grammar_reference(data: DataSection, output_dir: Path) -> Reference:
 
 def read_and_clean(sources: list[Source], data: DataSection):
     """One row per document (and per rejected piece of input) with its cleaning record."""
-    parts = []
+    parts, first_file = [], 0
     for s in sources:
-        # One row per file; each task reads its files' raw bytes itself, so a corrupt archive is
-        # counted by readers.py instead of failing the read (Ray's reader decompresses .gz).
-        paths = ray.data.from_items([{"path": f} for f in s.files], override_num_blocks=len(s.files))
-        # Arrow tables per file, not rows: flat_map's row-by-row block building cost 3x the parse.
+        # One row per file, with its number in the input order (sources in config order, files
+        # sorted) for the documents' positions; each task streams its file itself, so a corrupt
+        # archive is counted by readers.py instead of failing the read.
+        files = [{"path": f, "file": first_file + i} for i, f in enumerate(s.files)]
+        first_file += len(s.files)
+        paths = ray.data.from_items(files, override_num_blocks=len(s.files))
+        # Blocks of 16 MiB, not Ray's 128 MiB, up to the materialized documents: cleaning holds
+        # about 6x its block. Reading and cleaning a 300 MB JSONL file peaked at 1.1 GB (private
+        # RSS of the task) with 128 MiB blocks, 365 MB with 16 MiB (260 MB for a 30 MB file).
+        paths.context.target_max_block_size = 16 * 2**20
+        # Arrow tables per block of the file, not rows: flat_map's row-by-row block building cost
+        # 3x the parse.
         parts.append(
             paths.map_batches(_parse_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": s, "data": data})
         )
     docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     docs = docs.map_batches(clean_batch, fn_kwargs={"clean": data.clean}, batch_format="pyarrow")
     index = ray.put(build_index(data.decontaminate.eval_paths, data.decontaminate.ngram_words))
-    return docs.map_batches(
-        index_columns, fn_kwargs={"data": data, "index_ref": index}, batch_format="pyarrow"
-    ).materialize()
+    docs = docs.map_batches(index_columns, fn_kwargs={"data": data, "index_ref": index}, batch_format="pyarrow")
+    docs = docs.materialize()
+    docs.context.target_max_block_size = ray.data.DataContext.get_current().target_max_block_size  # later stages
+    return docs
 
 
-def _parse_files(batch: pa.Table, source: Source, data: DataSection) -> pa.Table:
-    rows = [doc for path in batch.column("path").to_pylist() for doc in _parse_file(path, source, data)]
-    return pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA)
+def _parse_files(batch: pa.Table, source: Source, data: DataSection) -> Iterator[pa.Table]:
+    """A generator: one table per block read (readers.READ_BLOCK_BYTES), so a task's memory does not
+    grow with its file's size. Each row gets `pos`, its place in the input (judge.position)."""
+    for path, number in zip(batch.column("path").to_pylist(), batch.column("file").to_pylist()):
+        for table in _parse_file(path, source, data):
+            line = table.column("line").to_numpy()
+            yield table.append_column("pos", pa.array(position(np.full(len(line), number), line)))
 
 
-def _parse_file(path: str, source: Source, data: DataSection) -> list[dict]:
-    if source.filesystem is None:
-        raw = Path(path).read_bytes()
-    else:
-        with source.filesystem.open_input_file(path) as f:  # raw bytes: no codec guessing
-            raw = f.readall()
-    fmt = file_format(path, source.format)
-    return documents_of_file(
-        {"path": path, "bytes": raw},
+def _parse_file(path: str, source: Source, data: DataSection) -> Iterator[pa.Table]:
+    return read_documents(
+        RawFile(path, source.filesystem),
         source.name,
-        fmt,
+        file_format(path, source.format),
         source.text_field,
         source.doc_boundary,
         data.clean.strip_boilerplate,
+        data.clean.max_chars,
     )
 
 
@@ -252,59 +266,81 @@ def refuse_bad_input(docs) -> None:
         raise DataError(f"{row['path']}:{row['line']}: {row['reason'].replace('_', ' ')} (data.strict is on)")
 
 
-# -- stage 2: decide duplicates, contamination and mixing on the driver ------------------------------
+# -- stage 2: decide duplicates, contamination and mixing, spread over the workers --------------
 
 
 @dataclass
 class Verdicts:
-    """Per kept document id, the reason it goes ("" stays), and each source's keep fraction."""
+    """What goes and how much of each source stays: the dropped duplicates as an index of
+    blocks in the object store (judge.DropIndex), per-source keep fractions and contamination
+    counts. The driver holds a few numbers per block and per source, none per document."""
 
-    ids: np.ndarray  # sorted int64 doc ids of all documents that survived cleaning
-    reasons: np.ndarray  # object array aligned with ids
-    contaminated: dict[str, int]  # eval set -> documents that share an n-gram with it
-    keep_fraction: dict[str, float]  # source -> sampling probability for the mixing weights
+    drops: DropIndex
+    drop_contaminated: bool
+    contaminated: dict[str, int]  # eval set -> kept documents that share an n-gram with it
+    repeats: dict[str, float]  # source -> mean copies of each of its train documents (< 1: subsampled)
 
 
 def judge(docs, data: DataSection, sources: list[Source]) -> Verdicts:
-    cols = ["doc_id", "source", "exact_key", "band_keys", "signature", "contaminated", "bytes_after"]
-    kept = docs.filter(expr=col("reason") == "").select_columns(cols)
-    table = pa.concat_tables(list(kept.iter_batches(batch_size=None, batch_format="pyarrow")))
-    if table.num_rows == 0:
+    kept = docs.filter(expr=col("reason") == "").select_columns(["pos", "exact_key", "band_keys", "signature"])
+    drops = DropIndex.of(duplicates(kept, data.dedup))
+    survivors, contaminated = survivor_counts(docs, drops, data.decontaminate.drop)
+    if not contaminated.pop(KEPT, 0):
         raise DataError("no document survived reading and cleaning: see the counts above")
-    contaminated = table.column("contaminated").to_numpy(zero_copy_only=False)
-    reasons = np.full(table.num_rows, "", dtype=object)
-    if data.dedup.exact:
-        reasons[first_of_each(table.column("exact_key").to_numpy())] = "exact_duplicate"
-    if data.dedup.near:
-        alive = np.flatnonzero(reasons == "")
-        bands, sigs = as_matrix(table.column("band_keys"))[alive], as_matrix(table.column("signature"))[alive]
-        reasons[alive[near_duplicates(bands, sigs, data.dedup.threshold)]] = "near_duplicate"
-    if data.decontaminate.drop:
+    repeats = mixing_repeats(sources, survivors, data.max_repeats)
+    return Verdicts(drops, data.decontaminate.drop, contaminated, repeats)
+
+
+KEPT = "\0kept"  # survivor_counts' count of documents that survived cleaning
+
+
+def survivor_counts(docs, drops: DropIndex, drop_contaminated: bool) -> tuple[dict[str, float], dict[str, int]]:
+    """(source -> bytes left after dedup and decontamination, eval set -> kept documents that
+    share an n-gram with it, plus KEPT), summed per block by the workers."""
+    kwargs = {"drops": drops, "drop_contaminated": drop_contaminated}
+    survivors: dict[str, float] = {}
+    contaminated: dict[str, int] = {}
+    for batch in docs.map_batches(_count_block, fn_kwargs=kwargs, **WHOLE).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        for kind, name, value in zip(*(batch.column(c).to_pylist() for c in ("kind", "name", "value"))):
+            if kind == "bytes":
+                survivors[name] = survivors.get(name, 0.0) + value
+            else:
+                contaminated[name] = contaminated.get(name, 0) + int(value)
+    return survivors, contaminated
+
+
+def _count_block(batch: pa.Table, drops: DropIndex, drop_contaminated: bool) -> pa.Table:
+    kept = np.flatnonzero(batch.column("reason").to_numpy(zero_copy_only=False) == "")
+    contaminated = batch.column("contaminated").to_numpy(zero_copy_only=False)[kept]
+    reasons = _dedup_reasons(batch.column("pos").to_numpy()[kept], contaminated, drops, drop_contaminated)
+    sources = batch.column("source").to_numpy(zero_copy_only=False)[kept]
+    sizes = as_matrix(batch.column("bytes_after"))[kept, -1]
+    rows = [("bytes", name, float(sizes[(sources == name) & (reasons == "")].sum())) for name in set(sources)]
+    sets = collections.Counter(name for names in contaminated for name in names.split(",") if name)
+    rows += [("contaminated", name, count) for name, count in sets.items()] + [("contaminated", KEPT, len(kept))]
+    kinds, names, values = zip(*rows)
+    return pa.table({"kind": kinds, "name": names, "value": pa.array(values, pa.float64())})
+
+
+def _dedup_reasons(pos: np.ndarray, contaminated: np.ndarray, drops: DropIndex, drop_contaminated: bool) -> np.ndarray:
+    """Why each kept document goes ("" stays): exact, then near duplicate, then contamination."""
+    reasons = drops.reasons(pos)
+    if drop_contaminated:
         reasons[(reasons == "") & (contaminated != "")] = "contaminated"
-    doc_sources = table.column("source").to_numpy(zero_copy_only=False)
-    keep = mixing_fractions(sources, doc_sources, as_matrix(table.column("bytes_after"))[:, -1], reasons == "")
-    ids = table.column("doc_id").to_numpy()
-    order = np.argsort(ids)
-    return Verdicts(ids[order], reasons[order], _count_contaminated(contaminated), keep)
+    return reasons
 
 
-def _count_contaminated(column: np.ndarray) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for names in column:
-        for name in filter(None, names.split(",")):
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def mixing_fractions(
-    sources: list[Source], doc_sources: np.ndarray, doc_bytes: np.ndarray, alive: np.ndarray
-) -> dict[str, float]:
-    """Keep probabilities that give each source its weight's share of the output bytes.
-    The scarcest source relative to its weight is kept whole; the others are subsampled. A
-    weighted source with nothing left would make every share zero: that fails here, naming it."""
+def mixing_repeats(sources: list[Source], available: dict[str, float], max_repeats: float = 1.0) -> dict[str, float]:
+    """Mean copies per document that give each source its weight's share of the output bytes,
+    from each source's bytes left after dedup and decontamination. The scarcest source relative
+    to its weight is repeated max_repeats times (kept whole at 1); the others get what their
+    weight asks of that output: repeated up to max_repeats, or subsampled. A weighted source
+    with nothing left would make every share zero: that fails here, naming it."""
     if all(s.weight is None for s in sources):
         return {s.name: 1.0 for s in sources}
-    avail = {s.name: float(doc_bytes[alive & (doc_sources == s.name)].sum()) for s in sources}
+    avail = {s.name: float(available.get(s.name, 0.0)) for s in sources}
     empty = [f"data.sources.{i} ({s.name})" for i, s in enumerate(sources) if not avail[s.name]]
     if empty:
         raise DataError(
@@ -313,8 +349,8 @@ def mixing_fractions(
             "fix its paths, format or text_field, loosen data.clean, or remove the source"
         )
     total_w = sum(s.weight for s in sources)
-    output = min(avail[s.name] / (s.weight / total_w) for s in sources)
-    return {s.name: min(1.0, output * s.weight / total_w / avail[s.name]) for s in sources}
+    output = max_repeats * min(avail[s.name] / (s.weight / total_w) for s in sources)
+    return {s.name: min(max_repeats, output * s.weight / total_w / avail[s.name]) for s in sources}
 
 
 # -- stage 3: apply verdicts, split, subsample ------------------------------------------------------
@@ -322,23 +358,26 @@ def mixing_fractions(
 
 def finalize(docs, verdicts: Verdicts, data: DataSection):
     fixed = {source_name(s.paths, s.name): s.split for s in data.sources if s.split != "auto"}
-    kwargs = {"verdicts": ray.put(verdicts), "val": data.val_fraction, "test": data.test_fraction, "fixed": fixed}
+    kwargs = {"verdicts": verdicts, "val": data.val_fraction, "test": data.test_fraction, "fixed": fixed}
     drop = ["exact_key", "band_keys", "signature"]
-    return docs.map_batches(_apply_verdicts, fn_kwargs=kwargs, batch_format="pyarrow").drop_columns(drop).materialize()
+    return docs.map_batches(_apply_verdicts, fn_kwargs=kwargs, **WHOLE).drop_columns(drop).materialize()
 
 
-def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float, fixed: dict[str, str]) -> pa.Table:
-    v: Verdicts = ray.get(verdicts)
+def _apply_verdicts(batch: pa.Table, verdicts: Verdicts, val: float, test: float, fixed: dict[str, str]) -> pa.Table:
+    v = verdicts
     reasons = batch.column("reason").to_numpy(zero_copy_only=False).astype(object)
     kept = np.flatnonzero(reasons == "")
-    reasons[kept] = v.reasons[np.searchsorted(v.ids, batch.column("doc_id").to_numpy()[kept])]
+    contaminated = batch.column("contaminated").to_numpy(zero_copy_only=False)[kept]
+    reasons[kept] = _dedup_reasons(batch.column("pos").to_numpy()[kept], contaminated, v.drops, v.drop_contaminated)
     texts, sources = batch.column("text").to_pylist(), batch.column("source").to_numpy(zero_copy_only=False)
-    splits = np.full(batch.num_rows, "", dtype=object)
+    splits, copies = np.full(batch.num_rows, "", dtype=object), np.zeros(batch.num_rows, np.int32)
     for i in kept[reasons[kept] == ""]:
-        if _unit_hash(texts[i], salt=b"mix") >= v.keep_fraction[sources[i]]:
+        copies[i] = _copies(texts[i], v.repeats[sources[i]])
+        if not copies[i]:
             reasons[i] = "mix_sampled_out"
         else:
             splits[i] = fixed.get(sources[i]) or assign_split(texts[i], val, test)
+            copies[i] = copies[i] if splits[i] == "train" else 1  # evaluation data is never repeated
     dropped = pa.array((reasons != "") & (batch.column("reason").to_numpy(zero_copy_only=False) == ""))
     text = batch.column("text").combine_chunks()
     snippet = pc.if_else(
@@ -349,7 +388,14 @@ def _apply_verdicts(batch: pa.Table, verdicts, val: float, test: float, fixed: d
         batch.schema.get_field_index("text"), "text", pc.if_else(pa.array(reasons != ""), "", text)
     )
     batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-    return batch.append_column("split", pa.array(splits, pa.string()))
+    return batch.append_column("split", pa.array(splits, pa.string())).append_column("copies", pa.array(copies))
+
+
+def _copies(text: str, repeats: float) -> int:
+    """floor(repeats) copies, and one more for a hash-chosen fraction of the documents: 2.5
+    gives half of them 2 and half 3, 0.4 keeps 40% once (the same 40% on every cluster)."""
+    whole = int(repeats)
+    return whole + (_unit_hash(text, salt=b"mix") < repeats - whole)
 
 
 def _unit_hash(text: str, salt: bytes) -> float:
@@ -390,14 +436,28 @@ def tally(docs) -> dict[str, dict]:
 
 
 def reject_samples(docs, per_reason: int) -> list[dict]:
-    """The first few rejected documents of each reason: where they are and how they start."""
-    rejected = docs.filter(expr=col("reason") != "").select_columns(["source", "path", "line", "reason", "snippet"])
+    """The first few rejected documents of each reason, in input order: where they are and how
+    they start. Each block offers its first `per_reason` per reason; the driver keeps the first."""
+    rejected = docs.filter(expr=(col("reason") != "")).select_columns(
+        ["pos", "source", "path", "line", "reason", "snippet"]
+    )
+    offered = rejected.map_batches(_first_rejects, fn_kwargs={"per_reason": per_reason}, **WHOLE)
+    candidates = sorted(offered.iter_rows(), key=lambda row: (row["reason"], row["pos"]))
     samples: dict[str, list[dict]] = {}
-    for row in rejected.iter_rows():
+    for row in candidates:
         bucket = samples.setdefault(row["reason"], [])
         if len(bucket) < per_reason and not row["reason"].startswith("fixed:"):
-            bucket.append(dict(row))
+            bucket.append({k: v for k, v in row.items() if k != "pos"})
     return [row for bucket in samples.values() for row in bucket]
+
+
+def _first_rejects(block: pa.Table, per_reason: int) -> pa.Table:
+    reason, pos = block.column("reason").to_numpy(zero_copy_only=False), block.column("pos").to_numpy()
+    order = np.lexsort([pos, reason])
+    ordered = reason[order]
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1] if len(order) else np.zeros(0, int)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return block.take(pa.array(np.sort(order[rank < per_reason])))
 
 
 # -- stage 4: tokenizer, then encode and pack --------------------------------------------------------
@@ -416,10 +476,31 @@ def get_tokenizer(docs, train_bytes: int, section: TokenizerSection, path: Path)
         return tok
     train = docs.filter(expr=col("split") == "train").select_columns(["text"])
     fraction = min(1.0, section.sample_bytes / max(1, train_bytes))  # a deterministic sample by content hash
-    batches = (b.column("text").to_pylist() for b in train.iter_batches(batch_size=4096, batch_format="pyarrow"))
-    if fraction < 1:
-        batches = ([t for t in texts if _unit_hash(t, salt=b"bpe") < fraction] for texts in batches)
-    return train_tokenizer(batches, section, path)
+    if fraction < 1:  # drawn by the workers
+        train = train.map_batches(_bpe_sample, fn_kwargs={"fraction": fraction}, batch_format="pyarrow")
+    # Trained in a task, not the driver: the BPE trainer's word counts over sample_bytes (200 MB
+    # by default) take gigabytes, and the head node is the smallest. The task reads the sample
+    # block by block from the object store and returns tokenizer.json's text.
+    blocks = train.materialize().to_arrow_refs()
+    path.write_text(ray.get(_train_tokenizer_task.remote(blocks, section)))
+    return load_tokenizer(path)
+
+
+@ray.remote(num_cpus=1)  # the trainer's threads use the node's other cores as well
+def _train_tokenizer_task(blocks: list, section: TokenizerSection) -> str:
+    def batches():
+        for ref in blocks:
+            texts = ray.get(ref).column("text").to_pylist()
+            for start in range(0, len(texts), 4096):
+                yield texts[start : start + 4096]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return train_tokenizer(batches(), section, Path(tmp) / "tokenizer.json").to_str(pretty=True)
+
+
+def _bpe_sample(batch: pa.Table, fraction: float) -> pa.Table:
+    keep = [_unit_hash(t, salt=b"bpe") < fraction for t in batch.column("text").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
 
 
 # -- manifest ---------------------------------------------------------------------------------------

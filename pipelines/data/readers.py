@@ -4,16 +4,21 @@ silently.
 
 A document row: source, path, line (1-based line, or row for Parquet, where it starts),
 text, reason ("" while it is kept), snippet (the start of a rejected document) and
-raw_bytes (its size as read). Plain Python: Ray Data calls `documents_of_file` per file.
+raw_bytes (its size as read). Plain Python: Ray Data calls `read_documents` per file, which
+reads it as a stream in bounded blocks (lines for text and JSONL, batches of the text column for
+Parquet) and yields a table per block, so a multi-GB shard needs no more memory than a small one.
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import glob
-import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -29,7 +34,6 @@ READABLE = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
 SNIPPET_CHARS = 120
 DOCUMENT_SCHEMA = pa.schema(
     [
-        ("doc_id", pa.int64()),
         ("source", pa.string()),
         ("path", pa.string()),
         ("line", pa.int64()),
@@ -48,12 +52,6 @@ BLANK_LINE = re.compile(rb"[ \t\r\f\v]*")
 
 def source_name(paths: list[str], name: str | None) -> str:
     return name or PurePosixPath(paths[0].rstrip("/")).name.split("*")[0].split(".")[0] or "source"
-
-
-def doc_id(source: str, path: str, line: int) -> int:
-    """A stable 64-bit id: where the document starts, so reruns and other nodes agree."""
-    digest = hashlib.blake2b(f"{source}\0{path}\0{line}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 # -- finding files -------------------------------------------------------------------------
@@ -141,35 +139,94 @@ def file_format(path: str, configured: str) -> str:
     return "parquet" if suffix in PARQUET_SUFFIXES else "text"
 
 
-# -- parsing one file ------------------------------------------------------------------------
+# -- reading one file in bounded blocks ---------------------------------------------------------
+
+# 4 MiB of decompressed bytes per block. Reading holds about 10 blocks' worth at its peak (the block
+# and the part line carried over, its lines, their texts, the rows, the Arrow table, allocator
+# slack): a 300 MB JSONL file peaked at 150 MB RSS, pyarrow's 110 MB included, the same as a
+# 30 MB one; 16 MiB blocks peaked at 260 MB and were no faster (tests/test_readers.py).
+READ_BLOCK_BYTES = 4 * 2**20
+# The binary probe, the byte-order mark and Project Gutenberg's START marker are looked for in the
+# first MiB (a Gutenberg header is 1-30 KB). A stream that turns out corrupt inside it rejects the
+# whole file before any row, as a whole-file read did.
+HEAD_BYTES = 2**20
+NON_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.strip() keeps
+BOM = b"\xef\xbb\xbf"
+
+
+class CorruptStream(Exception):
+    """The codec failed on the file's own bytes (not on a read error of the storage)."""
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """Where a file's raw bytes come from: a local path, a path on a pyarrow filesystem (a URI's
+    bucket/key, as list_files gives it), or bytes already in memory."""
+
+    path: str
+    filesystem: object = None
+    data: bytes | None = None
+
+    def stream(self):
+        """Sequential raw bytes, no codec guessing (the filesystem's 'detect' would gunzip)."""
+        if self.data is not None:
+            return pa.BufferReader(self.data)
+        if self.filesystem is None:
+            return pa.OSFile(self.path)
+        return self.filesystem.open_input_stream(self.path, compression=None)
+
+    def random_access(self):
+        if self.data is not None:
+            return pa.BufferReader(self.data)
+        if self.filesystem is None:
+            return pa.OSFile(self.path)
+        return self.filesystem.open_input_file(self.path)
+
+
+def read_documents(
+    raw: RawFile,
+    source: str,
+    fmt: str,
+    text_field: str,
+    doc_boundary: str,
+    strip_boilerplate: bool,
+    max_chars: int | None = None,
+    block_bytes: int = READ_BLOCK_BYTES,
+) -> Iterator[pa.Table]:
+    """One file -> Arrow tables of document rows (DOCUMENT_SCHEMA), one per block read, so memory
+    stays bounded by the block size however large the file. max_chars (cleaning's too_long limit)
+    bounds a single document: one over 4 * (max_chars + 1) bytes (480 at least, for its snippet)
+    is only counted past its head and comes out cut to its first max_chars + 1 characters (120 at
+    least) with its full raw_bytes, which cleaning drops as too_long exactly as it would drop the
+    whole text. None: documents are held whole."""
+    reader = Reader(source, raw.path)
+    codec = COMPRESSION.get(PurePosixPath(raw.path).suffix)
+    if fmt == "parquet":
+        steps = reader.parquet(raw, codec, text_field, block_bytes)
+    else:
+        text_cap = None if max_chars is None else 4 * max(max_chars + 1, SNIPPET_CHARS)
+        steps = reader.lines(raw, codec, fmt, text_field, doc_boundary, strip_boilerplate, text_cap, block_bytes)
+    for _ in steps:
+        if reader.rows:
+            yield reader.take()
+    if reader.rows:
+        yield reader.take()
 
 
 def documents_of_file(
-    row: dict, source: str, fmt: str, text_field: str, doc_boundary: str, strip_boilerplate: bool
+    row: dict,
+    source: str,
+    fmt: str,
+    text_field: str,
+    doc_boundary: str,
+    strip_boilerplate: bool,
+    max_chars: int | None = None,
+    block_bytes: int = READ_BLOCK_BYTES,
 ) -> list[dict]:
-    """One file's bytes -> document rows (rejected ones carry a reason); prepare calls it per file."""
-    path = row["path"]
-    reader = Reader(source, path)
-    data = reader.decompress(row["bytes"])
-    if data is None:
-        return reader.rows
-    if not data:
-        return reader.reject(1, "empty_file", b"")
-    if fmt == "parquet":
-        return reader.parquet(data, text_field)
-    if looks_binary(data):
-        return reader.reject(1, "binary_file", data)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 byte-order mark says nothing about the text
-        reader.fix("bom_removed")
-    if not data.strip():
-        return reader.reject(1, "blank_file", data)
-    if fmt == "jsonl":
-        return reader.jsonl(data, text_field)
-    first_line = 1
-    if strip_boilerplate:
-        data, first_line = reader.strip_gutenberg(data)
-    return reader.text(data, doc_boundary, first_line)
+    """read_documents over a file's bytes already in memory ({"path", "bytes"}), as row dicts."""
+    raw = RawFile(row["path"], data=row["bytes"])
+    args = (source, fmt, text_field, doc_boundary, strip_boilerplate, max_chars, block_bytes)
+    return [r for table in read_documents(raw, *args) for r in table.to_pylist()]
 
 
 def looks_binary(data: bytes, probe: int = 8192) -> bool:
@@ -181,119 +238,445 @@ def looks_binary(data: bytes, probe: int = 8192) -> bool:
 
 
 class Reader:
-    """Builds the rows of one file."""
+    """Builds the rows of one file; `take` hands over those built so far as a table. Each reading
+    method is a generator that yields after every block, when its rows may be taken."""
 
     def __init__(self, source: str, path: str):
         self.source, self.path = source, path
-        self.rows: list[dict] = []
+        self.rows: list[tuple[int, str, str, str, int]] = []  # (line, text, reason, snippet, raw_bytes)
+        self.line_reached = 1  # where a stream failing now would be reported
 
     def keep(self, line: int, text: str, raw_bytes: int) -> None:
-        self.rows.append(self._row(line, text, "", "", raw_bytes))
+        self.rows.append((line, text, "", "", raw_bytes))
 
-    def reject(self, line: int, reason: str, raw: bytes) -> list[dict]:
+    def reject(self, line: int, reason: str, raw: bytes, raw_bytes: int | None = None) -> None:
         snippet = raw[: SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS]
-        self.rows.append(self._row(line, "", reason, snippet, len(raw)))
-        return self.rows
+        self.rows.append((line, "", reason, snippet, len(raw) if raw_bytes is None else raw_bytes))
 
     def fix(self, what: str) -> None:
         """A repair that keeps the data (e.g. a BOM removed): counted, never an error."""
-        self.rows.append(self._row(0, "", f"fixed:{what}", "", 0))
+        self.rows.append((0, "", f"fixed:{what}", "", 0))
 
-    def _row(self, line, text, reason, snippet, raw_bytes) -> dict:
-        return {
-            "doc_id": doc_id(self.source, self.path, line),
-            "source": self.source,
-            "path": self.path,
-            "line": line,
-            "text": text,
-            "reason": reason,
-            "snippet": snippet,
-            "raw_bytes": raw_bytes,
+    def take(self) -> pa.Table:
+        lines, texts, reasons, snippets, sizes = zip(*self.rows)
+        self.rows = []
+        columns = {
+            "source": [self.source] * len(lines),
+            "path": [self.path] * len(lines),
+            "line": lines,
+            "text": texts,
+            "reason": reasons,
+            "snippet": snippets,
+            "raw_bytes": sizes,
         }
+        return pa.Table.from_pydict(columns, schema=DOCUMENT_SCHEMA)
 
-    def decompress(self, data: bytes) -> bytes | None:
-        codec = COMPRESSION.get(PurePosixPath(self.path).suffix)
-        if not codec:
-            return data
-        try:
-            return pa.CompressedInputStream(pa.BufferReader(data), codec).read()
-        except (OSError, pa.ArrowException):
-            self.reject(1, "corrupt_compression", data)
-            return None
+    # -- text and JSONL: lines from a stream --------------------------------------------------
 
-    def strip_gutenberg(self, data: bytes) -> tuple[bytes, int]:
-        start, end = PG_START.search(data), PG_END.search(data)
-        if not start:
-            return data, 1
-        body = data[start.end() : end.start() if end and end.start() > start.end() else len(data)]
-        self.fix("gutenberg_boilerplate")
-        return body, data.count(b"\n", 0, start.end()) + 1
-
-    def text(self, data: bytes, boundary: str, first_line: int) -> list[dict]:
-        for line, chunk in split_text(data, boundary, first_line):
+    def lines(self, raw: RawFile, codec, fmt, field, boundary, strip_boilerplate, text_cap, block_bytes):
+        with raw.stream() as f:
+            blocks = iter(Blocks(f, codec, block_bytes))
             try:
-                self.keep(line, chunk.decode("utf-8"), len(chunk))
-            except UnicodeDecodeError:
-                self.reject(line, "invalid_utf8", chunk)
-        return self.rows
+                yield from self._lines(blocks, fmt, field, boundary, strip_boilerplate, text_cap, block_bytes)
+            except CorruptStream:
+                # A whole-file read rejected the whole file; a stream keeps the rows of the blocks
+                # before the failure (a file failing in its first MiB is still rejected whole).
+                self._reject_corrupt(raw)
 
-    def jsonl(self, data: bytes, field: str) -> list[dict]:
-        for i, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError:
-                self.reject(i, "invalid_utf8", raw)
-                continue
-            except ValueError:
-                self.reject(i, "malformed_json", raw)
-                continue
-            if not isinstance(record, dict) or field not in record:
-                self.reject(i, "missing_field", raw)
-            elif not isinstance(record[field], str):
-                self.reject(i, "wrong_field_type", raw)
-            else:
-                self.keep(i, record[field], len(raw))
-        return self.rows
-
-    def parquet(self, data: bytes, field: str) -> list[dict]:
-        try:
-            table = pq.read_table(pa.BufferReader(data), columns=[field])
-        except (pa.ArrowException, KeyError, OSError):
-            return self.reject(1, "unreadable_parquet", data[:SNIPPET_CHARS])
-        column = table.column(field)
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            return self.reject(1, "wrong_field_type", str(column.type).encode())
-        for i, value in enumerate(column.to_pylist(), start=1):
-            if value is None:
-                self.reject(i, "missing_field", b"")
-            else:
-                self.keep(i, value, len(value.encode()))
-        return self.rows
-
-
-def split_text(data: bytes, boundary: str, first_line: int = 1):
-    """Yield (line number, bytes) documents: the whole file, each line, or each blank-line
-    separated paragraph. Works on bytes so invalid UTF-8 stays local to its document."""
-    data = data.replace(b"\r\n", b"\n")
-    if boundary == "file":
-        yield first_line, data
-        return
-    lines = data.split(b"\n")
-    if boundary == "line":
-        for i, line in enumerate(lines):
-            if line.strip():
-                yield first_line + i, line
-        return
-    start, block = None, []
-    for i, line in enumerate(lines):
-        if BLANK_LINE.fullmatch(line):
-            if block:
-                yield first_line + start, b"\n".join(block)
-            start, block = None, []
+    def _lines(self, blocks, fmt, field, boundary, strip_boilerplate, text_cap, block_bytes):
+        first = b"".join(read_head(blocks, HEAD_BYTES))  # one block unless blocks are small
+        if not first:
+            return self.reject(1, "empty_file", b"")
+        if looks_binary(first):
+            return self.reject(1, "binary_file", first, len(first) + sum(map(len, blocks)))
+        if first.startswith(BOM):
+            first = first[len(BOM) :]  # a UTF-8 byte-order mark says nothing about the text
+            self.fix("bom_removed")
+        head, tally = first[:HEAD_BYTES], Tally()
+        body = tally.count(chain(slices(first, block_bytes), blocks))
+        del first  # the body's generator holds it until it is read
+        jsonl = fmt == "jsonl"
+        # A JSON line holds more than its text: escapes take up to 12 bytes per character (a
+        # surrogate pair), and other fields; one over 4x the text cap is rejected unparsed.
+        cap = 4 * text_cap if jsonl and text_cap else text_cap
+        lines = NumberedLines(line_runs(body, block_bytes, crlf=not jsonl), cap)
+        if jsonl:
+            yield from self._jsonl(lines, field)
         else:
-            start = i if start is None else start
-            block.append(line)
-    if block:
-        yield first_line + start, b"\n".join(block)
+            first_line, stop_at_end = self._gutenberg(head) if strip_boilerplate else (1, False)
+            runs = gutenberg_body(lines, first_line, stop_at_end) if first_line > 1 else lines
+            steps = {"line": self._text_lines, "paragraph": self._paragraphs, "file": self._whole_file}[boundary]
+            yield from steps(runs, lines, text_cap, first_line, tally)
+        if tally.blank:
+            self.reject(1, "blank_file", head, tally.size)
+
+    def _gutenberg(self, head: bytes) -> tuple[int, bool]:
+        """(first line of the book's body, whether its first END marker ends it): the body starts
+        after the START marker, if there is one in the first MiB, and runs to the first END
+        marker, unless that comes before START or right after it."""
+        start = PG_START.search(head, 0, HEAD_BYTES)
+        if not start:
+            return 1, False
+        self.fix("gutenberg_boilerplate")
+        return head.count(b"\n", 0, start.end()) + 1, not PG_END.search(head, 0, start.start())
+
+    def _jsonl(self, lines: NumberedLines, field: str):
+        for run in lines:
+            for i, raw in run:
+                if isinstance(raw, Piece):
+                    if not raw.blank:
+                        self.reject(i, "too_long", raw.head, raw.size)  # not parsed: too big to hold
+                elif raw.strip():
+                    self._json_line(i, raw, field)
+            self.line_reached = lines.next
+            yield
+
+    def _json_line(self, i: int, raw: bytes, field: str) -> None:
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError:
+            return self.reject(i, "invalid_utf8", raw)
+        except ValueError:
+            return self.reject(i, "malformed_json", raw)
+        if not isinstance(record, dict) or field not in record:
+            self.reject(i, "missing_field", raw)
+        elif not isinstance(record[field], str):
+            self.reject(i, "wrong_field_type", raw)
+        else:
+            self.keep(i, record[field], len(raw))
+
+    def _text_lines(self, runs, lines: NumberedLines, cap, first_line, tally):
+        for run in runs:
+            for i, line in run:
+                if not is_blank(line):
+                    self._text_doc(i, line)
+            self.line_reached = lines.next
+            yield
+
+    def _paragraphs(self, runs, lines: NumberedLines, cap, first_line, tally):
+        """Blank-line separated paragraphs; one may span blocks, so it is carried as a Piece."""
+        paragraph, start = None, 0
+        for run in runs:
+            for i, line in run:
+                if is_blank(line):
+                    if paragraph is not None:
+                        self._text_doc(start, paragraph.finish())
+                    paragraph = None
+                    continue
+                if paragraph is None:
+                    paragraph, start = Piece(cap), i
+                else:
+                    paragraph.add(b"\n")
+                paragraph.add(line)
+            self.line_reached = lines.next if paragraph is None else start
+            yield
+        if paragraph is not None:
+            self._text_doc(start, paragraph.finish())
+
+    def _whole_file(self, runs, lines: NumberedLines, cap, first_line, tally):
+        """The whole body is one document: held up to the cap, counted past it."""
+        document, first = Piece(cap), True
+        self.line_reached = first_line
+        for run in runs:
+            for _, line in run:
+                if not first:
+                    document.add(b"\n")
+                document.add(line)
+                first = False
+            yield
+        if not tally.blank:
+            self._text_doc(first_line, document.finish())
+
+    def _text_doc(self, line: int, doc: bytes | Piece) -> None:
+        if isinstance(doc, Piece):  # longer than the cap: cleaning drops it as too_long
+            if doc.valid:
+                self.keep(line, doc.head_text(), doc.size)
+            else:
+                self.reject(line, "invalid_utf8", doc.head, doc.size)
+            return
+        try:
+            self.keep(line, doc.decode("utf-8"), len(doc))
+        except UnicodeDecodeError:
+            self.reject(line, "invalid_utf8", doc)
+
+    def _reject_corrupt(self, raw: RawFile) -> None:
+        """One row where the stream broke, counting the whole compressed file as before."""
+        with raw.random_access() as f:
+            self.reject(self.line_reached, "corrupt_compression", f.read(SNIPPET_CHARS * 4), f.size())
+
+    # -- Parquet: batches of the text column ---------------------------------------------------
+
+    def parquet(self, raw: RawFile, codec, field: str, block_bytes: int):
+        if codec:  # Parquet needs random access: a compressed Parquet file is decompressed whole
+            with raw.stream() as f:
+                try:
+                    data = b"".join(Blocks(f, codec, block_bytes))
+                except CorruptStream:
+                    return self._reject_corrupt(raw)
+            source = pa.BufferReader(data)
+        else:
+            source = raw.random_access()
+        with source:
+            watched = Watched(source)
+            if source.size() == 0:
+                return self.reject(1, "empty_file", b"")
+            try:
+                yield from self._parquet_rows(pq.ParquetFile(pa.PythonFile(watched, mode="r")), field, block_bytes)
+            except (pa.ArrowException, KeyError, OSError):
+                if watched.error is not None:
+                    raise  # the storage failed, not the file: Ray retries the task
+                self.reject(self.line_reached, "unreadable_parquet", source.read_at(SNIPPET_CHARS, 0))
+
+    def _parquet_rows(self, parquet: pq.ParquetFile, field: str, block_bytes: int):
+        column_type = parquet.schema_arrow.field(field).type
+        if not pa.types.is_string(column_type) and not pa.types.is_large_string(column_type):
+            return self.reject(1, "wrong_field_type", str(column_type).encode())
+        row = 1
+        for batch in parquet.iter_batches(batch_size=rows_per_block(parquet, field, block_bytes), columns=[field]):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    self.reject(row, "missing_field", b"")
+                else:
+                    self.keep(row, value, len(value.encode()))
+                row += 1
+            self.line_reached = row
+            yield
+
+
+def rows_per_block(parquet: pq.ParquetFile, field: str, block_bytes: int) -> int:
+    """Rows of the text column in about block_bytes, from the row groups' uncompressed sizes
+    (pyarrow still reads a row group's column chunk at once: writers keep those to 128 MB-1 GB)."""
+    meta = parquet.metadata
+    leaf = [parquet.schema.column(i).path for i in range(len(parquet.schema))].index(field)
+    size = sum(meta.row_group(g).column(leaf).total_uncompressed_size for g in range(meta.num_row_groups))
+    return max(1, block_bytes * meta.num_rows // max(size, 1))
+
+
+# -- bytes -> lines -> documents ------------------------------------------------------------------
+
+
+class Watched:
+    """A raw file that remembers its own errors, so that a failing disk or network (raised, and
+    Ray retries the task) is told apart from a corrupt file (a counted reject row)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def __getattr__(self, name):
+        attr = getattr(self.f, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as err:
+                self.error = err
+                raise
+
+        return call
+
+
+class Blocks:
+    """A raw stream's decompressed bytes, block_bytes at a time. A codec error ends it with
+    CorruptStream; an error of the raw file itself is raised as it is."""
+
+    def __init__(self, f, codec: str | None, block_bytes: int):
+        self.raw = Watched(f)
+        self.stream = pa.CompressedInputStream(pa.PythonFile(self.raw, mode="r"), codec) if codec else f
+        self.block_bytes = block_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._read, b"")
+
+    def _read(self) -> bytes:
+        try:
+            return self.stream.read(self.block_bytes)
+        except (OSError, pa.ArrowException) as err:
+            if self.raw.error is not None or self.stream is self.raw.f:
+                raise
+            raise CorruptStream(str(err)) from err
+
+
+def read_head(blocks: Iterator[bytes], size: int) -> list[bytes]:
+    """The first blocks, holding at least `size` bytes (all of them if fewer)."""
+    parts, got = [], 0
+    for block in blocks:
+        parts.append(block)
+        got += len(block)
+        if got >= size:
+            break
+    return parts
+
+
+class Tally:
+    """Bytes that passed through, and whether all of them were whitespace."""
+
+    def __init__(self):
+        self.size, self.blank = 0, True
+
+    def count(self, blocks: Iterable[bytes]) -> Iterator[bytes]:
+        return map(self._see, blocks)
+
+    def _see(self, block: bytes) -> bytes:
+        self.size += len(block)
+        if self.blank and NON_BLANK.search(block):
+            self.blank = False
+        return block
+
+
+def line_runs(blocks: Iterable[bytes], block_bytes: int, crlf: bool) -> Iterator[tuple[list[bytes], bool]]:
+    """Blocks -> runs of lines, about a block each, as (lines, open): when open, the run's last
+    line goes on in the next run's first. Joined that way the runs are data.split(b"\\n") of the
+    whole stream (with \\r\\n read as \\n when crlf). Only a part line is carried to the next block,
+    and a line longer than a block is passed on in parts, so what is held stays near two blocks."""
+    carry = b""
+    for block in blocks:
+        data = carry + block if carry else block
+        del block  # held by the loop while the run is used otherwise
+        # \r\n pairs never overlap, so replacing them block by block is replacing them in the
+        # whole: the carried part line has no \n, and a part passed on never ends with \r.
+        lines = (data.replace(b"\r\n", b"\n") if crlf else data).split(b"\n")
+        del data
+        carry = lines.pop()
+        if lines:
+            yield lines, False
+        elif len(carry) >= block_bytes:  # no newline in a whole block: pass the line on in parts
+            keep = len(carry) - 1 if carry.endswith(b"\r") else len(carry)
+            part, carry = carry[:keep], carry[keep:]
+            yield [part], True
+    yield [carry], False
+
+
+def slices(data: bytes, size: int) -> Iterator[bytes]:
+    """data in parts of `size`, none held here once handed on (a generator's locals live on)."""
+    parts = [data[i : i + size] for i in range(0, len(data), size)][::-1]
+    del data
+    while parts:
+        yield parts.pop()
+
+
+class NumberedLines:
+    """Runs of (line number, line) from line_runs. A line is bytes, or a Piece when longer than
+    `cap` bytes; `next` is the number of the first line not yet handed out."""
+
+    def __init__(self, runs: Iterator[tuple[list[bytes], bool]], cap: int | None):
+        self.runs, self.cap, self.next = runs, cap, 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, bytes | Piece]]]:
+        part = None  # a line that goes on in the next run
+        for lines, open_end in self.runs:
+            numbered = []
+            if part is not None:
+                part.add(lines[0])
+                if open_end and len(lines) == 1:
+                    yield numbered
+                    continue
+                numbered.append((self.next, part.finish()))
+                self.next, part, lines = self.next + 1, None, lines[1:]
+            if open_end:
+                part = Piece(self.cap)
+                part.add(lines[-1])
+                lines = lines[:-1]
+            for line in lines:
+                numbered.append(
+                    (self.next, line if self.cap is None or len(line) <= self.cap else piece_of(line, self.cap))
+                )
+                self.next += 1
+            yield numbered
+
+
+def gutenberg_body(lines: NumberedLines, first_line: int, stop_at_end: bool):
+    """The runs of a Project Gutenberg book's body: from first_line to the line before the first
+    END marker, which ends the stream there (an END marker right after START is ignored, as the
+    whole-file rule did). The body ends with the newline before END, hence the last empty line."""
+    for run in lines:
+        body = []
+        for i, line in run:
+            if i < first_line:
+                continue
+            if stop_at_end and PG_END.match(line.head if isinstance(line, Piece) else line):
+                if i > first_line:
+                    body.append((i, b""))
+                    yield body
+                    return
+                stop_at_end = False
+            body.append((i, line))
+        yield body
+
+
+def is_blank(line: bytes | Piece) -> bool:
+    return line.blank if isinstance(line, Piece) else bool(BLANK_LINE.fullmatch(line))
+
+
+class Piece:
+    """A document, or a line, arriving in parts. Held whole up to `cap` bytes (None: no cap); past
+    the cap only its first `cap` bytes, its size, whether it is blank and whether it is valid
+    UTF-8 are kept, so a 50 MB line costs `cap` bytes (4 MB with the default max_chars)."""
+
+    def __init__(self, cap: int | None):
+        self.cap, self.parts, self.size = cap, [], 0
+        self.blank, self.valid, self.decoder = True, True, None
+
+    @property
+    def head(self) -> bytes:
+        return self.parts[0] if self.parts else b""
+
+    def add(self, data: bytes | Piece) -> None:
+        if isinstance(data, Piece):
+            return self._add_piece(data)
+        self.size += len(data)
+        if self.blank and NON_BLANK.search(data):
+            self.blank = False
+        if self.decoder is not None:
+            self._check(data)
+        elif self.cap is not None and self.size > self.cap:
+            self._overflow(data)
+        else:
+            self.parts.append(data)
+
+    def _add_piece(self, other: Piece) -> None:
+        """A whole line longer than the cap joins its paragraph (or file): after a newline, so the
+        UTF-8 check of this piece goes on cleanly after it."""
+        if self.decoder is None:
+            self._overflow(b"")
+        self.size += other.size
+        self.blank, self.valid = self.blank and other.blank, self.valid and other.valid
+        if len(self.parts[0]) < self.cap:
+            self.parts = [(self.parts[0] + other.head)[: self.cap]]
+
+    def _overflow(self, data: bytes) -> None:
+        held = b"".join([*self.parts, data])
+        self.parts = [held[: self.cap]]
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self._check(held)
+
+    def _check(self, data: bytes, step: int = 2**20) -> None:
+        """UTF-8 validity, a MiB at a time so that no large string is built."""
+        try:
+            for i in range(0, len(data) if self.valid else 0, step):
+                self.decoder.decode(data[i : i + step])
+        except UnicodeDecodeError:
+            self.valid = False
+
+    def finish(self) -> bytes | Piece:
+        """The bytes if held whole; else this piece, its UTF-8 check completed."""
+        if self.decoder is None:
+            return b"".join(self.parts)
+        if self.valid:
+            try:
+                self.decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self.valid = False
+        return self
+
+    def head_text(self) -> str:
+        """Its first cap/4 characters, more than max_chars: the head holds them all, as a
+        character takes at most 4 bytes."""
+        return codecs.getincrementaldecoder("utf-8")().decode(self.head)[: self.cap // 4]
+
+
+def piece_of(line: bytes, cap: int) -> Piece:
+    piece = Piece(cap)
+    piece.add(line)
+    return piece.finish()

@@ -42,7 +42,7 @@ def build_report(sources, doc_counts: dict, stats: dict, verdicts, tok, samples:
     """stats: per split window statistics from packing.collect_windows (tokens and bytes per source)."""
     enabled = enabled_stages(data, weighted=all(s.weight is not None for s in sources))
     per_source = {s.name: _source_report(s, i, doc_counts, stats, enabled) for i, s in enumerate(sources)}
-    _add_mix_shares(per_source, sources)
+    _add_mix_shares(per_source, sources, verdicts.repeats)
     return {
         "sources": per_source,
         "totals": _totals(per_source),
@@ -134,9 +134,10 @@ def _stage(name: str, docs_in: int, docs_out: int, bytes_in: int, bytes_out: int
     }
 
 
-def _add_mix_shares(per_source: dict, sources) -> None:
-    """Asked share (from weights; natural share when none are set) vs achieved, in tokens."""
-    tokens = {name: sum(r["tokens"].values()) for name, r in per_source.items()}
+def _add_mix_shares(per_source: dict, sources, repeats: dict[str, float]) -> None:
+    """Asked share of the train tokens (from weights; natural share when none are set) vs
+    achieved, and the mean copies of each train document (repeats; below 1: subsampled)."""
+    tokens = {name: r["tokens"].get("train", 0) for name, r in per_source.items()}
     total_tokens = sum(tokens.values()) or 1
     weighted = all(s.weight is not None for s in sources)
     total_weight = sum(s.weight for s in sources) if weighted else 1
@@ -144,6 +145,7 @@ def _add_mix_shares(per_source: dict, sources) -> None:
         r = per_source[s.name]
         r["share_achieved"] = tokens[s.name] / total_tokens
         r["share_asked"] = s.weight / total_weight if weighted else None
+        r["repeats"] = round(repeats[s.name], 4)
 
 
 def _totals(per_source: dict) -> list[dict]:
@@ -231,7 +233,12 @@ def report_markdown(report: dict) -> str:
         if r["fixes"]:
             lines += ["", "Repaired and kept: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["fixes"].items()))]
         asked = "natural" if r["share_asked"] is None else f"{r['share_asked']:.1%}"
-        lines += ["", f"Tokens: {r['tokens']}; share of output tokens: {r['share_achieved']:.1%} (asked: {asked})", ""]
+        times = f"; each train document {r['repeats']:g} times on average" if r["repeats"] != 1 else ""
+        lines += [
+            "",
+            f"Tokens: {r['tokens']}; share of train tokens: {r['share_achieved']:.1%} (asked: {asked}){times}",
+            "",
+        ]
     t = report["tokenizer"]
     lines += [
         "## Tokenizer",
