@@ -259,6 +259,13 @@ def mix_source(name: str, weight: float | None) -> Source:
     return Source(name, [f"{name}.txt"], None, "text", "text", "paragraph", weight, [])
 
 
+def test_a_corpus_with_no_surviving_document_fails_before_dedup(ray_cluster, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no document survived reading and cleaning"):
+        run_prepare(tmp_path, [{"paths": [str(tmp_path / "blank.txt"), str(tmp_path / "empty.txt")]}])
+
+
 def test_a_weighted_source_left_empty_fails_naming_it():
     sources = [mix_source("books", 0.7), mix_source("web", 0.3)]
     assert mixing_repeats(sources, {"books": 200.0, "web": 100.0}) == pytest.approx(

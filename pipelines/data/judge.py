@@ -168,6 +168,8 @@ def _signatures_onto_pairs(block: pa.Table, threshold: float | None) -> pa.Table
     out = pa.table({"first": block.column("first").take(pairs), "pos": block.column("pos").take(pairs)})
     if threshold is None:
         return out.append_column("signature", _as_lists(mine))
+    if not len(pairs):
+        return out  # a block of signatures only: nothing to check (and no mean of nothing)
     carried = _matrix(signatures.take(pa.array(pairs)))
     agree = (carried == mine).mean(axis=1) >= threshold
     return out.filter(pa.array(agree))

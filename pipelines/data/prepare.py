@@ -283,20 +283,17 @@ class Verdicts:
 
 def judge(docs, data: DataSection, sources: list[Source]) -> Verdicts:
     kept = docs.filter(expr=col("reason") == "").select_columns(["pos", "exact_key", "band_keys", "signature"])
+    if not kept.count():
+        raise DataError("no document survived reading and cleaning: see the counts above")
     drops = DropIndex.of(duplicates(kept, data.dedup))
     survivors, contaminated = survivor_counts(docs, drops, data.decontaminate.drop)
-    if not contaminated.pop(KEPT, 0):
-        raise DataError("no document survived reading and cleaning: see the counts above")
     repeats = mixing_repeats(sources, survivors, data.max_repeats)
     return Verdicts(drops, data.decontaminate.drop, contaminated, repeats)
 
 
-KEPT = "\0kept"  # survivor_counts' count of documents that survived cleaning
-
-
 def survivor_counts(docs, drops: DropIndex, drop_contaminated: bool) -> tuple[dict[str, float], dict[str, int]]:
     """(source -> bytes left after dedup and decontamination, eval set -> kept documents that
-    share an n-gram with it, plus KEPT), summed per block by the workers."""
+    share an n-gram with it), summed per block by the workers."""
     kwargs = {"drops": drops, "drop_contaminated": drop_contaminated}
     survivors: dict[str, float] = {}
     contaminated: dict[str, int] = {}
@@ -319,9 +316,10 @@ def _count_block(batch: pa.Table, drops: DropIndex, drop_contaminated: bool) -> 
     sizes = as_matrix(batch.column("bytes_after"))[kept, -1]
     rows = [("bytes", name, float(sizes[(sources == name) & (reasons == "")].sum())) for name in set(sources)]
     sets = collections.Counter(name for names in contaminated for name in names.split(",") if name)
-    rows += [("contaminated", name, count) for name, count in sets.items()] + [("contaminated", KEPT, len(kept))]
-    kinds, names, values = zip(*rows)
-    return pa.table({"kind": kinds, "name": names, "value": pa.array(values, pa.float64())})
+    rows += [("contaminated", name, count) for name, count in sets.items()]
+    kinds, names, values = zip(*rows) if rows else ((), (), ())
+    strings = {"kind": pa.array(kinds, pa.string()), "name": pa.array(names, pa.string())}
+    return pa.table({**strings, "value": pa.array(values, pa.float64())})
 
 
 def _dedup_reasons(pos: np.ndarray, contaminated: np.ndarray, drops: DropIndex, drop_contaminated: bool) -> np.ndarray:
