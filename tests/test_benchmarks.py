@@ -19,6 +19,7 @@ from tests.conftest import REPO
 SMOKE = {
     "generate_kv_cache.py": "same greedy tokens: True",
     "prepare_throughput.py": "raylm prepare, defaults",
+    "prepare_scale.py": "prepare scale x",
     "train_overhead.py": "median ratio:",
     "learn_shakespeare.py": "nats/char after",
     "gpu_mfu.py": "eager",
