@@ -15,13 +15,20 @@ from raylm.pipelines.data.readers import (
     DOCUMENT_SCHEMA,
     HEAD_BYTES,
     RawFile,
-    documents_of_file,
     file_format,
     list_files,
     looks_binary,
     read_documents,
 )
 from tests.corrupt_corpus import build
+
+
+def documents_of_file(row: dict, source: str, fmt: str, text_field: str, boundary: str, strip: bool, *rest) -> list:
+    """read_documents over a file's bytes already in memory ({"path", "bytes"}), as row dicts."""
+    raw = RawFile(row["path"], data=row["bytes"])
+    return [
+        r for table in read_documents(raw, source, fmt, text_field, boundary, strip, *rest) for r in table.to_pylist()
+    ]
 
 
 def parse(path, fmt="auto", boundary="paragraph"):

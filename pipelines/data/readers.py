@@ -213,22 +213,6 @@ def read_documents(
         yield reader.take()
 
 
-def documents_of_file(
-    row: dict,
-    source: str,
-    fmt: str,
-    text_field: str,
-    doc_boundary: str,
-    strip_boilerplate: bool,
-    max_chars: int | None = None,
-    block_bytes: int = READ_BLOCK_BYTES,
-) -> list[dict]:
-    """read_documents over a file's bytes already in memory ({"path", "bytes"}), as row dicts."""
-    raw = RawFile(row["path"], data=row["bytes"])
-    args = (source, fmt, text_field, doc_boundary, strip_boilerplate, max_chars, block_bytes)
-    return [r for table in read_documents(raw, *args) for r in table.to_pylist()]
-
-
 def looks_binary(data: bytes, probe: int = 8192) -> bool:
     """More than 10% control bytes (besides tab, newline, CR, form feed) in the first 8 KiB:
     an image or archive, not text with a stray NUL. UTF-8 text has none but tab/CR/LF."""
