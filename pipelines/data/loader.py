@@ -6,7 +6,7 @@ its share of each micro-step. So the state to checkpoint is one integer, and a r
 (even with another worker count) neither repeats nor skips a window.
 
 The windows stay on disk: a split is a directory of .npy shards (packing.ShardWriter), which
-WindowStore opens memory-mapped and reads row by row, so a rank reads only the rows of its
+WindowStore knows by their headers and reads row by row, so a rank reads only the rows of its
 micro-batches.
 """
 
@@ -30,7 +30,7 @@ SFT_COLUMNS = ("tokens", "loss_mask", "segments")  # the planes of a fine-tuning
 class WindowStore:
     """A split's windows across its shards, in file order, as one indexable sequence of rows:
     (seq_len + 1,) int32 token ids, or for fine-tuning data (3, seq_len + 1): tokens, loss mask
-    and example ids. Shards opened from disk are memory-mapped for their shape and read with
+    and example ids. Shards opened from disk are known by their .npy headers and read with
     pread, so holding a store costs nothing; rows() copies the asked rows out."""
 
     def __init__(self, shards: Sequence[np.ndarray], paths: Sequence[str] = ()):
@@ -40,15 +40,17 @@ class WindowStore:
 
     @classmethod
     def open(cls, split_dir: str | Path) -> WindowStore:
-        """Every <split>-NNNNN.npy shard of a split directory, memory-mapped read-only."""
+        """Every .npy shard of a split directory, in name order, by its header alone: nothing is
+        mapped or held open, so a split of 10,000 shards costs 10,000 small objects, not 10,000
+        file descriptors (a memory map keeps its file open)."""
         files = sorted(Path(split_dir).glob("*.npy"))
         if not files:
             raise DataError(f"{split_dir}: no .npy window shards; prepare the data again with this raylm")
-        shards = [np.load(f, mmap_mode="r") for f in files]
-        for path, shard in zip(files, shards):
+        shards = [ShardFile(f) for f in files]
+        for shard in shards:
             if shard.dtype != np.int32 or shard.shape[1:] != shards[0].shape[1:]:
                 raise DataError(
-                    f"{path}: {shard.dtype} rows of shape {shard.shape[1:]}, want int32 {shards[0].shape[1:]}"
+                    f"{shard.path}: {shard.dtype} rows of shape {shard.shape[1:]}, want int32 {shards[0].shape[1:]}"
                 )
         return cls(shards, files)
 
@@ -69,20 +71,12 @@ class WindowStore:
         return out
 
     def _read(self, shard: int, local: np.ndarray) -> np.ndarray:
-        """Rows of one shard. A memory-mapped shard is read with pread, not by indexing the map:
-        a page fault maps the whole page-cache folio around the row (up to 2 MB), so 160
-        scattered windows of a 400 MB split added 135 MB of file pages to the rank's RSS, and
-        more with every step; pread copies just the row."""
+        """Rows of one shard. A shard on disk is read with pread, not through a memory map: a page
+        fault maps the whole page-cache folio around the row (up to 2 MB), so 160 scattered
+        windows of a 400 MB split added 135 MB of file pages to the rank's RSS, and more with
+        every step; pread copies just the row."""
         array = self.shards[shard]
-        if not isinstance(array, np.memmap):
-            return array[local]
-        width = int(np.prod(self.row_shape)) * 4  # int32
-        fd = os.open(array.filename, os.O_RDONLY)  # per call: a 40 GB split has ~600 shards
-        try:
-            data = b"".join(os.pread(fd, width, array.offset + int(i) * width) for i in local)
-        finally:
-            os.close(fd)
-        return np.frombuffer(data, np.int32).reshape(len(local), *self.row_shape)
+        return array.read(local) if isinstance(array, ShardFile) else array[local]
 
     def head(self, n: int | None = None) -> np.ndarray:
         """The first n rows (all if None) in file order, in memory."""
@@ -97,6 +91,36 @@ class WindowStore:
             for start in range(0, int(min(count, max(0, n - first))), rows):
                 out.append({"path": path, "start": start, "stop": int(min(start + rows, count, n - first))})
         return out
+
+
+class ShardFile:
+    """A .npy shard known by its header (shape, dtype, where the rows start); rows are read on
+    demand with pread."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order:
+            raise DataError(f"{self.path}: a Fortran-ordered array, not rows of windows")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, local: np.ndarray) -> np.ndarray:
+        """The rows at these indices, in the order given (ascending reads suit the disk)."""
+        row_shape = self.shape[1:]
+        width = int(np.prod(row_shape)) * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)  # per call: a split may have thousands of shards
+        try:
+            data = b"".join(os.pread(fd, width, self.offset + int(i) * width) for i in local)
+        finally:
+            os.close(fd)
+        return np.frombuffer(data, self.dtype).reshape(len(local), *row_shape)
 
 
 def read_range(path: str, start: int, stop: int) -> np.ndarray:

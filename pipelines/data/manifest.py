@@ -44,7 +44,7 @@ class SplitStats:
     windows: int  # packed windows of seq_len + 1 tokens
     tokens: int  # tokens in those windows (for SFT: not counting padding)
     tail_tokens_dropped: int | None = None  # prepare: tokens of a stream's last, partial window
-    content_hash: str | None = None  # prepare: sha256 prefix of the windows in order
+    content_hash: str | None = None  # prepare: packing.WindowHash of the windows in shard order
     examples: int | None = None  # SFT: examples packed into the windows
     trained_tokens: int | None = None  # SFT: tokens the loss counts (loss_mask 1)
     fill: float | None = None  # SFT: share of window positions holding an example's token

@@ -1,16 +1,19 @@
 """`raylm prepare`: raw corpus -> clean, deduplicated documents -> BPE tokenizer -> packed
 token windows, with a data report. Read `prepare` top to bottom.
 
-Ray Data does the per-document work across the cluster: reading and cleaning (readers.py,
-cleaning.py), dedup keys and contamination checks (dedup.py, decontam.py), encoding in an
-actor pool and packing (packing.py). The driver holds one small index to decide which duplicates go, so
-the survivor of each cluster is the same on any cluster. Output, keyed by a fingerprint of
-the config sections and the input files (a rerun with the same inputs reuses it):
+Ray Data does the per-document work across the cluster: reading files in bounded blocks and
+cleaning (readers.py, cleaning.py), dedup keys and contamination checks (dedup.py,
+decontam.py), the dedup decisions as sorts and joins (judge.py), encoding and packing in an
+actor pool whose actors write the shards (packing.py). The driver holds a few numbers per
+block, nothing per document, and the survivor of each duplicate cluster is the same on any
+cluster. Output, keyed by a fingerprint of the config sections and the input files (a rerun
+with the same inputs reuses it):
 
     <output_dir>/data/<fingerprint>/
         tokenizer.json
-        train/, val/, test/                              <split>-00000.npy ...: int32 (windows, seq_len + 1),
-                                                         memory-mapped by training (loader.WindowStore)
+        train/, val/, test/                              <split>-<pass>-<position>.npy: int32 (windows,
+                                                         seq_len + 1), one per packing batch, read row by
+                                                         row by training (loader.WindowStore)
         report.json, report.md, report.png               the data report
         manifest.json                                    written last: marks completion
 """

@@ -39,7 +39,7 @@ DROP_STAGES = (
 
 
 def build_report(sources, doc_counts: dict, stats: dict, verdicts, tok, samples: list, data) -> dict:
-    """stats: per split window statistics from packing.collect_windows (tokens and bytes per source)."""
+    """stats: per split window statistics from packing.collect_summaries (tokens and bytes per source)."""
     enabled = enabled_stages(data, weighted=all(s.weight is not None for s in sources))
     per_source = {s.name: _source_report(s, i, doc_counts, stats, enabled) for i, s in enumerate(sources)}
     _add_mix_shares(per_source, sources, verdicts.repeats)
