@@ -2,12 +2,17 @@
 synthetic corpus, prepared with the defaults (cleaning, exact + MinHash dedup, BPE training).
 
 Each size runs in a process of its own, with its own local Ray, so each size's peaks are its own:
-    driver   peak RSS (VmHWM) of the process that calls prepare(), Ray's start included;
-    worker   the largest peak RSS of Ray's worker processes (`ray::...`), read from /proc
-             every 0.25 s, with the task it was running at its peak;
+    driver   peak private RSS of the process that calls prepare(), Ray's start included;
+    worker   the largest peak private RSS of Ray's worker processes (`ray::...`), with the
+             task it was running at its peak;
+    store    the most of Ray's shared-memory object store in use, for reference: its size is
+             fixed when Ray starts (30% of RAM by default) and Ray spills to disk beyond it;
     rank     a training rank's peak RSS: a child opens the train split as a rank does and
              reads 20 micro-batches of 8 windows;
     tokens/s packed tokens over prepare()'s wall time (Ray's start not counted).
+Private RSS is RssAnon + RssFile from /proc/<pid>/status, sampled every 0.25 s: a worker's
+VmHWM also counts the object-store pages it has mapped (RssShmem), which are shared by every
+worker and the driver; one spill worker showed 7.0 GB of VmHWM, 6.9 GB of it the store.
 
 The corpus: .jsonl.zst files of ~400-byte documents, words drawn Zipf-like from a 30k-word
 synthetic vocabulary, with planted duplicates (3% exact copies, 3% copies with two words
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -92,18 +98,25 @@ def write_corpus(directory: Path, megabytes: float, seed: int = 0) -> Path:
 # -- one size, in its own process ----------------------------------------------------------------
 
 
-def peak_kib(pid: int | str = "self") -> int:
+def private_kib(pid: int | str = "self") -> int:
+    """RssAnon + RssFile: the process's own memory, without the shared object store."""
     with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return sum(int(line.split()[1]) for line in status if line.startswith(("RssAnon:", "RssFile:")))
+
+
+def shm_used_kib() -> int:
+    """/dev/shm in use: Ray's object store lives there (its files unlinked, still counted)."""
+    return shutil.disk_usage("/dev/shm").used // 1024
 
 
 class WorkerPeaks(threading.Thread):
-    """Samples the peak RSS of every `ray::` process under this one (this process's own Ray:
-    its raylet starts the workers), not of another Ray on the machine."""
+    """Samples the private RSS of this process and of every `ray::` process under it (this
+    process's own Ray: its raylet starts the workers), not of another Ray on the machine."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peaks: dict[int, tuple[int, str]] = {}
+        self.driver_kib, self.store_kib, self.shm_before = private_kib(), 0, shm_used_kib()
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -111,11 +124,13 @@ class WorkerPeaks(threading.Thread):
 
         me = psutil.Process()
         while not self.stop.wait(0.25):
+            self.driver_kib = max(self.driver_kib, private_kib())
+            self.store_kib = max(self.store_kib, shm_used_kib() - self.shm_before)
             for process in me.children(recursive=True):
                 try:
                     name = (process.cmdline() or [""])[0]
                     if name.startswith("ray::") and not name.startswith("ray::IDLE"):
-                        kib = peak_kib(process.pid)
+                        kib = private_kib(process.pid)
                         if kib > self.peaks.get(process.pid, (0, ""))[0]:
                             self.peaks[process.pid] = (kib, name)
                 except (psutil.Error, OSError, StopIteration):
@@ -156,8 +171,9 @@ def measure_one(corpus: Path, work: Path) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "stages": manifest.stage_seconds,
-        "driver_mb": peak_kib() / 1024,
+        "driver_mb": watcher.driver_kib / 1024,
         "worker_mb": worker_kib / 1024,
+        "store_mb": watcher.store_kib / 1024,
         "worker_task": worker_task,
         "rank_mb": int(rank.stdout.split()[-1]) / 1024,
     }
@@ -176,7 +192,9 @@ def run_size(megabytes: float, work: Path) -> dict:
     )
     if out.returncode:
         raise SystemExit(f"prepare of {megabytes:g} MB failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"[scale] {megabytes:g} MB: {json.dumps(result)}", flush=True)  # each size as it ends: the 10x one is long
+    return result
 
 
 def main() -> None:
@@ -192,12 +210,16 @@ def main() -> None:
         return
     small_mb, factor = (0.5, 2) if args.smoke else (args.small_mb, args.factor)
     runs = [run_size(small_mb, args.work), run_size(small_mb * factor, args.work)]
-    header = f"{'text':>10} {'documents':>11} {'tokens':>13} {'tokens/s':>10} {'driver':>9} {'worker':>9} {'rank':>8}"
+    header = (
+        f"{'text':>10} {'documents':>11} {'tokens':>13} {'tokens/s':>10} {'driver':>9} {'worker':>9} {'rank':>8} "
+        f"{'store':>8}"
+    )
     print(header + "  largest worker's task")
     for r in runs:
         print(
             f"{r['input_mb']:8.1f}MB {r['documents']:11,} {r['tokens']:13,} {r['tokens'] / r['seconds']:10,.0f} "
-            f"{r['driver_mb']:7.0f}MB {r['worker_mb']:7.0f}MB {r['rank_mb']:6.0f}MB  {r['worker_task']}"
+            f"{r['driver_mb']:7.0f}MB {r['worker_mb']:7.0f}MB {r['rank_mb']:6.0f}MB {r['store_mb']:6.0f}MB  "
+            f"{r['worker_task']}"
         )
     for r in runs:
         print(f"{r['input_mb']:8.1f}MB seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()))
