@@ -12,7 +12,12 @@ import re
 import subprocess
 import sys
 
-from raylm.pipelines.runtime import TOKEN_AUTH_NOTICE, not_token_auth_notice
+from raylm.pipelines.runtime import (
+    NO_CPU_WARNING,
+    TOKEN_AUTH_NOTICE,
+    not_no_cpu_warning,
+    not_token_auth_notice,
+)
 from tests.conftest import REPO, tiny_overrides
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -84,3 +89,11 @@ def test_the_token_auth_notice_is_dropped_but_not_the_warning_that_auth_is_off()
 
     assert not not_token_auth_notice(record(f"{TOKEN_AUTH_NOTICE} Set RAY_AUTH_MODE=disabled to opt out."))
     assert not_token_auth_notice(record("Token authentication is disabled for this Ray cluster. Anyone with ..."))
+
+
+def test_ray_data_s_no_cpu_warning_is_dropped_but_not_its_other_warnings():
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.data.dataset", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not not_no_cpu_warning(record(f"{NO_CPU_WARNING} The Dataset job will hang unless more CPUs are freed."))
+    assert not_no_cpu_warning(record("Truncating long operator name to 100 characters."))
