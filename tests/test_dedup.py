@@ -11,7 +11,7 @@ from raylm.config import DedupSection
 from raylm.pipelines.data.arrays import as_fixed_list
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
 from raylm.pipelines.data.dedup import dedup_columns, exact_keys, lsh_bands, words
-from raylm.pipelines.data.judge import DropIndex, duplicates, position
+from raylm.pipelines.data.judge import DropIndex, PosBlocks, duplicates, position
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -127,7 +127,7 @@ def test_drop_index_looks_up_across_blocks_and_exact_wins(ray_cluster):
         pa.table({"pos": [9, 40, 41], "reason": ["exact_duplicate", "near_duplicate", "exact_duplicate"]}),
     ]
     index = DropIndex.of(ray.data.from_arrow(drops).materialize())
-    assert len(index.blocks) == 2  # the empty block is not kept
+    assert len(index.rows.blocks) == 2  # the empty block is not kept
     pos = np.array([41, 1, 9, 2, 40, 100])
     assert index.reasons(pos).tolist() == [
         "exact_duplicate",
@@ -195,3 +195,19 @@ def test_contamination_finds_shared_13_grams(tmp_path):
     texts = [leaked, "Natalia sold clips to 48 of her friends.", "72", "rivers and hills"]
     # Under 13 words there is no n-gram: short answers ("72") never match on their own.
     assert contaminating_sets(texts, index, 13) == [f"{tmp_path.name}/gsm", "", "", ""]
+
+
+def test_signature_lookup_reads_only_the_blocks_a_batch_falls_in(ray_cluster):
+    """Blocks out of input order, rows out of order inside a block: each position gets its own
+    row, and a batch inside one block's range fetches that block alone."""
+    rng = np.random.default_rng(1)
+    pos = np.arange(0, 600, 2)
+    signature = rng.integers(0, 2**32, (len(pos), 4), dtype=np.uint32)
+    blocks = []
+    for start in (400, 0, 200):
+        rows = rng.permutation(np.flatnonzero((pos >= start) & (pos < start + 200)))
+        blocks.append(pa.table({"pos": pos[rows], "signature": as_fixed_list(signature[rows])}))
+    index = PosBlocks.of(ray.data.from_arrow(blocks).materialize())
+    asked = rng.permutation(len(pos))[:50]
+    assert (index.of_positions(pos[asked]) == signature[asked]).all()
+    assert index.covering(np.array([210, 398])).num_rows == 100  # one block of 100 rows

@@ -10,9 +10,15 @@ each connected cluster of links the first stays.
 
 Every step is a sort on a key followed by a whole-block pass: a sort puts all rows that share
 the key in one output block, which Ray Data's own `groupby().map_groups` relies on as well
-(ray/data/grouped_data.py), and `batch_size=None` hands that block over whole. Cost per kept
-document, in bytes moved: 16 (exact), 24 per band (buckets), 2 x 520 per linked candidate pair
-plus 2 x 520 (signatures, to check pairs), 16 per linked document per round (clusters).
+(ray/data/grouped_data.py), and `batch_size=None` hands that block over whole. Each step's output
+is materialized, so its input is released. Cost per kept document, in bytes sorted: 16 (exact),
+16 per band (buckets), per candidate pair 16 (sorted by its first) and 16 + 512 (sorted by its
+other end, with the first's signature), 24 per linked document per round (clusters).
+Signatures are never sorted: they stay in input order, in blocks cut from the kept documents,
+and a pass over pairs sorted by one end fetches the few blocks its positions fall in
+(PosBlocks, a range join). At
+5M documents the earlier sort-merge join of all signatures with the pairs, twice, spilled more
+than 32 GB and stopped on a full disk.
 
 An exact duplicate never changes the near-duplicate clusters of the others: its words, hence
 its signature and buckets, equal those of its earlier twin, which sits in every bucket with it,
@@ -31,7 +37,7 @@ import pyarrow.compute as pc
 import ray
 
 from raylm.config import DedupSection
-from raylm.pipelines.data.arrays import as_matrix
+from raylm.pipelines.data.arrays import as_fixed_list, as_matrix
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
 NO_LABEL = np.iinfo(np.int64).max  # a message row's "old label": larger than any position
@@ -44,8 +50,8 @@ def duplicates(kept, dedup: DedupSection):
     materialized. `kept` has pos, exact_key, band_keys and signature columns."""
     parts = []
     if dedup.exact:
-        exact = _sorted(kept.select_columns(["pos", "exact_key"]), "exact_key")
-        parts.append(exact.map_batches(_later_members, fn_kwargs={"keys": ["exact_key"], "reason": EXACT}, **WHOLE))
+        exact = kept.select_columns(["pos", "exact_key"])
+        parts.append(_by_key(exact, "exact_key", _later_members, keys=["exact_key"], reason=EXACT))
     if dedup.near:
         labels = clusters(linked_pairs(kept, dedup.threshold))
         parts.append(labels.map_batches(_not_first_of_cluster, **WHOLE))
@@ -58,12 +64,14 @@ WHOLE = {"batch_size": None, "batch_format": "pyarrow"}  # one call per block: t
 BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
 
 
-def _sorted(ds, key):
-    """`ds` sorted by `key`, in blocks of about BLOCK_BYTES. A sort makes as many blocks as it
-    is given and runs (blocks)^2 shuffle pieces, and unions add blocks up: unchecked, 8 input
-    blocks became 24 by the third sort and a 1,500-document test took 57 s."""
+def _sorted(ds, key, row_bytes: float = 0):
+    """`ds` sorted by `key`, in blocks of about BLOCK_BYTES (or of rows grown to `row_bytes`
+    by the pass that follows). A sort makes as many blocks as it is given and runs (blocks)^2
+    shuffle pieces, and unions add blocks up: unchecked, 8 input blocks became 24 by the third
+    sort and a 1,500-document test took 57 s."""
     ds = ds.materialize()
-    return ds.repartition(max(1, math.ceil(ds.size_bytes() / BLOCK_BYTES))).sort(key)
+    size = max(ds.size_bytes(), ds.count() * row_bytes)
+    return ds.repartition(max(1, math.ceil(size / BLOCK_BYTES))).sort(key)
 
 
 def _later_members(block: pa.Table, keys: list[str], reason: str | None = None) -> pa.Table:
@@ -89,97 +97,48 @@ def _later_members(block: pa.Table, keys: list[str], reason: str | None = None) 
 
 def linked_pairs(kept, threshold: float):
     """(first, pos): each bucket's later members paired with its first, kept where their
-    signatures agree on >= threshold of the permutations."""
+    signatures agree on >= threshold of the permutations. Signatures are never sorted: each
+    pass over pairs sorted by one end fetches the few signature blocks whose positions its
+    block covers (a range join, as DropIndex does)."""
     buckets = kept.select_columns(["pos", "band_keys"]).map_batches(_bucket_rows, batch_format="pyarrow")
-    pairs = _sorted(buckets, ["band", "key"]).map_batches(_later_members, fn_kwargs={"keys": ["band", "key"]}, **WHOLE)
-    signatures = kept.select_columns(["pos", "signature"])
-    with_first = _meet(pairs, "first", signatures)  # each pair gets its first's signature
-    return _meet(with_first, "pos", signatures, threshold)
+    pairs = _by_key(buckets, "key", _later_members, keys=["key"])
+    rows = kept.select_columns(["pos", "signature"]).materialize()
+    signatures, signature_bytes = PosBlocks.of(rows), rows.size_bytes() / max(1, rows.count())
+    # Cut by the size the pairs grow to: in one 128 MB block of bare pairs (8M), the pass would
+    # fetch every signature and write 4 GB.
+    grown = 16 + signature_bytes  # (first, pos) and a signature
+    with_first = _by_key(pairs, "first", _with_signature_of_first, row_bytes=grown, signatures=signatures)
+    return _by_key(with_first, "pos", _agreeing, signatures=signatures, threshold=threshold)
+
+
+def _by_key(ds, key, block_pass, row_bytes: float = 0, **kwargs):
+    """`block_pass` over `ds` sorted by `key`, materialized: the sort's input and output are
+    released once the caller lets go of `ds` (a lazy result would keep every earlier step's
+    blocks alive; at 5M documents they spilled more than 32 GB)."""
+    return _sorted(ds, key, row_bytes).map_batches(block_pass, fn_kwargs=kwargs, **WHOLE).materialize()
 
 
 def _bucket_rows(batch: pa.Table) -> pa.Table:
-    """One row per (document, band): band index, band key, pos."""
+    """One row per (document, band): band key, pos. dedup.band_keys seeds each band's key with
+    the band's index, so keys of different bands differ and the band need not travel (16 bytes
+    a row, not 20; a chance collision of 64-bit keys only adds a candidate for the signatures
+    to check)."""
     keys = as_matrix(batch.column("band_keys")).astype(np.int64, copy=False)
-    n, bands = keys.shape
-    return pa.table(
-        {
-            "band": np.tile(np.arange(bands, dtype=np.int32), n),
-            "key": keys.ravel(),
-            "pos": np.repeat(batch.column("pos").to_numpy(), bands),
-        }
-    )
+    return pa.table({"key": keys.ravel(), "pos": np.repeat(batch.column("pos").to_numpy(), keys.shape[1])})
 
 
-def _meet(pairs, on: str, signatures, threshold: float | None = None):
-    """Sort-merge join of pair rows with the signature of their `on` end. Both become rows
-    (key, first, pos, signature, is_pair) in one dataset, sorted by key; a block pass copies
-    the signature onto its pairs. The first pass carries the first's signature along; the
-    second (given a threshold) compares it with the other end's and keeps the agreeing pairs."""
-    pair_rows = pairs.map_batches(_pair_rows, fn_kwargs={"on": on}, batch_format="pyarrow")
-    signature_rows = signatures.map_batches(_signature_rows, batch_format="pyarrow")
-    both = _sorted(pair_rows.union(signature_rows), "key")
-    return both.map_batches(_signatures_onto_pairs, fn_kwargs={"threshold": threshold}, **WHOLE)
+def _with_signature_of_first(block: pa.Table, signatures: PosBlocks) -> pa.Table:
+    first = block.column("first").to_numpy()
+    return block.append_column("signature", as_fixed_list(signatures.of_positions(first)))
 
 
-def _pair_rows(batch: pa.Table, on: str) -> pa.Table:
-    n = batch.num_rows
-    signature = batch.column("signature") if "signature" in batch.column_names else None
-    return pa.table(
-        {
-            "key": batch.column(on),
-            "first": batch.column("first"),
-            "pos": batch.column("pos"),
-            "signature": signature if signature is not None else pa.nulls(n, pa.list_(pa.uint32())),
-            "is_pair": pa.array(np.ones(n, bool)),
-        }
-    )
-
-
-def _signature_rows(batch: pa.Table) -> pa.Table:
-    n = batch.num_rows
-    return pa.table(
-        {
-            "key": batch.column("pos"),
-            "first": pa.array(np.full(n, -1, np.int64)),
-            "pos": batch.column("pos"),
-            "signature": _as_lists(as_matrix(batch.column("signature")).astype(np.uint32, copy=False)),
-            "is_pair": pa.array(np.zeros(n, bool)),
-        }
-    )
-
-
-def _as_lists(matrix: np.ndarray) -> pa.ListArray:
-    """Rows as list<uint32>: pair rows carry a null in the same column, which a fixed-size
-    list in Ray's tensor extension would not take."""
-    n, width = matrix.shape if matrix.ndim == 2 else (0, 0)
-    offsets = np.arange(0, n * width + 1, max(width, 1), dtype=np.int32)[: n + 1]
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.ravel(), pa.uint32()))
-
-
-def _signatures_onto_pairs(block: pa.Table, threshold: float | None) -> pa.Table:
-    is_pair = block.column("is_pair").to_numpy(zero_copy_only=False)
-    key = block.column("key").to_numpy()
-    owners = np.flatnonzero(~is_pair)
-    owner_keys, owner_order = key[owners], np.argsort(key[owners])
-    pairs = np.flatnonzero(is_pair)
-    found = owners[owner_order[np.searchsorted(owner_keys[owner_order], key[pairs])]]
-    signatures = block.column("signature")
-    mine = _matrix(signatures.take(pa.array(found)))
-    out = pa.table({"first": block.column("first").take(pairs), "pos": block.column("pos").take(pairs)})
-    if threshold is None:
-        return out.append_column("signature", _as_lists(mine))
-    if not len(pairs):
-        return out  # a block of signatures only: nothing to check (and no mean of nothing)
-    carried = _matrix(signatures.take(pa.array(pairs)))
+def _agreeing(block: pa.Table, signatures: PosBlocks, threshold: float) -> pa.Table:
+    if not block.num_rows:
+        return block.select(["first", "pos"])
+    carried = as_matrix(block.column("signature"))
+    mine = signatures.of_positions(block.column("pos").to_numpy())
     agree = (carried == mine).mean(axis=1) >= threshold
-    return out.filter(pa.array(agree))
-
-
-def _matrix(column) -> np.ndarray:
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(column) == 0:
-        return np.zeros((0, 0), np.uint32)
-    return column.flatten().to_numpy().reshape(len(column), -1)
+    return block.select(["first", "pos"]).filter(pa.array(agree))
 
 
 # -- near duplicates: connected clusters of linked documents ------------------------------------
@@ -191,16 +150,12 @@ def clusters(links):
     neighbours; it stops in the round where no label changes (rounds = the clusters' widest
     distance + 1; links run from a bucket's first to its members, so clusters are shallow)."""
     edges = links.map_batches(_both_directions, batch_format="pyarrow").materialize()
-    least = _sorted(edges, "node").map_batches(_least_per_node, fn_kwargs={"columns": ["neighbour"]}, **WHOLE)
+    least = _by_key(edges, "node", _least_per_node, columns=["neighbour"])
     labels = least.map_batches(_own_label_if_least, batch_format="pyarrow").materialize()
     while True:
-        messages = _sorted(edges.union(labels.map_batches(_label_rows, batch_format="pyarrow")), "node")
-        proposals = messages.map_batches(_send_labels, **WHOLE)
-        merged = (
-            _sorted(proposals, "node")
-            .map_batches(_least_per_node, fn_kwargs={"columns": ["label", "old"]}, **WHOLE)
-            .materialize()
-        )
+        messages = edges.union(labels.map_batches(_label_rows, batch_format="pyarrow"))
+        proposals = _by_key(messages, "node", _send_labels)
+        merged = _by_key(proposals, "node", _least_per_node, columns=["label", "old"])
         if merged.map_batches(_changed, batch_format="pyarrow").sum("changed") in (None, 0):
             return merged.select_columns(["node", "label"]).rename_columns({"node": "pos"})
         labels = merged.select_columns(["node", "label"]).materialize()
@@ -268,38 +223,60 @@ def _not_first_of_cluster(block: pa.Table) -> pa.Table:
     return pa.table({"pos": later, "reason": pa.array([NEAR] * len(later), pa.string())}, schema=DROP_SCHEMA)
 
 
-# -- looking verdicts up, block by block ---------------------------------------------------------
+# -- looking rows up by position, block by block ---------------------------------------------------
 
 
 @dataclass
-class DropIndex:
-    """The dropped positions as sorted blocks in the object store, with each block's first and
-    last pos: a batch of documents fetches only the blocks its positions fall in (a merge join
-    in input order; the corpus text never moves). The driver holds 2 numbers per block."""
+class PosBlocks:
+    """A materialized dataset with a `pos` column, as its blocks in the object store and each
+    block's least and greatest pos: a batch fetches only the blocks its positions fall in (a
+    range join; with blocks cut from the input in order, a few). The driver holds 2 numbers
+    per block."""
 
     lows: np.ndarray
     highs: np.ndarray
-    blocks: list  # ObjectRef[pa.Table] of (pos, reason), in pos order
+    blocks: list  # ObjectRef[pa.Table]
 
     @classmethod
-    def of(cls, dropped) -> DropIndex:
-        if dropped is None:
-            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), [])
-        blocks = dropped.to_arrow_refs()
+    def of(cls, ds) -> PosBlocks:
+        blocks = ds.to_arrow_refs()
         bounds = np.array(ray.get([_bounds.remote(b) for b in blocks]), np.int64).reshape(-1, 2)
         has_rows = bounds[:, 0] <= bounds[:, 1]
         return cls(bounds[has_rows, 0], bounds[has_rows, 1], [b for b, keep in zip(blocks, has_rows) if keep])
 
+    def covering(self, pos: np.ndarray) -> pa.Table | None:
+        """The rows of every block whose range meets [min(pos), max(pos)], sorted by pos."""
+        if not len(pos) or not self.blocks:
+            return None
+        wanted = np.flatnonzero((self.highs >= pos.min()) & (self.lows <= pos.max()))
+        if not len(wanted):
+            return None
+        return pa.concat_tables(ray.get([self.blocks[i] for i in wanted])).sort_by("pos")
+
+    def of_positions(self, pos: np.ndarray, column: str = "signature") -> np.ndarray:
+        """`column` (a fixed-size list) of the row at each position: every position is there."""
+        table = self.covering(pos)
+        at = np.searchsorted(table.column("pos").to_numpy(), pos)
+        return as_matrix(table.column(column))[at]
+
+
+@dataclass
+class DropIndex:
+    """The dropped positions, (pos, reason) sorted by pos, looked up block by block: a merge
+    join in input order; the corpus text never moves."""
+
+    rows: PosBlocks | None
+
+    @classmethod
+    def of(cls, dropped) -> DropIndex:
+        return cls(PosBlocks.of(dropped) if dropped is not None else None)
+
     def reasons(self, pos: np.ndarray) -> np.ndarray:
         """The drop reason of each position ("" where it stays); exact_duplicate wins."""
         out = np.full(len(pos), "", dtype=object)
-        if not len(pos) or not self.blocks:
+        table = self.rows.covering(pos) if self.rows else None
+        if table is None:
             return out
-        lo, hi = pos.min(), pos.max()
-        wanted = np.flatnonzero((self.highs >= lo) & (self.lows <= hi))
-        if not len(wanted):
-            return out
-        table = pa.concat_tables(ray.get([self.blocks[i] for i in wanted]))
         dropped, reason = table.column("pos").to_numpy(), table.column("reason").to_numpy(zero_copy_only=False)
         order = np.lexsort([reason != EXACT, dropped])  # by pos; exact_duplicate before near_duplicate
         dropped, reason = dropped[order], reason[order]
