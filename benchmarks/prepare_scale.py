@@ -36,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_PER_FILE = 50_000  # ~20 MB of text per file
+RESULT = "[scale result] "
 RANK = """
 import sys
 from raylm.pipelines.data.loader import WindowLoader, WindowStore
@@ -192,7 +193,11 @@ def run_size(megabytes: float, work: Path) -> dict:
     )
     if out.returncode:
         raise SystemExit(f"prepare of {megabytes:g} MB failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print after the result (its log lines reach the driver's stdout until it stops).
+    found = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if not found:
+        raise SystemExit(f"prepare of {megabytes:g} MB gave no result:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    result = json.loads(found[-1].removeprefix(RESULT))
     print(f"[scale] {megabytes:g} MB: {json.dumps(result)}", flush=True)  # each size as it ends: the 10x one is long
     return result
 
@@ -206,7 +211,7 @@ def main() -> None:
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure one corpus
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one, args.work)))
+        print(RESULT + json.dumps(measure_one(args.one, args.work)), flush=True)
         return
     small_mb, factor = (0.5, 2) if args.smoke else (args.small_mb, args.factor)
     runs = [run_size(small_mb, args.work), run_size(small_mb * factor, args.work)]

@@ -8,10 +8,11 @@ import pyarrow as pa
 import ray.data
 
 from raylm.config import DedupSection
+from raylm.pipelines.data import judge
 from raylm.pipelines.data.arrays import as_fixed_list
 from raylm.pipelines.data.decontam import build_index, contaminating_sets
 from raylm.pipelines.data.dedup import dedup_columns, exact_keys, lsh_bands, words
-from raylm.pipelines.data.judge import DropIndex, PosBlocks, duplicates, position
+from raylm.pipelines.data.judge import DropIndex, PosBlocks, duplicates, even_cuts, position
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -211,3 +212,20 @@ def test_signature_lookup_reads_only_the_blocks_a_batch_falls_in(ray_cluster):
     asked = rng.permutation(len(pos))[:50]
     assert (index.of_positions(pos[asked]) == signature[asked]).all()
     assert index.covering(np.array([210, 398])).num_rows == 100  # one block of 100 rows
+
+
+def test_even_cuts_of_hashed_keys_make_blocks_of_one_size(ray_cluster, monkeypatch):
+    """Band keys and exact keys are spread over int64, so the bucket and exact sorts cut that
+    range evenly; Ray's sampled cuts (10 rows per output block) left blocks up to ~1.5x the mean."""
+    rng = np.random.default_rng(2)
+    keys, _ = signatures([" ".join(random_doc(rng, 80)) for _ in range(2000)])
+    for column in (keys.ravel(), exact_keys(words([" ".join(random_doc(rng, 30)) for _ in range(20000)]))):
+        sizes = np.bincount(np.searchsorted(even_cuts(16), column, side="right"), minlength=16)
+        assert sizes.max() / sizes.mean() < 1.1, sizes
+    rows = ray.data.from_arrow(pa.table({"key": keys.ravel(), "pos": np.arange(keys.size)}))
+    monkeypatch.setattr(judge, "BLOCK_BYTES", rows.size_bytes() // 4)
+    blocks = [ray.get(b) for b in judge._sorted(rows, "key", hashed=True).materialize().to_arrow_refs()]
+    sizes = np.array([b.num_rows for b in blocks])
+    assert len(sizes) == 4 and sizes.max() / sizes.mean() < 1.1, sizes
+    ordered = np.concatenate([b.column("key").to_numpy() for b in blocks])
+    assert (np.diff(ordered) >= 0).all() and len(ordered) == keys.size

@@ -51,7 +51,7 @@ def duplicates(kept, dedup: DedupSection):
     parts = []
     if dedup.exact:
         exact = kept.select_columns(["pos", "exact_key"])
-        parts.append(_by_key(exact, "exact_key", _later_members, keys=["exact_key"], reason=EXACT))
+        parts.append(_by_key(exact, "exact_key", _later_members, hashed=True, keys=["exact_key"], reason=EXACT))
     if dedup.near:
         labels = clusters(linked_pairs(kept, dedup.threshold))
         parts.append(labels.map_batches(_not_first_of_cluster, **WHOLE))
@@ -64,14 +64,26 @@ WHOLE = {"batch_size": None, "batch_format": "pyarrow"}  # one call per block: t
 BLOCK_BYTES = 128 * 2**20  # Ray Data's default target block size
 
 
-def _sorted(ds, key, row_bytes: float = 0):
+def _sorted(ds, key, row_bytes: float = 0, hashed: bool = False):
     """`ds` sorted by `key`, in blocks of about BLOCK_BYTES (or of rows grown to `row_bytes`
     by the pass that follows). A sort makes as many blocks as it is given and runs (blocks)^2
     shuffle pieces, and unions add blocks up: unchecked, 8 input blocks became 24 by the third
-    sort and a 1,500-document test took 57 s."""
+    sort and a 1,500-document test took 57 s.
+
+    A `hashed` key is spread evenly over int64, so even cuts of that range give blocks of one
+    size. Ray cuts where 10 sampled rows per output block fall (SORT_SAMPLE_POINTS_PER_PARTITION
+    in ray/data/_internal/planner/exchange/sort_task_spec.py): a block's share then varies by
+    about 1/sqrt(10), and the largest of 20 bucket blocks at 5M documents made the largest
+    worker 1.30x that of 2 blocks at 0.5M."""
     ds = ds.materialize()
-    size = max(ds.size_bytes(), ds.count() * row_bytes)
-    return ds.repartition(max(1, math.ceil(size / BLOCK_BYTES))).sort(key)
+    blocks = max(1, math.ceil(max(ds.size_bytes(), ds.count() * row_bytes) / BLOCK_BYTES))
+    ds = ds.repartition(blocks)
+    return ds.sort(key, boundaries=even_cuts(blocks)) if hashed and blocks > 1 else ds.sort(key)
+
+
+def even_cuts(blocks: int) -> list[int]:
+    """blocks - 1 values that cut the int64 range into `blocks` equal parts."""
+    return [-(2**63) + (i * 2**64) // blocks for i in range(1, blocks)]
 
 
 def _later_members(block: pa.Table, keys: list[str], reason: str | None = None) -> pa.Table:
@@ -101,7 +113,7 @@ def linked_pairs(kept, threshold: float):
     pass over pairs sorted by one end fetches the few signature blocks whose positions its
     block covers (a range join, as DropIndex does)."""
     buckets = kept.select_columns(["pos", "band_keys"]).map_batches(_bucket_rows, batch_format="pyarrow")
-    pairs = _by_key(buckets, "key", _later_members, keys=["key"])
+    pairs = _by_key(buckets, "key", _later_members, hashed=True, keys=["key"])
     rows = kept.select_columns(["pos", "signature"]).materialize()
     signatures, signature_bytes = PosBlocks.of(rows), rows.size_bytes() / max(1, rows.count())
     # Cut by the size the pairs grow to: in one 128 MB block of bare pairs (8M), the pass would
@@ -111,11 +123,12 @@ def linked_pairs(kept, threshold: float):
     return _by_key(with_first, "pos", _agreeing, signatures=signatures, threshold=threshold)
 
 
-def _by_key(ds, key, block_pass, row_bytes: float = 0, **kwargs):
+def _by_key(ds, key, block_pass, row_bytes: float = 0, hashed: bool = False, **kwargs):
     """`block_pass` over `ds` sorted by `key`, materialized: the sort's input and output are
     released once the caller lets go of `ds` (a lazy result would keep every earlier step's
     blocks alive; at 5M documents they spilled more than 32 GB)."""
-    return _sorted(ds, key, row_bytes).map_batches(block_pass, fn_kwargs=kwargs, **WHOLE).materialize()
+    ordered = _sorted(ds, key, row_bytes, hashed)
+    return ordered.map_batches(block_pass, fn_kwargs=kwargs, **WHOLE).materialize()
 
 
 def _bucket_rows(batch: pa.Table) -> pa.Table:
