@@ -117,9 +117,10 @@ def test_mlflow_run_holds_config_metrics_and_artifacts(quickstart):
 GOLDEN = REPO / "tests" / "golden" / "quickstart_losses.json"
 # Where a loss may differ from the golden file's when the machine differs from the one that
 # wrote it (other CPU kernels or thread count sum in another order): float32 rounding that 60
-# optimizer steps amplify. A change to the model, data order, optimizer or schedule moves the
-# losses by far more within a few steps.
-GOLDEN_RTOL = 1e-3
+# optimizer steps amplify. Measured on an AVX512 machine against this AVX2 file (same torch, 2
+# Ray CPUs): equal to 1e-5 for 34 steps, then up to 1.6e-3 (step 54), so 5e-3. A change to the
+# model, data order, optimizer or schedule moves the losses by far more within a few steps.
+GOLDEN_RTOL = 5e-3
 
 
 def cpu_model() -> str:
