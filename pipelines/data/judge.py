@@ -16,9 +16,8 @@ is materialized, so its input is released. Cost per kept document, in bytes sort
 other end, with the first's signature), 24 per linked document per round (clusters).
 Signatures are never sorted: they stay in input order, in blocks cut from the kept documents,
 and a pass over pairs sorted by one end fetches the few blocks its positions fall in
-(PosBlocks, a range join). At
-5M documents the earlier sort-merge join of all signatures with the pairs, twice, spilled more
-than 32 GB and stopped on a full disk.
+(PosBlocks, a range join). At 5M documents the earlier sort-merge join of all signatures with
+the pairs, twice, spilled more than 32 GB and stopped on a full disk.
 
 An exact duplicate never changes the near-duplicate clusters of the others: its words, hence
 its signature and buckets, equal those of its earlier twin, which sits in every bucket with it,
