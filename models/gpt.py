@@ -141,21 +141,34 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(config)
         # Not persistent: derived from the config, so checkpoints hold weights only.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two residual branches, so their output
-        # projections start at std 0.02/sqrt(2*n_layer) to keep the residual stream's variance flat.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_dim), persistent=False)
+        if self.rope_cos.is_meta:  # built on the meta device: parameters are allocated and drawn later
+            return
+        self.fill_rope()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(self.initial_value(name, p.shape))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def initial_value(self, name: str, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A parameter's initial values, whole, on the CPU: norm scales 1, every other weight
+        N(0, 0.02), except each block's two residual output projections (attn.wo, mlp.w2), which
+        start at GPT-2's 0.02/sqrt(2*n_layer) so the residual stream's variance stays flat over
+        depth. A sharded model draws each whole parameter from its own generator and keeps its
+        slice (pipelines/train/parallelize.py), so the values are the same on any worker count."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        residual = name.endswith(("attn.wo.weight", "mlp.w2.weight"))
+        std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+        return torch.empty(shape).normal_(mean=0.0, std=std, generator=generator)
+
+    def fill_rope(self) -> None:
+        """The RoPE tables, in place (again after a meta-device model is allocated)."""
+        cos, sin = rope_tables(self.config)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(
         self,

@@ -155,13 +155,15 @@ def test_budget_stop_then_relaunch_continues_bit_for_bit(straight):
 def test_torn_checkpoint_is_skipped_for_the_previous_one(straight, capfd):
     tmp, reference = straight
     assert pretrain(tmp, "torn", ["train.checkpoint_interval=8"]) == 0
-    weights = tmp / "runs" / "train" / "torn" / "checkpoint_000016" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
-    print(f"[fault] cut {weights} to 1000 bytes")
+    checkpoint = tmp / "runs" / "train" / "torn" / "checkpoint_000016"
+    path = sorted(checkpoint.glob("state/shard-00002-*.safetensors"))[0]  # the second rank's first file
+    shard = path.relative_to(checkpoint).as_posix()
+    path.write_bytes(path.read_bytes()[:1000])  # its upload cut short
+    print(f"[fault] cut {path} to 1000 bytes")
     capfd.readouterr()
     assert pretrain(tmp, "torn") == 0
     out = capfd.readouterr().out
-    assert "skipping" in out and "checkpoint_000016: torn (model.safetensors has 1000 bytes" in out
+    assert "skipping" in out and f"checkpoint_000016: torn ({shard} has 1000 bytes" in out
     _, resumed = losses(tmp, "torn")
     assert sorted(resumed) == list(range(9, STEPS + 1))  # from checkpoint_000008
     assert resumed == {step: reference[step] for step in resumed}

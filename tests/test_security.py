@@ -21,8 +21,8 @@ from raylm.cli import main
 from raylm.errors import DataError
 from raylm.models import ModelConfig
 from raylm.models.gpt import GPT
-from raylm.models.io import load_model, read_weights
-from raylm.pipelines.train.checkpoint import STATE_TENSORS, load_checkpoint, save_checkpoint, write_commit
+from raylm.models.io import load_model, load_weights, save_model
+from raylm.pipelines.train.checkpoint import load_checkpoint, save_checkpoint, write_commit
 from raylm.pipelines.train.finetune import resolve_base
 from raylm.pipelines.train.pretrain import checked_resume
 from tests.conftest import REPO
@@ -268,13 +268,15 @@ HF_CONFIG = {
 }
 
 
+SHARD = f"state/shard-00001-model-00001-of-{TINY.n_layer + 1:05d}.safetensors"  # one rank's first block
+
+
 def checkpoint_with(tmp: Path, name: str, payload: bytes, file: str) -> Path:
     """A whole training checkpoint (valid model.json, tokenizer.json, COMMIT.json written after
     the swap, as an attacker would) whose `file` holds `payload`."""
     model = GPT(TINY)
     (tmp / "tokenizer.json").write_text("{}")  # refused before any tokenizer is read
     directory = tmp / name / "checkpoint_000001"
-    directory.mkdir(parents=True)
     save_checkpoint(directory, model, torch.optim.AdamW(model.parameters()), {"step": 1}, tmp / "tokenizer.json")
     (directory / file).write_bytes(payload)
     write_commit(directory)
@@ -301,43 +303,79 @@ def refused_by_cli(argv: list[str], capsys, *names: str) -> str:
 
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
 def test_generate_and_evaluate_refuse_a_pickled_checkpoint(tmp_path, malice, capsys, kind):
-    ckpt = checkpoint_with(tmp_path, "run", malice[kind], "model.safetensors")
-    path = str(ckpt / "model.safetensors")
+    ckpt = checkpoint_with(tmp_path, "run", malice[kind], SHARD)
+    path = str(ckpt / SHARD)
     refused_by_cli(["generate", "--checkpoint", str(ckpt)], capsys, path, "not a safetensors file")
     err = refused_by_cli(["evaluate", "--checkpoint", str(ckpt), "--set", f"run.output_dir={tmp_path}"], capsys, path)
-    print(f"[test] a {kind} payload as model.safetensors: generate and evaluate exit 2 with {err!r}")
+    print(f"[test] a {kind} payload as a checkpoint shard: generate and evaluate exit 2 with {err!r}")
 
 
 def test_weight_loaders_refuse_a_pickled_checkpoint(tmp_path, malice):
-    ckpt = checkpoint_with(tmp_path, "run", malice["pickle"], "model.safetensors")
+    ckpt = checkpoint_with(tmp_path, "run", malice["pickle"], SHARD)
     model = GPT(TINY)
     for load in (
-        lambda: read_weights(ckpt, TINY),
+        lambda: load_weights(GPT(TINY), ckpt),
         lambda: load_model(ckpt),
         lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
         lambda: checked_resume(ckpt, TINY),
         lambda: resolve_base(str(ckpt), tmp_path / "out"),
     ):
-        with pytest.raises(DataError, match=f"{ckpt / 'model.safetensors'} is not a safetensors file"):
+        with pytest.raises(DataError, match=f"{ckpt / SHARD} is not a safetensors file"):
             load()
     print(
-        "[test] a pickle as model.safetensors: read_weights, load_model, load_checkpoint, checked_resume (--resume) "
-        "and resolve_base (finetune.base) raise DataError naming it"
+        "[test] a pickle as a checkpoint shard: load_weights, load_model, load_checkpoint, checked_resume "
+        "(--resume) and resolve_base (finetune.base) raise DataError naming it"
     )
 
 
-def test_a_pickled_train_state_is_refused(tmp_path, malice):
-    ckpt = checkpoint_with(tmp_path, "run", malice["pickle"], STATE_TENSORS)
+def test_a_pickled_model_directory_is_refused(tmp_path, malice):
+    directory = tmp_path / "model"
+    save_model(GPT(TINY), directory)
+    (directory / "model.safetensors").write_bytes(malice["torch"])
+    for load in (lambda: load_weights(GPT(TINY), directory), lambda: load_model(directory)):
+        with pytest.raises(DataError, match=f"{directory / 'model.safetensors'} is not a safetensors file"):
+            load()
+
+
+def test_loading_a_sharded_checkpoint_never_unpickles(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint's Hugging Face reader builds its metadata from safetensors
+    headers and JSON; its base class's .metadata file is a pickle. With every unpickling entry
+    point made to raise, a checkpoint still resumes and loads as a model."""
+    model = GPT(TINY)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    ckpt = tmp_path / "checkpoint_000001"
+    save_checkpoint(ckpt, model, optimizer, {"step": 1}, tmp_path / "tokenizer.json")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    again = GPT(TINY)
+    assert load_checkpoint(ckpt, again, torch.optim.AdamW(again.parameters()))["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), load_model(ckpt).state_dict().values()))
+
+
+def test_a_checkpoint_of_the_whole_state_layout_is_refused_for_resume(tmp_path):
+    """Before sharded saves a checkpoint held model.safetensors and train_state.safetensors:
+    its weights still load, resuming from it says why not."""
+    ckpt = tmp_path / "checkpoint_000001"
+    save_model(GPT(TINY), ckpt)
+    (ckpt / "tokenizer.json").write_text("{}")
+    write_commit(ckpt)
+    load_model(ckpt)
     model = GPT(TINY)
     for load in (
         lambda: load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters())),
         lambda: checked_resume(ckpt, TINY),
     ):
-        with pytest.raises(DataError, match=f"{ckpt / STATE_TENSORS} is not a safetensors file"):
+        with pytest.raises(DataError, match="whole-state checkpoint of an earlier raylm"):
             load()
-    print(
-        f"[test] a pickle as {STATE_TENSORS}: load_checkpoint and checked_resume (--resume) raise DataError naming it"
-    )
 
 
 def test_a_hugging_face_directory_of_pickles_is_refused(tmp_path, malice, capsys):

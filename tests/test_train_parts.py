@@ -81,10 +81,10 @@ def test_checkpoint_commit_marks_whole_directories(tmp_path):
         )
     assert torn_reason(tmp_path / "checkpoint_000030") is None
     (tmp_path / "checkpoint_000030" / "COMMIT.json").unlink()  # died before the marker
-    state = tmp_path / "checkpoint_000020" / "train_state.safetensors"
-    state.write_bytes(state.read_bytes()[:-1])  # one byte short
+    shard = tmp_path / "checkpoint_000020" / "state" / "shard-00001-model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1])  # one byte short
     assert torn_reason(tmp_path / "checkpoint_000030") == "no COMMIT.json"
-    assert "train_state.safetensors has" in torn_reason(tmp_path / "checkpoint_000020")
+    assert "state/shard-00001-model-00002-of-00002.safetensors has" in torn_reason(tmp_path / "checkpoint_000020")
     assert usable_checkpoint(tmp_path / "checkpoint_000030") == tmp_path / "checkpoint_000010"
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_000010"
 

@@ -1,26 +1,36 @@
-"""Training checkpoints: a model directory plus optimizer and loop state, all without pickle.
+"""Training checkpoints: every rank writes its own shard of the state at once, nothing is
+gathered, and nothing is ever unpickled.
 
     checkpoint_000300/
-        model.safetensors, model.json   models.io format: evaluate/generate load just these
-        lora.json                       LoRA fine-tuning only: rank, alpha, targets (models/lora.py)
-        tokenizer.json                  so the directory describes itself
-        train_state.safetensors         AdamW moments by parameter name, and the RNG state
-        train_state.json                step, data position, optimizer hyperparameters
-        COMMIT.json                     written last: every other file and its size
+        model.json, lora.json   models.io format (lora.json: LoRA fine-tuning only)
+        tokenizer.json          so the directory describes itself
+        state/shard-RRRRR-model-BBBBB-of-NNNNN.safetensors
+                                rank R's slice of block B's weights ("model.<name>") and AdamW
+                                moments ("optim.state.<name>.<field>"), each with its offset in
+                                the whole tensor (torch.distributed.checkpoint's Hugging Face
+                                layout), so any worker count and strategy reads it back; file N
+                                holds the embedding, final norm and head
+        train_state.json        step, data position, optimizer hyperparameters, RNG state
+        COMMIT.json             written last: every other file (every rank's) and its size
 
-A checkpoint counts only when COMMIT.json is there and every file it lists has its size: a
-copy cut short (a crash while Ray uploads it, a full disk) is skipped with a log line, and
-the previous checkpoint is used.
+Under FSDP2 a rank writes and reads 1/world of the state; under DDP, where every rank holds it
+all, torch splits the writing across ranks. Ray Train uploads each rank's directory into the
+same checkpoint directory. A checkpoint counts only when COMMIT.json is there and every file it
+lists has its size: a copy cut short (a crash during an upload, a full disk, a rank that died)
+is skipped with a log line, and the previous checkpoint is used.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 from pathlib import Path
 
-import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,55 +39,87 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from raylm.models import ModelConfig
-from raylm.models.io import read_safetensors, read_weights, save_weights
+from raylm.errors import DataError
+from raylm.models.io import SHARDED_WEIGHT, SHARDS_DIR, TIED_ALIAS, WEIGHTS_FILE, check_weights, save_config, untied
 from raylm.models.lora import LoraConfig
 
-STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 COMMIT = "COMMIT.json"
+OPTIM = "optim."  # the prefix of an optimizer tensor's name among the shards' tensors
+# AdamW's state under flat names ("state.<param>.exp_avg", "param_groups.<param>.lr"): tensors
+# go to the shards, the hyperparameters (plain numbers) to train_state.json.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def save_checkpoint(
-    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, tokenizer: Path
-) -> None:
-    """Single-process form of gather_state + write_checkpoint."""
-    weights, optim = gather_state(model, optimizer)
-    write_checkpoint(directory, model.config, weights, optim, state, tokenizer)
-
-
-def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Whole weights and optimizer state, keyed by parameter name, on the CPU. Under FSDP each
-    rank holds a shard and this all-gathers: every rank calls it and rank 0 gets the result.
-    Names instead of shard layouts make the files the same under DDP, FSDP and any worker count."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def write_checkpoint(
     directory: Path,
-    config: ModelConfig,
-    weights: dict,
-    optim: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     state: dict,
     tokenizer: Path,
     lora: LoraConfig | None = None,
 ) -> None:
-    save_weights(config, weights, directory, lora)
+    """Every rank calls this with its own `directory` (they may be on different nodes); each
+    writes its shard there, and rank 0 also the small files and COMMIT.json, which lists every
+    rank's shards. The model is the plain one (`model`, not its DDP wrapper)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, hyper = state_tensors(model, optimizer)
+    files = {name: file_of(name, model.config.n_layer) for name in tensors}
+    writer = dcp.HuggingFaceStorageWriter(str(directory / SHARDS_DIR), files, save_distributed=True)
+    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    shards = every_ranks_files(directory)
+    if rank != 0:
+        return
+    save_config(model.config, directory, lora)
     shutil.copyfile(tokenizer, directory / "tokenizer.json")
-    tensors = {f"optim.{name}.{key}": t for name, s in optim["state"].items() for key, t in s.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
-    meta = {**state, "param_groups": optim["param_groups"]}
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()  # every rank resumes from rank 0's
+    meta = {**state, "optimizer": hyper, "rng_torch": rng}
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    write_commit(directory)
+    write_commit(directory, shards)
 
 
-def write_commit(directory: Path) -> None:
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """This rank's part of the training state: tensors by name (each a DTensor shard under
+    FSDP2, the tensor itself under DDP; views of the live state, no copies), and the optimizer's
+    non-tensor entries. A fresh optimizer gets its (zero) moments first, so the names are the
+    same before the first step as after it: a load fills exactly what a save wrote."""
+    weights = untied(model.config, get_model_state_dict(model))
+    optim = get_optimizer_state_dict(model, optimizer, options=FLAT)
+    tensors = {SHARDED_WEIGHT + k: v for k, v in weights.items()}
+    tensors.update({OPTIM + k: v for k, v in optim.items() if isinstance(v, torch.Tensor)})
+    return tensors, {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)}
+
+
+def file_of(name: str, n_layer: int) -> int:
+    """Which of a rank's files holds a tensor: one file per block (1..n_layer), the embedding,
+    final norm and head in the last. torch's writer builds each file whole in memory before
+    writing it (safetensors.torch.save), so this bounds that copy by one block's share of the
+    rank's state (at 7B on 64 ranks: 2.4 GB / 64) instead of the whole share."""
+    block = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    return int(block.group(1)) + 1 if block else n_layer + 1
+
+
+def every_ranks_files(directory: Path) -> dict[str, int]:
+    """The shard files every rank wrote (names relative to the checkpoint) and their sizes:
+    COMMIT.json must list files rank 0 never sees, since each rank's directory may be on its own
+    node until Ray Train uploads them into one."""
+    mine = {f"{SHARDS_DIR}/{p.name}": p.stat().st_size for p in sorted((directory / SHARDS_DIR).iterdir())}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)  # a few names and sizes per rank, between the job's own ranks
+    return {name: size for files in everyone for name, size in files.items()}
+
+
+def write_commit(directory: Path, elsewhere: dict[str, int] | None = None) -> None:
+    """COMMIT.json: every file under `directory` and `elsewhere` (other ranks' shards, by name
+    relative to the checkpoint), with their sizes."""
     # Sizes, not hashes: a torn copy is a short or missing file, and hashing a 7B model's
     # 84 GB of weights and optimizer state would add a minute to every checkpoint.
-    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMMIT}
-    (directory / COMMIT).write_text(json.dumps(sizes, indent=2) + "\n")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMMIT)
+    sizes = {**(elsewhere or {}), **{p.relative_to(directory).as_posix(): p.stat().st_size for p in files}}
+    (directory / COMMIT).write_text(json.dumps(dict(sorted(sizes.items())), indent=2) + "\n")
 
 
 def torn_reason(directory: Path) -> str | None:
@@ -125,21 +167,35 @@ def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
 
 
 def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load weights, optimizer and RNG state in place (each rank takes its shard of the whole
-    tensors under FSDP); returns the loop state (step, data position)."""
-    weights = read_weights(directory, model.config)
+    """Load weights, optimizer and RNG state in place: each rank reads from the shards only the
+    slices it keeps (under FSDP2 its 1/world, whatever the worker count that wrote them; under
+    DDP all of it). Returns the loop state (step, data position)."""
+    check_resumable(directory)
+    tensors, hyper = state_tensors(model, optimizer)
+    reader = dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR))
+    dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
     meta = json.loads((directory / STATE_JSON).read_text())
-    tensors = read_safetensors(directory / STATE_TENSORS)
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    per_param: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        name, _, field = key.removeprefix("optim.").rpartition(".")  # parameter names contain dots
-        per_param.setdefault(name, {})[field] = tensor
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=options)
-    optim = {"state": per_param, "param_groups": meta.pop("param_groups")}
-    set_optimizer_state_dict(model, optimizer, optim, options=options)
+    weights = {k.removeprefix(SHARDED_WEIGHT): v for k, v in tensors.items() if k.startswith(SHARDED_WEIGHT)}
+    if model.config.tie_embeddings:
+        weights[TIED_ALIAS] = weights["lm_head.weight"]
+    set_model_state_dict(model, weights)
+    optim = {k.removeprefix(OPTIM): v for k, v in tensors.items() if k.startswith(OPTIM)}
+    set_optimizer_state_dict(model, optimizer, {**hyper, **meta.pop("optimizer"), **optim}, options=FLAT)
+    rng = bytearray(base64.b64decode(meta.pop("rng_torch")))
+    torch.set_rng_state(torch.frombuffer(rng, dtype=torch.uint8))
     return meta
+
+
+def check_resumable(directory: Path) -> None:
+    """Refuse what cannot resume before reading it: a shard that is not safetensors (headers
+    only), or a checkpoint of raylm before sharded saves (one model.safetensors and a
+    train_state.safetensors), which still evaluates and exports."""
+    if (directory / WEIGHTS_FILE).is_file() and not (directory / SHARDS_DIR).is_dir():
+        raise DataError(
+            f"{directory} is a whole-state checkpoint of an earlier raylm; resuming needs the sharded "
+            f"layout ({SHARDS_DIR}/). Use it as finetune.base to continue from its weights, or export it"
+        )
+    check_weights(directory, "checkpoint")
 
 
 def whole_checkpoints(run_dir: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from raylm.config import RaylmConfig
 from raylm.errors import ConfigError, DataError
 from raylm.models import ModelConfig
-from raylm.models.io import WEIGHTS_FILE, check_safetensors, load_config, load_model, save_model
+from raylm.models.io import check_weights, load_config, load_model, save_model
 from raylm.models.lora import LoraConfig
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import prepare
@@ -37,7 +37,7 @@ def resolve_base(base: str, output_dir: Path) -> Path:
             raise DataError(
                 f"finetune.base: {path} has no tokenizer.json; fine-tuning needs the base model's tokenizer"
             )
-        check_safetensors(path / WEIGHTS_FILE)  # the workers load it; refuse it before they start
+        check_weights(path, "finetune.base")  # the workers load it; refuse it before they start
         return path
     if (path / "config.json").is_file():
         return import_base(path, output_dir)

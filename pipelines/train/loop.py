@@ -19,13 +19,13 @@ import torch.distributed as dist
 from raylm.config import TrainSection
 from raylm.fmt import money
 from raylm.models import GPT
-from raylm.models.io import read_weights
+from raylm.models.io import load_weights
 from raylm.models.lora import LoraConfig, apply_lora
 from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, WindowStore
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.track.tracking import MetricSink
-from raylm.pipelines.train.checkpoint import gather_state, load_checkpoint, usable_checkpoint, write_checkpoint
+from raylm.pipelines.train.checkpoint import load_checkpoint, save_checkpoint, usable_checkpoint
 from raylm.pipelines.train.cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
 from raylm.pipelines.train.interrupt import StopWatch
 from raylm.pipelines.train.job import TrainJob
@@ -44,9 +44,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(job.seed)  # identical initial weights on every rank
-    model = build_model(job).to(device)
-    trained = parallelize(model, scaling.strategy, train.activation_checkpointing, train.compile)
+    torch.manual_seed(job.seed)  # the same dropout and LoRA draws on every rank
+    model = build_model(job, device)
+    trained = parallelize(model, scaling.strategy, device, job.seed, train.activation_checkpointing, train.compile)
     optimizer = make_optimizer(model, train)
     loader = make_loader(job, rank, world)
     resumed = restore(model, optimizer, loader, job.resume, world)
@@ -108,15 +108,19 @@ def train_loop_per_worker(config: dict) -> None:
         log.close()  # deliver the metrics of the last interval even when a step raised
 
 
-def build_model(job: TrainJob) -> GPT:
-    """A fresh model, or for fine-tuning the base model's weights; LoRA adapters, if configured,
-    wrap its linear layers and freeze the rest (before parallelize, which sees a plain module)."""
+def build_model(job: TrainJob, device: torch.device) -> GPT:
+    """A fresh model, on the meta device (parallelize allocates each rank's shard and draws
+    it), or for fine-tuning the base model's weights; LoRA adapters, if configured, wrap its
+    linear layers and freeze the rest (before parallelize, which sees a plain module)."""
+    if not job.init and not job.lora:
+        with torch.device("meta"):
+            return GPT(job.model)
     model = GPT(job.model)
     if job.init:
-        model.load_state_dict(read_weights(job.init, model.config))
+        load_weights(model, job.init)
     if job.lora:
         apply_lora(model, job.lora)
-    return model
+    return model.to(device)
 
 
 def make_loader(job: TrainJob, rank: int, world: int) -> BatchSource:
@@ -240,16 +244,12 @@ def restore(model: GPT, optimizer, loader: BatchSource, resume: str | None, worl
 def report_checkpoint(
     state: dict, model, optimizer, tokenizer: Path, metrics: dict, lora: LoraConfig | None = None
 ) -> None:
-    """Every rank gathers (FSDP all-gathers its shards) and reports (Ray Train's barrier);
-    rank 0 alone writes the whole state."""
-    rank = ray.train.get_context().get_world_rank()
-    weights, optim = gather_state(model, optimizer)
+    """Every rank writes its shard of the state into a directory of its own, and reports it:
+    Ray Train uploads them all into one checkpoint directory (report is also its barrier)."""
     step = state["step"]
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            write_checkpoint(Path(tmp), model.config, weights, optim, state, tokenizer, lora)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        save_checkpoint(Path(tmp), model, optimizer, state, tokenizer, lora)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 

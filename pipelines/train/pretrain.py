@@ -12,13 +12,12 @@ from raylm.config import ModelSection, RunSection, ScalingSection, TrainSection
 from raylm.errors import ConfigError, TrainingFailed
 from raylm.models import ModelConfig, flops_per_token
 from raylm.models.config import planned_model
-from raylm.models.io import WEIGHTS_FILE, check_safetensors
 from raylm.models.io import load_config as load_model_config
 from raylm.models.lora import LoraConfig
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.packing import stream_train_windows
 from raylm.pipelines.runtime import cluster_cpus
-from raylm.pipelines.train.checkpoint import STATE_TENSORS, latest_checkpoint, torn_reason
+from raylm.pipelines.train.checkpoint import check_resumable, latest_checkpoint, torn_reason
 from raylm.pipelines.train.interrupt import StopRequest, stop_on_sigterm, stop_when_set
 from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.loop import train_loop_per_worker
@@ -159,8 +158,7 @@ def checked_resume(path: Path, model: ModelConfig) -> Path:
         raise ConfigError(f"--resume: {path} is not a whole checkpoint ({reason})")
     if load_model_config(path) != model:
         raise ConfigError(f"--resume: {path} holds a different model than the model section describes")
-    for name in (WEIGHTS_FILE, STATE_TENSORS):  # here, not in the workers: one line instead of a worker traceback
-        check_safetensors(path / name)
+    check_resumable(path)  # here, not in the workers: one line instead of a worker traceback
     return path
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raylm.config import RaylmConfig, load_config
-from raylm.errors import ConfigError, RaylmError
+from raylm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,7 @@ def config_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def model_dir(path: Path, flag: str) -> Path:
-    from raylm.models.io import check_safetensors  # safetensors and torch: after the config has validated
+    from raylm.models.io import check_weights  # safetensors and torch: after the config has validated
 
-    if not (path / "model.safetensors").is_file():
-        raise RaylmError(f"{flag}: {path} holds no model.safetensors")
-    check_safetensors(path / "model.safetensors")
+    check_weights(path, flag)
     return path
