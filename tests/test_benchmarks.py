@@ -17,6 +17,7 @@ from tests.conftest import REPO
 # script -> a line its summary prints. benchmarks/ddp_baseline.py is not here: it is the
 # torchrun side of train_overhead.py, which runs it.
 SMOKE = {
+    "checkpoint_memory.py": "sharded / gather:",
     "generate_kv_cache.py": "same greedy tokens: True",
     "prepare_throughput.py": "raylm prepare, defaults",
     "prepare_scale.py": "prepare scale x",
