@@ -11,9 +11,10 @@
 Each phase runs in fresh processes joined in a gloo group (torch.multiprocessing, no Ray):
 save = build + one training step (so AdamW state exists) + the save; resume = build + the
 load (torch's get_optimizer_state_dict first gives a fresh AdamW its zero moments, through
-zero gradients, so the load has tensors to fill). A rank's peak is VmHWM (resident set, file-backed pages included), reset through
-/proc/self/clear_refs before the part it measures. "base" is a rank's resident set before it
-builds anything (Python, torch, the process group).
+zero gradients, so the load has tensors to fill). A rank's peak is VmHWM (resident set,
+file-backed pages included), reset through /proc/self/clear_refs before the part it
+measures. "base" is a rank's resident set before it builds anything (Python, torch, the
+process group).
 
 Usage: python benchmarks/checkpoint_memory.py [--layers 24 --dim 1024 --vocab 32000] [--smoke]
 """
