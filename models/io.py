@@ -5,6 +5,9 @@
                         holds its rank's slice of every weight ("model.<name>", beside the
                         optimizer's "optim.*") and, in its header, where that slice sits in the
                         whole tensor (torch.distributed.checkpoint's Hugging Face layout)
+    base.json           beside the shards of a LoRA checkpoint, which hold only the adapters:
+                        the base model directory the frozen weights come from, and its
+                        content hash
 
 Loading never unpickles: safetensors holds raw tensors only, the config is JSON, and the
 shard layout is read by torch's HuggingFaceStorageReader (safe_open and JSON).
@@ -12,6 +15,7 @@ shard layout is read by torch's HuggingFaceStorageReader (safe_open and JSON).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +35,7 @@ SHARDED_WEIGHT = "model."  # the prefix of a weight's name among the shards' ten
 TIED_ALIAS = "tok_emb.weight"  # with tie_embeddings, the same tensor as lm_head.weight
 CONFIG_FILE = "model.json"
 LORA_FILE = "lora.json"  # present when the weights include LoRA adapters (models/lora.py)
+BASE_FILE = "base.json"  # a checkpoint of only what trained: where the frozen weights come from
 
 
 def save_model(model: GPT, directory: str | Path) -> None:
@@ -74,19 +79,87 @@ def check_weights(directory: str | Path, what: str) -> None:
         check_safetensors(path)
 
 
-def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
-    """Fill `model`'s parameters in place from a model directory of either layout. From shards,
-    each parameter's slices are copied straight into it: no second copy of the model."""
+def load_weights(model: torch.nn.Module, directory: str | Path, only: set[str] | None = None) -> None:
+    """Fill `model`'s weights (or the `only` ones) in place from a model directory of either
+    layout, one tensor at a time: no second copy of the model. A checkpoint with a base.json
+    holds only what trained (LoRA adapters): the rest comes from the base it names, after its
+    content hash is checked."""
     directory = Path(directory)
+    targets = untied(model.config, model.state_dict())
+    if only is not None:
+        targets = {k: v for k, v in targets.items() if k in only}
+    base, trained = base_of(directory)
+    if base is not None:
+        if only is None and trained - set(targets):  # adapters onto a model without them
+            raise DataError(
+                f"{directory} holds LoRA adapters this model has not ({sorted(trained - set(targets))[:2]}); "
+                "use the run's merged/ model directory instead"
+            )
+        load_weights(model, base, set(targets) - trained)
+        targets = {k: v for k, v in targets.items() if k in trained}
     if (directory / WEIGHTS_FILE).is_file():
-        with safetensors_only(directory / WEIGHTS_FILE):
-            safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), device="cpu")
+        copy_from_file(directory / WEIGHTS_FILE, targets, strict=only is None and base is None)
         return
     check_weights(directory, "weights")
     import torch.distributed.checkpoint as dcp  # a checkpoint's layout: imported only to read one
 
-    wanted = {SHARDED_WEIGHT + name: t for name, t in untied(model.config, model.state_dict()).items()}
+    wanted = {SHARDED_WEIGHT + name: t for name, t in targets.items()}
     dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR)), no_dist=True)
+
+
+def copy_from_file(path: Path, targets: dict[str, torch.Tensor], strict: bool) -> None:
+    """Copy each target's tensor out of a safetensors file; `strict`: the file holds no others."""
+    with safetensors_only(path), safetensors.safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        missing, extra = set(targets) - names, names - set(targets)
+        if missing or (strict and extra):
+            wrong = (
+                f"lacks {sorted(missing)[:3]}" if missing else f"holds weights the model has not: {sorted(extra)[:3]}"
+            )
+            raise DataError(f"{path} {wrong}")
+        for name, target in targets.items():
+            value = f.get_tensor(name)
+            if value.shape != target.shape:
+                raise DataError(f"{path}: {name} is {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+
+
+def weights_digest(directory: str | Path) -> str:
+    """A content hash of a model directory's weights, every byte streamed (a 7B base is read
+    once more, ~30 s at 1 GB/s): what a LoRA checkpoint records of its base, so that adapters
+    are never combined with another base than the one they were trained on."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in weight_files(directory):
+        h.update(f"{path.relative_to(directory).as_posix()}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_base(directory: str | Path, base: str | Path, digest: str, trained: set[str]) -> None:
+    """base.json: the base model a checkpoint's other weights come from, and its content hash."""
+    ref = {"path": str(base), "digest": digest, "trained": sorted(trained)}
+    (Path(directory) / BASE_FILE).write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def base_of(directory: str | Path) -> tuple[Path | None, set[str]]:
+    """The base a checkpoint's frozen weights come from, checked against the hash it recorded,
+    and the names of the weights the checkpoint holds itself; (None, empty) without a base.json."""
+    path = Path(directory) / BASE_FILE
+    if not path.is_file():
+        return None, set()
+    ref = json.loads(path.read_text())
+    base = Path(ref["path"])
+    if not (base / CONFIG_FILE).is_file():
+        raise DataError(f"{directory} holds adapters trained on the base {base}, which is not there")
+    if weights_digest(base) != ref["digest"]:
+        raise DataError(
+            f"{directory} holds adapters trained on {base}, whose weights have changed since "
+            "(content hash differs); merge them with the base they were trained on"
+        )
+    return base, set(ref["trained"])
 
 
 def untied(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -328,6 +328,12 @@ def test_lora_teaches_a_tuned_model_a_new_task_and_merges(base, colors_tuned, tm
     print(f"[test] LoRA: sizes task exact match {before:.2f} -> {after:.2f}")
     assert before <= 0.25 and after >= 0.75
     assert (checkpoint / "lora.json").is_file()
+    # The checkpoint holds the adapters and their AdamW moments; the base is named, not copied.
+    assert json.loads((checkpoint / "base.json").read_text())["path"] == str(colors_tuned)
+    shards = sum(p.stat().st_size for p in (checkpoint / "state").iterdir())
+    base_bytes = sum(p.stat().st_size for p in (colors_tuned / "state").iterdir())
+    print(f"[test] LoRA checkpoint shards: {shards:,} bytes; the base's: {base_bytes:,}")
+    assert shards < 0.5 * base_bytes
     config = load_model(colors_tuned).config
     adapted = apply_lora(GPT(config), load_lora(checkpoint))
     load_weights(adapted, checkpoint)  # adapters unmerged: the base weights keep their names

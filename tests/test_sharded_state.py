@@ -1,6 +1,7 @@
 """Sharded training state without Ray: real torch.distributed process groups (gloo, one
 process per rank) run raylm's meta-device init and its checkpoint save and load, so worker
-counts and strategies can be mixed in seconds. The Ray Train path is in test_faults.py."""
+counts and strategies can be mixed in seconds; LoRA checkpoints in one process. The Ray Train
+path is in test_faults.py and test_finetune.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import safetensors
 import safetensors.torch
 import torch
@@ -15,8 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from raylm.models import GPT, ModelConfig
-from raylm.pipelines.train.checkpoint import load_checkpoint, save_checkpoint, torn_reason
+from raylm.errors import DataError
+from raylm.models import GPT, ModelConfig, load_model, save_model
+from raylm.models.io import load_weights, weights_digest
+from raylm.models.lora import LoraConfig, apply_lora, merge_lora
+from raylm.pipelines.train.checkpoint import BaseRef, load_checkpoint, save_checkpoint, torn_reason
 from raylm.pipelines.train.parallelize import materialize, shard
 
 CONFIG = ModelConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
@@ -147,3 +152,45 @@ def test_a_ddp_checkpoint_splits_the_writing_and_loads_under_fsdp(tmp_path):
     by_rank = [set().union(*(n for p, n in names if p.startswith(f"shard-0000{r}-"))) for r in (1, 2)]
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     run_ranks(2, _load, "fsdp", ckpt, reference)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_a_hash_of_its_base(tmp_path):
+    """The frozen base is not copied into each checkpoint: the shards hold the adapters and
+    their AdamW moments, base.json the base's path and content hash. Loading fetches the base;
+    a base whose weights changed is refused, for loading and for resuming."""
+    base_dir, ckpt = tmp_path / "base", tmp_path / "checkpoint_000001"
+    torch.manual_seed(0)
+    save_model(GPT(CONFIG), base_dir)
+    lora = LoraConfig(rank=2, alpha=4, dropout=0.0, targets=("wq", "wv"))
+    model = apply_lora(load_model(base_dir), lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, optimizer, 2)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    base = BaseRef(str(base_dir), weights_digest(base_dir))
+    save_checkpoint(ckpt, model, optimizer, {"step": 2}, tmp_path / "tokenizer.json", lora, base)
+
+    shards = sum(p.stat().st_size for p in (ckpt / "state").iterdir())
+    whole = (base_dir / "model.safetensors").stat().st_size
+    adapters = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert shards < 3 * adapters + 64 * 1024 and shards < 0.2 * whole, (shards, adapters, whole)
+    x = torch.randint(0, CONFIG.vocab_size, (2, 8))
+    trained = model(x)[0]
+    torch.testing.assert_close(load_model(ckpt)(x)[0], merge_lora(model)(x)[0])  # the base fetched, merged
+
+    with pytest.raises(DataError, match="holds LoRA adapters this model has not"):
+        load_weights(GPT(CONFIG), ckpt)  # as finetune.base: the adapters would be dropped
+    again = apply_lora(load_model(base_dir), lora)
+    resumed = torch.optim.AdamW([p for p in again.parameters() if p.requires_grad], lr=1e-2)
+    assert load_checkpoint(ckpt, again, resumed, base)["step"] == 2
+    assert torch.equal(again(x)[0], trained)
+
+    with safetensors.safe_open(str(base_dir / "model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    weights["norm.weight"] = weights["norm.weight"] * 2
+    safetensors.torch.save_file(weights, base_dir / "model.safetensors")  # the base changed in place
+    with pytest.raises(DataError, match="whose weights have changed"):
+        load_model(ckpt)
+    changed = BaseRef(str(base_dir), weights_digest(base_dir))
+    with pytest.raises(DataError, match="trained from another base"):
+        load_checkpoint(ckpt, again, resumed, changed)
+    print(f"[test] LoRA checkpoint: {shards:,} bytes of shards against a {whole:,}-byte base")

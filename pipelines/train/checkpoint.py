@@ -26,6 +26,7 @@ import base64
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raylm.errors import DataError
-from raylm.models.io import SHARDED_WEIGHT, SHARDS_DIR, TIED_ALIAS, WEIGHTS_FILE, check_weights, save_config, untied
+from raylm.models.io import (
+    BASE_FILE,
+    SHARDED_WEIGHT,
+    SHARDS_DIR,
+    TIED_ALIAS,
+    WEIGHTS_FILE,
+    check_weights,
+    save_base,
+    save_config,
+    untied,
+)
 from raylm.models.lora import LoraConfig
 
 STATE_JSON = "train_state.json"
@@ -58,13 +69,18 @@ def save_checkpoint(
     state: dict,
     tokenizer: Path,
     lora: LoraConfig | None = None,
+    base: BaseRef | None = None,
 ) -> None:
     """Every rank calls this with its own `directory` (they may be on different nodes); each
     writes its shard there, and rank 0 also the small files and COMMIT.json, which lists every
-    rank's shards. The model is the plain one (`model`, not its DDP wrapper)."""
+    rank's shards. The model is the plain one (`model`, not its DDP wrapper). Frozen weights
+    (a LoRA run's base) are not written: `base` says where they come from."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     directory.mkdir(parents=True, exist_ok=True)
     tensors, hyper = state_tensors(model, optimizer)
+    frozen = frozen_names(model)
+    if frozen and base is None:
+        raise ValueError(f"{len(frozen)} frozen weights and no base to name for them ({sorted(frozen)[:2]})")
     files = {name: file_of(name, model.config.n_layer) for name in tensors}
     writer = dcp.HuggingFaceStorageWriter(str(directory / SHARDS_DIR), files, save_distributed=True)
     dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
@@ -72,6 +88,9 @@ def save_checkpoint(
     if rank != 0:
         return
     save_config(model.config, directory, lora)
+    if frozen:
+        trained = {k.removeprefix(SHARDED_WEIGHT) for k in tensors if k.startswith(SHARDED_WEIGHT)}
+        save_base(directory, base.path, base.digest, trained)
     shutil.copyfile(tokenizer, directory / "tokenizer.json")
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()  # every rank resumes from rank 0's
     meta = {**state, "optimizer": hyper, "rng_torch": rng}
@@ -84,11 +103,26 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
     FSDP2, the tensor itself under DDP; views of the live state, no copies), and the optimizer's
     non-tensor entries. A fresh optimizer gets its (zero) moments first, so the names are the
     same before the first step as after it: a load fills exactly what a save wrote."""
-    weights = untied(model.config, get_model_state_dict(model))
+    frozen = frozen_names(model)
+    weights = {k: v for k, v in untied(model.config, get_model_state_dict(model)).items() if k not in frozen}
     optim = get_optimizer_state_dict(model, optimizer, options=FLAT)
     tensors = {SHARDED_WEIGHT + k: v for k, v in weights.items()}
     tensors.update({OPTIM + k: v for k, v in optim.items() if isinstance(v, torch.Tensor)})
     return tensors, {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)}
+
+
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """The weights training does not change (under LoRA, the base's), by every name they have."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """The base model a fine-tuning run started from: its directory and content hash
+    (models.io.weights_digest, computed once by the driver)."""
+
+    path: str
+    digest: str
 
 
 def file_of(name: str, n_layer: int) -> int:
@@ -166,24 +200,37 @@ def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, base: BaseRef | None = None
+) -> dict:
     """Load weights, optimizer and RNG state in place: each rank reads from the shards only the
     slices it keeps (under FSDP2 its 1/world, whatever the worker count that wrote them; under
-    DDP all of it). Returns the loop state (step, data position)."""
+    DDP all of it). A LoRA checkpoint fills only the adapters: `model` already holds `base`,
+    which must be the one they were trained on. Returns the loop state (step, data position)."""
     check_resumable(directory)
+    check_same_base(directory, base)
     tensors, hyper = state_tensors(model, optimizer)
     reader = dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR))
     dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
     meta = json.loads((directory / STATE_JSON).read_text())
     weights = {k.removeprefix(SHARDED_WEIGHT): v for k, v in tensors.items() if k.startswith(SHARDED_WEIGHT)}
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and "lm_head.weight" in weights:
         weights[TIED_ALIAS] = weights["lm_head.weight"]
-    set_model_state_dict(model, weights)
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=not frozen_names(model)))
     optim = {k.removeprefix(OPTIM): v for k, v in tensors.items() if k.startswith(OPTIM)}
     set_optimizer_state_dict(model, optimizer, {**hyper, **meta.pop("optimizer"), **optim}, options=FLAT)
     rng = bytearray(base64.b64decode(meta.pop("rng_torch")))
     torch.set_rng_state(torch.frombuffer(rng, dtype=torch.uint8))
     return meta
+
+
+def check_same_base(directory: Path, base: BaseRef | None) -> None:
+    recorded = json.loads((directory / BASE_FILE).read_text())["digest"] if (directory / BASE_FILE).is_file() else None
+    if recorded != (base.digest if base else None):
+        raise DataError(
+            f"{directory} was trained from another base than this run's "
+            f"({'none' if recorded is None else 'content hash ' + recorded})"
+        )
 
 
 def check_resumable(directory: Path) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from raylm.config import ScalingSection, TrainSection
 from raylm.models import ModelConfig
 from raylm.models.lora import LoraConfig
+from raylm.pipelines.train.checkpoint import BaseRef
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -36,3 +37,4 @@ class TrainJob:
     stop: ActorHandle | None = None  # the StopRequest actor rank 0 polls (SIGTERM, Tune stopping the trial)
     init: str | None = None  # fine-tuning: the base model directory whose weights the workers load
     lora: LoraConfig | None = None  # fine-tuning with LoRA: the adapters wrapped around the base's layers
+    base: BaseRef | None = None  # LoRA: `init` and its content hash, which checkpoints record instead of its weights

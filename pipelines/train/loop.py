@@ -20,7 +20,7 @@ from raylm.config import TrainSection
 from raylm.fmt import money
 from raylm.models import GPT
 from raylm.models.io import load_weights
-from raylm.models.lora import LoraConfig, apply_lora
+from raylm.models.lora import apply_lora
 from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, WindowStore
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
@@ -49,7 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
     trained = parallelize(model, scaling.strategy, device, job.seed, train.activation_checkpointing, train.compile)
     optimizer = make_optimizer(model, train)
     loader = make_loader(job, rank, world)
-    resumed = restore(model, optimizer, loader, job.resume, world)
+    resumed = restore(model, optimizer, loader, job, world)
     validator = Validator(data_dir, train.eval_windows, rank, world, device)
     accum = train.batch_size // (train.micro_batch_size * world)
     tokens_per_step = train.batch_size * job.seq_len
@@ -98,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
                     **spent_so_far(done * tokens_per_step, job.flops_per_token, log.elapsed(), meter),
                 }
                 log.deliver()  # steps up to this checkpoint are in MLflow before it exists
-                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job.lora)
+                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job)
                 log.after_pause()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
@@ -221,11 +221,11 @@ class Validator:
         return {f"val_{k}": v for k, v in summarize(*totals.tolist()).items()}
 
 
-def restore(model: GPT, optimizer, loader: BatchSource, resume: str | None, world: int) -> dict:
+def restore(model: GPT, optimizer, loader: BatchSource, job: TrainJob, world: int) -> dict:
     """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
     from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
     own = ray.train.get_checkpoint()
-    checkpoint = own or (ray.train.Checkpoint.from_directory(resume) if resume else None)
+    checkpoint = own or (ray.train.Checkpoint.from_directory(job.resume) if job.resume else None)
     if checkpoint is None:
         return {"step": 0, "train_seconds": 0.0}
     with checkpoint.as_directory() as directory:
@@ -233,7 +233,7 @@ def restore(model: GPT, optimizer, loader: BatchSource, resume: str | None, worl
         if usable is None:
             print(f"[train] no whole checkpoint at or before {checkpoint.path}: starting from step 0", flush=True)
             return {"step": 0, "train_seconds": 0.0}
-        state = load_checkpoint(usable, model, optimizer)
+        state = load_checkpoint(usable, model, optimizer, job.base)
     loader.load_state_dict(state["loader"])
     # The data position is global: another worker count picks up at the same sequence.
     was = f" (saved by {state['workers']})" if state.get("workers", world) != world else ""
@@ -241,14 +241,12 @@ def restore(model: GPT, optimizer, loader: BatchSource, resume: str | None, worl
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
-def report_checkpoint(
-    state: dict, model, optimizer, tokenizer: Path, metrics: dict, lora: LoraConfig | None = None
-) -> None:
+def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: dict, job: TrainJob) -> None:
     """Every rank writes its shard of the state into a directory of its own, and reports it:
     Ray Train uploads them all into one checkpoint directory (report is also its barrier)."""
     step = state["step"]
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, optimizer, state, tokenizer, lora)
+        save_checkpoint(Path(tmp), model, optimizer, state, tokenizer, job.lora, job.base)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
 

@@ -13,11 +13,12 @@ from raylm.errors import ConfigError, TrainingFailed
 from raylm.models import ModelConfig, flops_per_token
 from raylm.models.config import planned_model
 from raylm.models.io import load_config as load_model_config
+from raylm.models.io import weights_digest
 from raylm.models.lora import LoraConfig
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.packing import stream_train_windows
 from raylm.pipelines.runtime import cluster_cpus
-from raylm.pipelines.train.checkpoint import check_resumable, latest_checkpoint, torn_reason
+from raylm.pipelines.train.checkpoint import BaseRef, check_resumable, latest_checkpoint, torn_reason
 from raylm.pipelines.train.interrupt import StopRequest, stop_on_sigterm, stop_when_set
 from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.loop import train_loop_per_worker
@@ -101,6 +102,7 @@ def pretrain(
         stop=StopRequest.remote(),
         init=str(init) if init else None,
         lora=lora,
+        base=BaseRef(str(init), weights_digest(init)) if init and lora else None,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
