@@ -11,14 +11,14 @@ import json
 import shutil
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from pydantic import ValidationError
 
 from raylm.config import RopeScaling
 from raylm.models.config import ModelConfig
 from raylm.models.gpt import GPT
-from raylm.models.io import load_model, read_safetensors, save_model
+from raylm.models.io import check_weights, load_config, read_safetensors, save_model
+from raylm.models.stream import save_streaming
 
 TOP = {
     "tok_emb.weight": "model.embed_tokens.weight",
@@ -64,15 +64,16 @@ def raylm_name(name: str) -> str:
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` so that `AutoModelForCausalLM.from_pretrained(out_dir)` is this model
     (and, if the directory has `tokenizer.json`, `AutoTokenizer` its tokenizer)."""
-    model, out = load_model(model_dir), Path(out_dir)
-    config = model.config
+    config, out = load_config(model_dir), Path(out_dir)
     if config.qk_norm:
         raise NotConvertible("model.qk_norm has no equivalent in LlamaForCausalLM; export refused")
-    tensors = {hf_name(k): v.contiguous() for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        del tensors["lm_head.weight"]  # HF re-ties it from tie_word_embeddings
+    check_weights(model_dir, "export")
+
+    def rename(name: str) -> str:  # a tied embedding is stored as the head; HF stores it as the embedding
+        return TOP["tok_emb.weight"] if config.tie_embeddings and name == "lm_head.weight" else hf_name(name)
+
     out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_streaming(model_dir, out / "model.safetensors", rename, metadata={"format": "pt"})  # a block at a time
     eos = _copy_tokenizer(Path(model_dir), out, config)
     (out / "config.json").write_text(json.dumps(llama_config(config, eos), indent=2) + "\n")
     return out

@@ -15,8 +15,10 @@ shard layout is read by torch's HuggingFaceStorageReader (safe_open and JSON).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,30 +83,45 @@ def check_weights(directory: str | Path, what: str) -> None:
 
 def load_weights(model: torch.nn.Module, directory: str | Path, only: set[str] | None = None) -> None:
     """Fill `model`'s weights (or the `only` ones) in place from a model directory of either
-    layout, one tensor at a time: no second copy of the model. A checkpoint with a base.json
-    holds only what trained (LoRA adapters): the rest comes from the base it names, after its
-    content hash is checked."""
-    directory = Path(directory)
+    layout, one tensor at a time: no second copy of the model."""
     targets = untied(model.config, model.state_dict())
     if only is not None:
         targets = {k: v for k, v in targets.items() if k in only}
+    read_into(targets, directory, strict=only is None)
+
+
+def read_into(targets: dict[str, torch.Tensor], directory: str | Path, strict: bool = False) -> None:
+    """Copy each named weight of a model directory into its target tensor. A checkpoint with a
+    base.json holds only what trained (LoRA adapters): the rest comes from the base it names,
+    after its content hash is checked. `strict`: the directory holds no weights beyond these."""
+    directory = Path(directory)
     base, trained = base_of(directory)
     if base is not None:
-        if only is None and trained - set(targets):  # adapters onto a model without them
+        if strict and trained - set(targets):  # adapters onto a model without them
             raise DataError(
                 f"{directory} holds LoRA adapters this model has not ({sorted(trained - set(targets))[:2]}); "
                 "use the run's merged/ model directory instead"
             )
-        load_weights(model, base, set(targets) - trained)
+        read_into({k: v for k, v in targets.items() if k not in trained}, base)
         targets = {k: v for k, v in targets.items() if k in trained}
     if (directory / WEIGHTS_FILE).is_file():
-        copy_from_file(directory / WEIGHTS_FILE, targets, strict=only is None and base is None)
+        copy_from_file(directory / WEIGHTS_FILE, targets, strict=strict and base is None)
         return
     check_weights(directory, "weights")
     import torch.distributed.checkpoint as dcp  # a checkpoint's layout: imported only to read one
 
     wanted = {SHARDED_WEIGHT + name: t for name, t in targets.items()}
-    dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR)), no_dist=True)
+    with one_process():
+        dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR)), no_dist=True)
+
+
+@contextmanager
+def one_process():
+    """torch.distributed.checkpoint warns on every load or save without a process group; that
+    is how raylm reads a checkpoint in one process (evaluate, generate, export), not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def copy_from_file(path: Path, targets: dict[str, torch.Tensor], strict: bool) -> None:
@@ -127,12 +144,19 @@ def copy_from_file(path: Path, targets: dict[str, torch.Tensor], strict: bool) -
 
 def weights_digest(directory: str | Path) -> str:
     """A content hash of a model directory's weights, every byte streamed (a 7B base is read
-    once more, ~30 s at 1 GB/s): what a LoRA checkpoint records of its base, so that adapters
-    are never combined with another base than the one they were trained on."""
+    once more, ~30 s at 1 GB/s; kept per process while the files' sizes and times stay): what
+    a LoRA checkpoint records of its base, so that adapters are never combined with another
+    base than the one they were trained on."""
+    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files(directory))
+    return _digest(str(directory), files)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(directory: str, files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for path in weight_files(directory):
-        h.update(f"{path.relative_to(directory).as_posix()}\0".encode())
-        with open(path, "rb") as f:
+    for name, _, _ in files:
+        h.update(f"{Path(name).relative_to(directory).as_posix()}\0".encode())
+        with open(name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()

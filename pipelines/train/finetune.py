@@ -15,8 +15,9 @@ from pathlib import Path
 from raylm.config import RaylmConfig
 from raylm.errors import ConfigError, DataError
 from raylm.models import ModelConfig
-from raylm.models.io import check_weights, load_config, load_model, save_model
+from raylm.models.io import WEIGHTS_FILE, check_weights, load_config, save_config
 from raylm.models.lora import LoraConfig
+from raylm.models.stream import save_streaming
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.data.sft import prepare_sft
@@ -117,6 +118,7 @@ def load_base_config(base: Path, vocab: int) -> ModelConfig:
 def merge_checkpoint(checkpoint: Path, out: Path) -> Path:
     """A LoRA checkpoint as a plain model directory (adapters folded into the weights), with its
     tokenizer: what export-hf, evaluation and serving want."""
-    save_model(load_model(checkpoint), out)  # load_model merges adapters
+    save_config(load_config(checkpoint), out)
+    save_streaming(checkpoint, out / WEIGHTS_FILE)  # adapters folded in, a block at a time
     shutil.copyfile(checkpoint / "tokenizer.json", out / "tokenizer.json")
     return out
