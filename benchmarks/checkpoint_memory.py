@@ -16,6 +16,10 @@ file-backed pages included), reset through /proc/self/clear_refs before the part
 measures. "base" is a rank's resident set before it builds anything (Python, torch, the
 process group).
 
+A sharded rank then saves again in the background (train.async_save), for the seconds a step
+waits. Last, export-hf of the sharded checkpoint in one process: the whole model loaded and written
+at once (as before 2026-12) against a block at a time (models/stream.py).
+
 Usage: python benchmarks/checkpoint_memory.py [--layers 24 --dim 1024 --vocab 32000] [--smoke]
 """
 
@@ -43,8 +47,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from raylm.models import GPT, ModelConfig
-from raylm.pipelines.train.checkpoint import load_checkpoint, save_checkpoint
+from raylm.models import GPT, ModelConfig, load_model
+from raylm.models.hf import export_hf, hf_name
+from raylm.pipelines.train.checkpoint import Save, load_checkpoint, save_checkpoint
 from raylm.pipelines.train.parallelize import materialize, shard
 
 WORLD = 2
@@ -103,6 +108,20 @@ def gather_load(directory: Path, model: GPT, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=WHOLE)
 
 
+def background_save(directory: Path, model: GPT, optimizer, tokenizer: Path) -> dict:
+    """train.async_save: how long the step waits (the copy of the state to host memory), the
+    peak meanwhile, and how long until the files are written (the training loop would go on)."""
+    dist.barrier()
+    reset_peak()
+    t0 = time.perf_counter()
+    save = Save(directory, model, optimizer, {"step": 1}, tokenizer, background=True)
+    blocked = time.perf_counter() - t0
+    while not save.written_everywhere(CPU):
+        time.sleep(0.05)
+    save.finish()
+    return {"async_blocked_s": blocked, "async_written_s": time.perf_counter() - t0, "async_peak": peak_mb()}
+
+
 def rank_main(rank: int, port: int, phase: str, path: str, config: dict, work: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 ranks on 2 cores
@@ -128,6 +147,8 @@ def rank_main(rank: int, port: int, phase: str, path: str, config: dict, work: s
             save_checkpoint(directory, model, optimizer, {"step": 1}, tokenizer)
         dist.barrier()
         out.update(save=peak_mb(), save_s=time.perf_counter() - t0)
+        if path == "sharded":
+            out.update(background_save(directory.with_name("async"), model, optimizer, tokenizer))
     else:
         dist.barrier()
         reset_peak()
@@ -137,6 +158,22 @@ def rank_main(rank: int, port: int, phase: str, path: str, config: dict, work: s
         out.update(load=peak_mb(), load_s=time.perf_counter() - t0)
     Path(work, f"{phase}-{path}-{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
+
+
+def export_main(index: int, how: str, work: str) -> None:
+    """export-hf of the sharded checkpoint in a fresh process: the whole model loaded and
+    written at once (as before 2026-12), or a block at a time (models/stream.py)."""
+    torch.set_num_threads(1)
+    checkpoint, out = Path(work) / "sharded", Path(work) / f"hf-{how}"
+    base = reset_peak()
+    if how == "whole":
+        model = load_model(checkpoint)
+        out.mkdir(exist_ok=True)
+        tensors = {hf_name(k): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        safetensors.torch.save_file(tensors, out / "model.safetensors")
+    else:
+        export_hf(checkpoint, out)
+    Path(work, f"export-{how}.json").write_text(json.dumps({"base": base, "peak": peak_mb()}))
 
 
 def run_phase(phase: str, path: str, config: dict, work: Path) -> list[dict]:
@@ -176,6 +213,14 @@ def main() -> None:
             {**s, "resume": max(r["build"], r["load"]), "load_s": r["load_s"]} for s, r in zip(saved, resumed)
         ]
     report(rows, full_mb, training_mb)
+    exports = {}
+    for how in ("whole", "streaming"):
+        mp.spawn(export_main, args=(how, str(work)), nprocs=1)
+        exports[how] = json.loads((work / f"export-{how}.json").read_text())
+    weights_mb = params * 4 / 2**20
+    print(f"\nexport-hf of the sharded checkpoint, one process ({weights_mb:.0f} MB of fp32 weights):")
+    for how, e in exports.items():
+        print(f"  {how}: peak {e['peak']:.0f} MB, {e['peak'] - e['base']:.0f} MB over the process before it")
 
 
 def report(rows: dict, full_mb: float, training_mb: float) -> None:
@@ -199,6 +244,12 @@ def report(rows: dict, full_mb: float, training_mb: float) -> None:
             f"{path}: largest peak over base {worst:.0f} MB = share + {worst - share:.0f} MB "
             f"= share with gradients + {worst - training:.0f} MB; rank 0 / other rank {skew:.2f}x"
         )
+    r = rows["sharded"][0]
+    print(
+        f"a step blocked by a save (rank 0): {r['save_s']:.2f} s written in the foreground, "
+        f"{r['async_blocked_s']:.2f} s in the background ({r['async_blocked_s'] / r['save_s']:.2f}x; the files "
+        f"were written {r['async_written_s']:.2f} s after the save began; peak {r['async_peak']:.0f} MB)"
+    )
     print(
         "sharded / gather: save seconds {:.2f}x, load seconds {:.2f}x (rank 0)".format(
             rows["sharded"][0]["save_s"] / rows["gather"][0]["save_s"],

@@ -306,6 +306,9 @@ class TrainSection(Section):
     eval_windows: int = Field(64, gt=0)  # validation windows scored at each eval_interval
     checkpoint_interval: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # Write checkpoints in the background: a step waits only for the copy of the state to host
+    # memory (which costs a second copy of each rank's share while it is written).
+    async_save: bool = False
     # Budgets: training stops at the first one spent, with a final checkpoint (None: no limit).
     max_tokens: int | None = Field(None, gt=0)
     max_hours: float | None = Field(None, gt=0)

@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raylm.cli import main
+from raylm.pipelines.train.checkpoint import torn_reason
 from tests.conftest import REPO, tiny_overrides
 
 STEPS, STOP = 16, 6
@@ -149,6 +150,22 @@ def test_budget_stop_then_relaunch_continues_bit_for_bit(straight):
     first, idle, second = losses(tmp, "stopped")
     assert idle == {}
     assert sorted(first) == list(range(1, STOP + 1)) and sorted(second) == list(range(STOP + 1, STEPS + 1))
+    assert {**first, **second} == reference
+
+
+def test_background_saves_resume_bit_for_bit(straight):
+    """train.async_save: checkpoints written while the next steps train (every 2 steps here, so
+    most are reported a step or more after they were taken) and the final one after the loop;
+    the relaunch resumes from the last and logs the uninterrupted run's losses exactly."""
+    tmp, reference = straight
+    background = ["train.async_save=true", "train.checkpoint_interval=2"]
+    assert pretrain(tmp, "async", [*background, f"train.max_tokens={STOP * TOKENS_PER_STEP}"]) == 0
+    run_dir = tmp / "runs" / "train" / "async"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [f"checkpoint_{s:06d}" for s in (STOP - 2, STOP)]
+    assert all(torn_reason(p) is None for p in run_dir.glob("checkpoint_*"))
+    assert pretrain(tmp, "async", background) == 0
+    first, second = losses(tmp, "async")
+    assert sorted(second) == list(range(STOP + 1, STEPS + 1))
     assert {**first, **second} == reference
 
 
@@ -314,8 +331,6 @@ def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_clus
     as an eviction runs it (cluster/prestop.py, the process a pod would start): the workers
     stop at the end of the step with a checkpoint, the hook returns once the driver has exited,
     the command exits 143, the MLflow run ends KILLED, and the same command continues bit for bit."""
-
-    from raylm.pipelines.train.checkpoint import torn_reason
 
     tmp, reference = straight
     proc, log = start_driver(tmp, "terminated")

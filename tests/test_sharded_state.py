@@ -19,9 +19,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from raylm.errors import DataError
 from raylm.models import GPT, ModelConfig, load_model, save_model
-from raylm.models.io import load_weights, weights_digest
+from raylm.models.hf import export_hf, hf_name
+from raylm.models.io import load_weights, save_config, weights_digest
 from raylm.models.lora import LoraConfig, apply_lora, merge_lora
-from raylm.pipelines.train.checkpoint import BaseRef, load_checkpoint, save_checkpoint, torn_reason
+from raylm.models.stream import save_streaming
+from raylm.pipelines.train.checkpoint import BaseRef, Save, load_checkpoint, save_checkpoint, torn_reason
 from raylm.pipelines.train.parallelize import materialize, shard
 
 CONFIG = ModelConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
@@ -90,13 +92,19 @@ def test_meta_init_is_the_same_on_any_worker_count_and_strategy(tmp_path):
     print(f"[test] meta init: {len(one)} tensors equal on 1 plain rank and 2 FSDP ranks")
 
 
-def _save(rank: int, world: int, strategy: str, directory: Path, reference: Path) -> None:
+def _save(rank: int, world: int, strategy: str, directory: Path, reference: Path, background: bool) -> None:
     model, optimizer = fresh(strategy)
     train_steps(model, optimizer, 2)
     (directory.parent / "tokenizer.json").write_text("{}")
     state = whole_state(model, optimizer)
     # Each rank its own directory, as under Ray Train; the test merges them as Ray's upload does.
-    save_checkpoint(directory / f"rank{rank}", model, optimizer, {"step": 2}, directory.parent / "tokenizer.json")
+    tokenizer = directory.parent / "tokenizer.json"
+    save = Save(directory / f"rank{rank}", model, optimizer, {"step": 2}, tokenizer, background=background)
+    if background:  # the writes run in a thread on a copy: training on must not reach the files
+        train_steps(model, optimizer, 1)
+        while not save.written_everywhere(torch.device("cpu")):
+            pass
+    save.finish()
     if rank == 0:
         safetensors.torch.save_file(state, reference)
 
@@ -122,10 +130,10 @@ def merge_rank_directories(directory: Path) -> None:
 
 
 def test_an_fsdp_checkpoint_reshards_to_any_worker_count_and_strategy(tmp_path):
-    """Saved by 2 FSDP ranks, each writing its half; loaded bit for bit by 1 rank, by 2 DDP
-    ranks and by 2 FSDP ranks."""
+    """Saved by 2 FSDP ranks in the background (a step trains while the files are written),
+    each writing its half; loaded bit for bit by 1 rank, by 2 DDP ranks and by 2 FSDP ranks."""
     ckpt, reference = tmp_path / "checkpoint_000002", tmp_path / "reference.safetensors"
-    run_ranks(2, _save, "fsdp", ckpt, reference)
+    run_ranks(2, _save, "fsdp", ckpt, reference, True)
     merge_rank_directories(ckpt)
     assert torn_reason(ckpt) is None
     shards = sorted((ckpt / "state").glob("*.safetensors"))  # per rank: one file per block, one for the rest
@@ -143,7 +151,7 @@ def test_an_fsdp_checkpoint_reshards_to_any_worker_count_and_strategy(tmp_path):
 def test_a_ddp_checkpoint_splits_the_writing_and_loads_under_fsdp(tmp_path):
     """Under DDP every rank holds everything; each tensor is written once, by one rank."""
     ckpt, reference = tmp_path / "checkpoint_000002", tmp_path / "reference.safetensors"
-    run_ranks(2, _save, "ddp", ckpt, reference)
+    run_ranks(2, _save, "ddp", ckpt, reference, False)
     merge_rank_directories(ckpt)
     names = []
     for path in sorted((ckpt / "state").glob("*.safetensors")):
@@ -177,6 +185,13 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_hash_of_its_base(tmp_path):
     trained = model(x)[0]
     torch.testing.assert_close(load_model(ckpt)(x)[0], merge_lora(model)(x)[0])  # the base fetched, merged
 
+    merged = tmp_path / "merged"  # what finetune writes: adapters folded in a block at a time
+    save_config(CONFIG, merged)
+    save_streaming(ckpt, merged / "model.safetensors")
+    assert torch.equal(load_model(merged)(x)[0], load_model(ckpt)(x)[0])
+    exported = safetensors.torch.load_file(export_hf(ckpt, tmp_path / "hf") / "model.safetensors")
+    expected = {hf_name(k): v for k, v in load_model(ckpt).state_dict().items() if k != "lm_head.weight"}
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
     with pytest.raises(DataError, match="holds LoRA adapters this model has not"):
         load_weights(GPT(CONFIG), ckpt)  # as finetune.base: the adapters would be dropped
     again = apply_lora(load_model(base_dir), lora)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader,
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.track.tracking import MetricSink
-from raylm.pipelines.train.checkpoint import load_checkpoint, save_checkpoint, usable_checkpoint
+from raylm.pipelines.train.checkpoint import Save, load_checkpoint, usable_checkpoint
 from raylm.pipelines.train.cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
 from raylm.pipelines.train.interrupt import StopWatch
 from raylm.pipelines.train.job import TrainJob
@@ -75,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.close()
         return
     skipped = 0  # steps in a row not applied for a non-finite gradient
+    saver = Saver(job, model, optimizer, device)
     try:
         for step in range(resumed["step"], train.max_steps):
             lr = lr_at(step, train)
@@ -98,13 +100,17 @@ def train_loop_per_worker(config: dict) -> None:
                     **spent_so_far(done * tokens_per_step, job.flops_per_token, log.elapsed(), meter),
                 }
                 log.deliver()  # steps up to this checkpoint are in MLflow before it exists
-                report_checkpoint(state, model, optimizer, data_dir / "tokenizer.json", report, job)
+                saver.save(state, report)
                 log.after_pause()
+            else:
+                saver.report_if_written()
             if stop:
                 log.note(f"stopped at step {done}: {wanted or 'another rank reached a time or cost budget'}")
                 break
+        saver.report_pending()
         log.against_estimate()
     finally:
+        saver.abandon()  # a step raised: a background write in flight is not reported
         log.close()  # deliver the metrics of the last interval even when a step raised
 
 
@@ -241,14 +247,52 @@ def restore(model: GPT, optimizer, loader: BatchSource, job: TrainJob, world: in
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
-def report_checkpoint(state: dict, model, optimizer, tokenizer: Path, metrics: dict, job: TrainJob) -> None:
-    """Every rank writes its shard of the state into a directory of its own, and reports it:
-    Ray Train uploads them all into one checkpoint directory (report is also its barrier)."""
-    step = state["step"]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, optimizer, state, tokenizer, job.lora, job.base)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+class Saver:
+    """Checkpoints at the loop's request. Every rank writes its shard of the state into a
+    directory of its own and reports it: Ray Train uploads them all into one checkpoint
+    directory (report is also its barrier). With train.async_save the step waits only while the
+    state is copied to host memory; the files are written in the background, and the checkpoint
+    is reported at the first step boundary where every rank's write is done (a collective check,
+    so all ranks report at the same step). A second save waits for the first."""
+
+    def __init__(self, job: TrainJob, model: GPT, optimizer, device: torch.device):
+        self.job, self.model, self.optimizer, self.device = job, model, optimizer, device
+        self.tokenizer = Path(job.data_dir) / "tokenizer.json"
+        self.pending: tuple[Save, dict, Path] | None = None
+
+    def save(self, state: dict, metrics: dict) -> None:
+        self.report_pending()
+        directory = Path(tempfile.mkdtemp(prefix="raylm-checkpoint-"))
+        background = self.job.train.async_save
+        save = Save(
+            directory, self.model, self.optimizer, state, self.tokenizer, self.job.lora, self.job.base, background
+        )
+        self.pending = (save, {**metrics, "step": state["step"]}, directory)
+        if not background:
+            self.report_pending()
+
+    def report_if_written(self) -> None:
+        if self.pending and self.pending[0].written_everywhere(self.device):
+            self.report_pending()
+
+    def abandon(self) -> None:
+        if self.pending is not None:
+            shutil.rmtree(self.pending[2], ignore_errors=True)
+            self.pending = None
+
+    def report_pending(self) -> None:
+        if self.pending is None:
+            return
+        save, metrics, directory = self.pending
+        self.pending = None
+        try:
+            save.finish()
+            name = f"checkpoint_{metrics['step']:06d}"
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
+            )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class StepLog:
