@@ -101,17 +101,28 @@ def run_trial(params: dict, sweep: Sweep) -> None:
             tracker.set_tags({"raylm.trial_status": "pruned", "raylm.prune_reason": plan.reason[:5000]})
         tune.report({sweep.spec.metric: math.inf, "pruned": 1, "step": 0, "tokens_seen": 0, "flops_seen": 0.0})
         return
+    stop = tune_stop_event()
     with child_run(sweep, trial_id, plan, params) as tracker:
-        result, stopped = pretrain(
-            plan.model,
-            plan.cfg.train,
-            plan.cfg.scaling,
-            plan.cfg.run,
-            plan.manifest,
-            {"uri": tracker.uri, "run_id": tracker.run_id},
-            callbacks=[tune_report_callback()],
-            stop_event=tune_stop_event(),
-        )
+        try:
+            result, stopped = pretrain(
+                plan.model,
+                plan.cfg.train,
+                plan.cfg.scaling,
+                plan.cfg.run,
+                plan.manifest,
+                {"uri": tracker.uri, "run_id": tracker.run_id},
+                callbacks=[tune_report_callback()],
+                stop_event=stop,
+            )
+        except Exception as err:
+            if not stop.is_set():
+                raise
+            # Tune asked the trial to stop, then tore its Train run down before it had: the
+            # trial was stopped, not failed (ended FAILED here, its run could stay FAILED if
+            # this came after the driver had ended it FINISHED; seen once in the suite).
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            print(f"[tune] trial {trial_id} stopped while shutting down: {first}", flush=True)
+            return
         if stopped:  # the scheduler (or Ctrl-C) stopped the trial; the driver records which
             return
         final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

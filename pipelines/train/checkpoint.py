@@ -10,6 +10,8 @@ gathered, and nothing is ever unpickled.
                                 the whole tensor (torch.distributed.checkpoint's Hugging Face
                                 layout), so any worker count and strategy reads it back; file N
                                 holds the embedding, final norm and head
+        base.json               LoRA only: the shards then hold just the adapters, and this
+                                names the base the frozen weights come from (path, content hash)
         train_state.json        step, data position, optimizer hyperparameters, RNG state
         COMMIT.json             written last: every other file (every rank's) and its size
 
