@@ -127,6 +127,9 @@ def pod_config(raw: dict, cluster: ClusterSection) -> dict:
     """The config as the pods read it: outputs on the run volume, metrics to the cluster's MLflow."""
     out = copy.deepcopy(raw)
     set_key(out, "run.output_dir", on_volume(raw.get("run", {}).get("output_dir", "runs"), cluster, "run.output_dir"))
+    checkpoints = raw.get("run", {}).get("checkpoint_dir")
+    if checkpoints and not checkpoints.startswith(URI_SCHEMES):  # a bucket stays; a path goes on the volume
+        set_key(out, "run.checkpoint_dir", on_volume(checkpoints, cluster, "run.checkpoint_dir"))
     uri = raw.get("tracking", {}).get("tracking_uri")
     if uri and not uri.startswith(("http://", "https://", "databricks")):
         raise ConfigError(

@@ -19,6 +19,7 @@ from raylm.models.config import ModelConfig
 from raylm.models.gpt import GPT
 from raylm.models.io import check_weights, load_config, read_safetensors, save_model
 from raylm.models.stream import save_streaming
+from raylm.storage import Location, locate
 
 TOP = {
     "tok_emb.weight": "model.embed_tokens.weight",
@@ -61,9 +62,10 @@ def raylm_name(name: str) -> str:
 # -- export ---------------------------------------------------------------------------------
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(model_dir: str | Path | Location, out_dir: str | Path) -> Path:
     """Write `out_dir` so that `AutoModelForCausalLM.from_pretrained(out_dir)` is this model
-    (and, if the directory has `tokenizer.json`, `AutoTokenizer` its tokenizer)."""
+    (and, if the directory has `tokenizer.json`, `AutoTokenizer` its tokenizer). `model_dir`
+    may be on object storage: its weights are read by byte ranges, a block at a time."""
     config, out = load_config(model_dir), Path(out_dir)
     if config.qk_norm:
         raise NotConvertible("model.qk_norm has no equivalent in LlamaForCausalLM; export refused")
@@ -74,7 +76,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     save_streaming(model_dir, out / "model.safetensors", rename, metadata={"format": "pt"})  # a block at a time
-    eos = _copy_tokenizer(Path(model_dir), out, config)
+    eos = _copy_tokenizer(locate(model_dir), out, config)
     (out / "config.json").write_text(json.dumps(llama_config(config, eos), indent=2) + "\n")
     return out
 
@@ -115,13 +117,14 @@ def rope_fields(config: ModelConfig) -> dict:
     return {**fields, "rope_scaling": scaling} if scaling else fields
 
 
-def _copy_tokenizer(model_dir: Path, out: Path, config: ModelConfig) -> int | None:
+def _copy_tokenizer(model_dir: Location, out: Path, config: ModelConfig) -> int | None:
     """tokenizer.json plus the small config AutoTokenizer needs; returns the EOS id (the
     first special token, raylm's end-of-document marker)."""
     if not (model_dir / "tokenizer.json").is_file():
         return None
-    shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
-    added = json.loads((model_dir / "tokenizer.json").read_text()).get("added_tokens", [])
+    text = (model_dir / "tokenizer.json").read_text()
+    (out / "tokenizer.json").write_text(text)
+    added = json.loads(text).get("added_tokens", [])
     special = [t for t in added if t.get("special")]
     if not special:
         return None

@@ -9,8 +9,9 @@
                         the base model directory the frozen weights come from, and its
                         content hash
 
-Loading never unpickles: safetensors holds raw tensors only, the config is JSON, and the
-shard layout is read by torch's HuggingFaceStorageReader (safe_open and JSON).
+A directory may be local or on object storage (s3://, gs://: raylm.storage.Location); either
+way tensors are read by byte ranges (models/shards.py). Loading never unpickles: safetensors
+holds raw tensors only, the config is JSON, and the shards' layout is JSON in their headers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from raylm.errors import DataError  # a leaf module: no Ray, no torch
 from raylm.models.config import ModelConfig
 from raylm.models.gpt import GPT
 from raylm.models.lora import LoraConfig, apply_lora, merge_lora
+from raylm.models.shards import SafetensorsFile, ShardReader
+from raylm.storage import Location, locate
 
 WEIGHTS_FILE = "model.safetensors"
 SHARDS_DIR = "state"  # a checkpoint's per-rank shards (pipelines/train/checkpoint.py writes them)
@@ -62,26 +65,26 @@ def save_config(config: ModelConfig, directory: str | Path, lora: LoraConfig | N
         (directory / LORA_FILE).write_text(json.dumps(lora.to_dict(), indent=2) + "\n")
 
 
-def weight_files(directory: str | Path) -> list[Path]:
+def weight_files(directory: str | Path | Location) -> list[Location]:
     """The files that hold a model directory's weights: model.safetensors, or else a
     checkpoint's shards; [] if it has neither."""
-    directory = Path(directory)
+    directory = locate(directory)
     if (directory / WEIGHTS_FILE).is_file():
         return [directory / WEIGHTS_FILE]
-    return sorted((directory / SHARDS_DIR).glob("*.safetensors"))
+    return (directory / SHARDS_DIR).glob("*.safetensors")
 
 
-def check_weights(directory: str | Path, what: str) -> None:
+def check_weights(directory: str | Path | Location, what: str) -> None:
     """Refuse a directory without weights, or with a file that is not safetensors, before
     anything loads it (headers only); `what` names the directory in the error."""
     files = weight_files(directory)
     if not files:
         raise DataError(f"{what}: {directory} holds no {WEIGHTS_FILE} and no {SHARDS_DIR}/*.safetensors")
-    for path in files:
-        check_safetensors(path)
+    for location in files:
+        SafetensorsFile(location).close()
 
 
-def load_weights(model: torch.nn.Module, directory: str | Path, only: set[str] | None = None) -> None:
+def load_weights(model: torch.nn.Module, directory: str | Path | Location, only: set[str] | None = None) -> None:
     """Fill `model`'s weights (or the `only` ones) in place from a model directory of either
     layout, one tensor at a time: no second copy of the model."""
     targets = untied(model.config, model.state_dict())
@@ -90,11 +93,11 @@ def load_weights(model: torch.nn.Module, directory: str | Path, only: set[str] |
     read_into(targets, directory, strict=only is None)
 
 
-def read_into(targets: dict[str, torch.Tensor], directory: str | Path, strict: bool = False) -> None:
+def read_into(targets: dict[str, torch.Tensor], directory: str | Path | Location, strict: bool = False) -> None:
     """Copy each named weight of a model directory into its target tensor. A checkpoint with a
     base.json holds only what trained (LoRA adapters): the rest comes from the base it names,
     after its content hash is checked. `strict`: the directory holds no weights beyond these."""
-    directory = Path(directory)
+    directory = locate(directory)
     base, trained = base_of(directory)
     if base is not None:
         if strict and trained - set(targets):  # adapters onto a model without them
@@ -112,7 +115,7 @@ def read_into(targets: dict[str, torch.Tensor], directory: str | Path, strict: b
 
     wanted = {SHARDED_WEIGHT + name: t for name, t in targets.items()}
     with one_process():
-        dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR)), no_dist=True)
+        dcp.load(wanted, storage_reader=ShardReader(directory / SHARDS_DIR), no_dist=True)
 
 
 @contextmanager
@@ -124,39 +127,39 @@ def one_process():
         yield
 
 
-def copy_from_file(path: Path, targets: dict[str, torch.Tensor], strict: bool) -> None:
+def copy_from_file(location: Location, targets: dict[str, torch.Tensor], strict: bool) -> None:
     """Copy each target's tensor out of a safetensors file; `strict`: the file holds no others."""
-    with safetensors_only(path), safetensors.safe_open(str(path), "pt") as f:
+    with SafetensorsFile(location) as f:
         names = set(f.keys())
         missing, extra = set(targets) - names, names - set(targets)
         if missing or (strict and extra):
             wrong = (
                 f"lacks {sorted(missing)[:3]}" if missing else f"holds weights the model has not: {sorted(extra)[:3]}"
             )
-            raise DataError(f"{path} {wrong}")
+            raise DataError(f"{location} {wrong}")
         for name, target in targets.items():
-            value = f.get_tensor(name)
-            if value.shape != target.shape:
-                raise DataError(f"{path}: {name} is {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+            if f.shape(name) != tuple(target.shape):
+                raise DataError(f"{location}: {name} is {f.shape(name)}, the model's is {tuple(target.shape)}")
             with torch.no_grad():
-                target.copy_(value)
+                target.copy_(f.read(name))
 
 
-def weights_digest(directory: str | Path) -> str:
+def weights_digest(directory: str | Path | Location) -> str:
     """A content hash of a model directory's weights, every byte streamed (a 7B base is read
     once more, ~30 s at 1 GB/s; kept per process while the files' sizes and times stay): what
     a LoRA checkpoint records of its base, so that adapters are never combined with another
     base than the one they were trained on."""
-    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files(directory))
-    return _digest(str(directory), files)
+    directory = locate(directory)
+    files = tuple((p.path, p.info().size, p.info().mtime_ns) for p in weight_files(directory))
+    return _digest(directory, files)
 
 
 @functools.lru_cache(maxsize=8)
-def _digest(directory: str, files: tuple[tuple[str, int, int], ...]) -> str:
+def _digest(directory: Location, files: tuple[tuple[str, int, int | None], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name, _, _ in files:
-        h.update(f"{Path(name).relative_to(directory).as_posix()}\0".encode())
-        with open(name, "rb") as f:
+    for path, _, _ in files:
+        h.update(f"{path.removeprefix(directory.path + '/')}\0".encode())
+        with directory.fs.open_input_stream(path) as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
@@ -168,14 +171,14 @@ def save_base(directory: str | Path, base: str | Path, digest: str, trained: set
     (Path(directory) / BASE_FILE).write_text(json.dumps(ref, indent=2) + "\n")
 
 
-def base_of(directory: str | Path) -> tuple[Path | None, set[str]]:
+def base_of(directory: str | Path | Location) -> tuple[Location | None, set[str]]:
     """The base a checkpoint's frozen weights come from, checked against the hash it recorded,
     and the names of the weights the checkpoint holds itself; (None, empty) without a base.json."""
-    path = Path(directory) / BASE_FILE
+    path = locate(directory) / BASE_FILE
     if not path.is_file():
         return None, set()
     ref = json.loads(path.read_text())
-    base = Path(ref["path"])
+    base = locate(ref["path"])
     if not (base / CONFIG_FILE).is_file():
         raise DataError(f"{directory} holds adapters trained on the base {base}, which is not there")
     if weights_digest(base) != ref["digest"]:
@@ -191,16 +194,16 @@ def untied(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v for k, v in weights.items() if not (config.tie_embeddings and k == TIED_ALIAS)}
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    return ModelConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
+def load_config(directory: str | Path | Location) -> ModelConfig:
+    return ModelConfig(**json.loads((locate(directory) / CONFIG_FILE).read_text()))
 
 
-def load_lora(directory: str | Path) -> LoraConfig | None:
-    path = Path(directory) / LORA_FILE
+def load_lora(directory: str | Path | Location) -> LoraConfig | None:
+    path = locate(directory) / LORA_FILE
     return LoraConfig(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def load_model(directory: str | Path, device: str = "cpu") -> GPT:
+def load_model(directory: str | Path | Location, device: str = "cpu") -> GPT:
     """The model a directory holds, as a plain GPT: LoRA adapters, if any, merged in."""
     model, lora = GPT(load_config(directory)), load_lora(directory)
     if lora:
@@ -213,7 +216,7 @@ def load_model(directory: str | Path, device: str = "cpu") -> GPT:
 def safetensors_only(path: Path):
     """Turn safetensors' refusal of a file that is not safetensors (a pickle, a torch.save zip,
     a torn copy: it reads the 8-byte header length and the JSON header, never executes
-    anything) into an error the CLI prints as one line."""
+    anything) into an error the CLI prints as one line, as shards.SafetensorsFile does."""
     try:
         yield
     except SafetensorError as err:
@@ -225,9 +228,3 @@ def safetensors_only(path: Path):
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with safetensors_only(path):
         return safetensors.torch.load_file(str(path))
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a file that is not safetensors before any worker starts: reads the header only."""
-    with safetensors_only(path), safetensors.safe_open(str(path), "pt"):
-        pass

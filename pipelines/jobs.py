@@ -25,7 +25,7 @@ from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
 from raylm.pipelines.track.review import log_loss_curve, log_model
 from raylm.pipelines.track.tracking import Tracker, deliver_pending
-from raylm.pipelines.train.checkpoint import latest_checkpoint, whole_checkpoints
+from raylm.pipelines.train.checkpoint import latest_checkpoint, step_of, whole_checkpoints
 from raylm.pipelines.train.finetune import (
     check_fits,
     finetune_windows,
@@ -35,6 +35,7 @@ from raylm.pipelines.train.finetune import (
     resolve_base,
 )
 from raylm.pipelines.train.pretrain import build_model_config, pretrain, train_storage
+from raylm.storage import Location
 
 
 @dataclass
@@ -187,10 +188,10 @@ def log_trained(cfg: RaylmConfig, tracker: Tracker, checkpoint: Path, model_dir:
     log_loss_curve(tracker)
 
 
-def finished_checkpoint(result, stopped: str | None) -> Path:
+def finished_checkpoint(result, stopped: str | None) -> Location:
     """The last checkpoint of a training run; a run a SIGTERM stopped ends KILLED instead, and
     relaunching the same command resumes from that checkpoint."""
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = Location.on(result.checkpoint.filesystem, result.checkpoint.path)
     if stopped:
         raise Interrupted(f"{stopped} ({checkpoint}); run the same command again to resume")
     return checkpoint
@@ -295,7 +296,7 @@ def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_
             fresh = new_checkpoints(run_dir, seen)
             for checkpoint in fresh:
                 seen.add(checkpoint.name)
-                step = int(checkpoint.name.split("_")[-1])
+                step = step_of(checkpoint)
                 if evaluate_at_step(cfg, manifest, checkpoint, step, tracker) and step >= cfg.train.max_steps:
                     return tracker
             idle_since = time.monotonic() if fresh else idle_since

@@ -47,7 +47,10 @@ class Section(BaseModel):
 
 class RunSection(Section):
     name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    output_dir: str = "runs"  # prepared data, checkpoints and samples go under here; a local path or mounted volume
+    output_dir: str = "runs"  # prepared data, samples, checkpoints by default; a local path or mounted volume
+    # Where checkpoints go (<checkpoint_dir>/<name>/checkpoint_NNNNNN/): <output_dir>/train by
+    # default; a local path, a mounted volume, or object storage (s3://bucket/prefix, gs://...).
+    checkpoint_dir: str | None = None
     seed: int = 1337
 
     @field_validator("output_dir")
@@ -55,9 +58,16 @@ class RunSection(Section):
     def _not_a_uri(cls, value: str) -> str:
         if URI.match(value):
             raise ValueError(
-                f"{redact(value)} is a URI: object storage for checkpoints is not supported yet; give a local "
-                "path or a mounted volume (e.g. the bucket through its CSI driver or a FUSE mount)"
+                f"{redact(value)} is a URI: prepared data and samples need a local path or a mounted volume; "
+                "put checkpoints on object storage with run.checkpoint_dir (s3:// or gs://)"
             )
+        return value
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _a_store_checkpoints_can_use(cls, value: str | None) -> str | None:
+        if value and URI.match(value) and not value.startswith(("s3://", "gs://")):
+            raise ValueError(f"{redact(value)}: checkpoints go to a local path, a mounted volume, s3:// or gs://")
         return value
 
 

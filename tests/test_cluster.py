@@ -140,7 +140,7 @@ def test_spot_gpus_add_the_spot_selector_and_toleration():
         ),
         (["tokenizer.path=s3://b/tokenizer.json"], "tokenizer.path: s3://b/tokenizer.json is a URI, but this key"),
         (["finetune.base=hf://org/model"], "finetune.base: hf://org/model is a URI, but this key is read as a local"),
-        (["run.output_dir=s3://b/runs"], "run.output_dir: s3://b/runs is a URI: object storage for checkpoints"),
+        (["run.output_dir=s3://b/runs"], "run.output_dir: s3://b/runs is a URI: prepared data and samples need"),
     ],
 )
 def test_configs_a_cluster_cannot_run_fail_naming_the_key(overrides, message):
@@ -165,6 +165,12 @@ def test_inputs_on_the_volume_or_in_buckets_are_fine():
     )
     out = pod_config(raw, ClusterSection())
     assert out["run"]["output_dir"] == "/mnt/raylm/x"
+    bucket = pod_config(load_raw(GPT2, ["run.checkpoint_dir=s3://b/ckpt"]), ClusterSection())
+    assert bucket["run"]["checkpoint_dir"] == "s3://b/ckpt"  # object storage stays where it is
+    relative = pod_config(load_raw(GPT2, ["run.checkpoint_dir=ckpt"]), ClusterSection())
+    assert relative["run"]["checkpoint_dir"] == "/mnt/raylm/ckpt"  # a path goes onto the run volume
+    with pytest.raises(ConfigError, match=r"run\.checkpoint_dir=/data/ckpt is on the pod's own disk"):
+        pod_config(load_raw(GPT2, ["run.checkpoint_dir=/data/ckpt"]), ClusterSection())
 
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

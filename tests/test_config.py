@@ -231,10 +231,20 @@ def test_model_rope_scaling_validates_and_names_bad_keys(tmp_path):
 
 @pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://b/r", "hf://org/x", "https://host/runs", "file:///tmp/r"])
 def test_output_dir_on_object_storage_is_refused_naming_the_key(uri):
-    with pytest.raises(ConfigError, match=r"run\.output_dir: .* is a URI: object storage for checkpoints"):
+    with pytest.raises(
+        ConfigError, match=r"run\.output_dir: .* is a URI: .*with run\.checkpoint_dir \(s3:// or gs://\)"
+    ):
         load_config(None, [f"run.output_dir={uri}"])
     assert load_config(None, ["run.output_dir=/mnt/raylm/runs"]).run.output_dir == "/mnt/raylm/runs"  # a mount
     assert load_config(None, ["run.output_dir=out/runs"]).run.output_dir == "out/runs"
+
+
+@pytest.mark.parametrize("uri", ["hf://org/x", "https://host/runs", "file:///tmp/r"])
+def test_checkpoint_dir_takes_paths_and_buckets_only(uri):
+    with pytest.raises(ConfigError, match=r"run\.checkpoint_dir: .* a local path, a mounted volume, s3:// or gs://"):
+        load_config(None, [f"run.checkpoint_dir={uri}"])
+    for where in ("s3://bucket/ckpt", "gs://b/c", "/mnt/raylm/ckpt", "ckpt"):
+        assert load_config(None, [f"run.checkpoint_dir={where}"]).run.checkpoint_dir == where
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -325,6 +326,59 @@ def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(straight):
     sharded, resumed = losses(tmp, "sharded")
     assert sorted(sharded) == list(range(1, STOP + 1)) and sorted(resumed) == list(range(STOP + 1, STEPS + 1))
     assert {**sharded, **resumed} == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.slow  # ~2 min: two launches on 2 FSDP workers, an evaluation and an export from the bucket
+def test_checkpoints_on_s3_rotate_skip_torn_resume_evaluate_and_export(straight, s3_endpoint, monkeypatch, capfd):
+    """run.checkpoint_dir on S3 (moto's server on 127.0.0.1, reached through pyarrow as AWS or
+    MinIO would be): 2 FSDP workers checkpoint every 2 steps into the bucket and keep the last 2;
+    the newest, torn by a deleted shard, is skipped; the relaunch resumes from the bucket, each
+    rank reading about half of the shard bytes, and continues the straight run's losses;
+    evaluate and export-hf read the last checkpoint from its URI as they read a local copy."""
+    from raylm.pipelines.eval.evaluate import evaluate
+    from raylm.storage import locate
+
+    tmp, reference = straight
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)
+    fs.create_dir("raylm-ckpt")
+    bucket = [
+        "run.checkpoint_dir=s3://raylm-ckpt/runs",
+        "scaling.strategy=fsdp",
+        "train.checkpoint_interval=2",
+        "train.keep_checkpoints=2",
+    ]
+    assert pretrain(tmp, "bucket", [*bucket, f"train.max_tokens={STOP * TOKENS_PER_STEP}"]) == 0
+    run = locate("s3://raylm-ckpt/runs/bucket")
+    assert [c.name for c in run.subdirs("checkpoint_*")] == [f"checkpoint_{STOP - 2:06d}", f"checkpoint_{STOP:06d}"]
+    newest = run / f"checkpoint_{STOP:06d}"
+    shard = (newest / "state").glob("shard-00001-*")[0]
+    fs.delete_file(shard.path)
+    print(f"[fault] deleted {shard} from the bucket")
+    capfd.readouterr()
+
+    assert pretrain(tmp, "bucket", bucket) == 0
+    out = capfd.readouterr().out
+    assert f"skipping {newest}: torn (state/{shard.name} is missing)" in out
+    assert resumed_step(out, "bucket") == STOP - 2
+    reads = re.findall(r"resumed from s3://raylm-ckpt/\S+ at step \d+ .*; this rank read ([\d,]+) of the ([\d,]+)", out)
+    shares = [int(got.replace(",", "")) / int(stored.replace(",", "")) for got, stored in reads]
+    print(f"[fault] survived: resumed from the bucket at step {STOP - 2}; each rank read {shares} of the shard bytes")
+    assert len(shares) == 2 and all(0.4 < share < 0.6 for share in shares), shares
+    first, second = losses(tmp, "bucket")
+    assert {**first, **second} == pytest.approx(reference, rel=1e-5)
+    # Ray Train rotated across both launches, the torn one included; step 6 was rewritten as 6.1.
+    assert [c.name for c in run.subdirs("checkpoint_*")] == [f"checkpoint_{STEPS - 2:06d}", f"checkpoint_{STEPS:06d}"]
+
+    last = run / f"checkpoint_{STEPS:06d}"
+    copy = tmp / "bucket-copy"
+    pafs.copy_files(last.path, str(copy), source_filesystem=fs)
+    (split,) = (tmp / "runs" / "data").glob("*/val")
+    assert evaluate(last, split, 32) == evaluate(copy, split, 32)
+    for source, name in ((str(last), "hf-from-s3"), (str(copy), "hf-from-disk")):
+        assert main(["export-hf", "--checkpoint", source, "--out", str(tmp / name)]) == 0
+    exported = [(tmp / name / "model.safetensors").read_bytes() for name in ("hf-from-s3", "hf-from-disk")]
+    assert exported[0] == exported[1]
 
 
 def test_sigterm_checkpoints_stops_and_the_relaunch_continues(straight, ray_cluster):

@@ -85,8 +85,8 @@ def test_checkpoint_commit_marks_whole_directories(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1])  # one byte short
     assert torn_reason(tmp_path / "checkpoint_000030") == "no COMMIT.json"
     assert "state/shard-00001-model-00002-of-00002.safetensors has" in torn_reason(tmp_path / "checkpoint_000020")
-    assert usable_checkpoint(tmp_path / "checkpoint_000030") == tmp_path / "checkpoint_000010"
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_000010"
+    assert usable_checkpoint(tmp_path / "checkpoint_000030").local == tmp_path / "checkpoint_000010"
+    assert latest_checkpoint(tmp_path).local == tmp_path / "checkpoint_000010"
 
 
 # -- one optimizer step: accumulation, clipping, non-finite gradients -------------------------

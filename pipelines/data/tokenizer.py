@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raylm.config import TokenizerSection
+from raylm.storage import Location, locate
 
 
 def train_tokenizer(texts: Iterator[list[str]], section: TokenizerSection, path: Path) -> Tokenizer:
@@ -31,8 +32,9 @@ def train_tokenizer(texts: Iterator[list[str]], section: TokenizerSection, path:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+def load_tokenizer(path: str | Path | Location) -> Tokenizer:
+    """A tokenizer.json on a local disk, a volume or object storage (a checkpoint's)."""
+    return Tokenizer.from_str(locate(path).read_text())
 
 
 # End-of-text markers of tokenizers that come with imported Hugging Face models (GPT-2, Llama 2,

@@ -24,6 +24,7 @@ from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, token_byte_le
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.eval.tasks import Example, TaskSpec, aggregate, read_examples, score_rows
 from raylm.pipelines.runtime import cluster_cpus
+from raylm.storage import Location, locate
 
 RANGE_ROWS = 1024  # windows per read task: 4 MB at seq_len 1024, 32 of ScoreWindows' batches
 
@@ -31,10 +32,10 @@ RANGE_ROWS = 1024  # windows per read task: 4 MB at seq_len 1024, 32 of ScoreWin
 class ScoreWindows:
     """Ray Data stateful UDF: a batch of windows -> per-window nats, tokens and bytes."""
 
-    def __init__(self, checkpoint_dir: str):
+    def __init__(self, checkpoint_dir: Location):
         torch.set_num_threads(1)  # one replica per CPU; intra-op threads would oversubscribe
         self.model = load_model(checkpoint_dir).eval()
-        tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+        tok = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
         self.token_bytes = torch.from_numpy(token_byte_lengths(tok))
 
     def __call__(self, batch) -> dict:
@@ -67,7 +68,7 @@ def evaluate_text(checkpoint_dir: Path, path: Path) -> dict[str, float]:
     joined with EOS as in training, cut into windows of the model's context."""
     import ray.data
 
-    tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+    tok = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
     docs = [d.strip() for d in Path(path).read_text(encoding="utf-8", errors="replace").split("\n\n") if d.strip()]
     eos = eos_id(tok)
     stream = np.array(
@@ -85,7 +86,7 @@ def score_dataset(checkpoint_dir: Path, ds) -> dict[str, float]:
     """Windows (a Ray Data dataset with a `tokens` column) scored on a pool of model replicas."""
     scored = ds.map_batches(
         ScoreWindows,
-        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},
+        fn_constructor_kwargs={"checkpoint_dir": locate(checkpoint_dir)},
         batch_size=32,
         batch_format="pyarrow",
         compute=replica_pool(),
@@ -112,10 +113,10 @@ class ScoreTaskExamples:
     """Ray Data stateful UDF: a batch of task examples -> their per-example results, from one
     model replica that loads the checkpoint once."""
 
-    def __init__(self, checkpoint_dir: str, specs: dict[str, dict]):
+    def __init__(self, checkpoint_dir: Location, specs: dict[str, dict]):
         torch.set_num_threads(1)  # one replica per CPU
         self.model = load_model(checkpoint_dir).eval()
-        self.tokenizer = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+        self.tokenizer = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
         self.specs = {name: TaskSpec.model_validate(spec) for name, spec in specs.items()}
 
     def __call__(self, batch: dict) -> dict:
@@ -143,7 +144,10 @@ def evaluate_tasks(checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path) 
     ]
     scored = ray.data.from_items(items).map_batches(
         ScoreTaskExamples,
-        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "specs": {s.name: s.model_dump() for s in specs}},
+        fn_constructor_kwargs={
+            "checkpoint_dir": locate(checkpoint_dir),
+            "specs": {s.name: s.model_dump() for s in specs},
+        },
         batch_size=8,
         batch_format="numpy",
         compute=replica_pool(),

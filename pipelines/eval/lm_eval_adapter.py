@@ -26,6 +26,7 @@ from raylm.models import load_model
 from raylm.models.generate import generate
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
 from raylm.pipelines.eval.scoring import continuation_logliks, document_start, encode_contexts, encode_pairs
+from raylm.storage import locate
 
 
 @register_model("raylm")
@@ -33,7 +34,7 @@ class RaylmLM(LM):
     def __init__(self, checkpoint: str, batch_size: int | str = 16, max_gen_toks: int = 256, **_ignored):
         super().__init__()
         self.model = load_model(checkpoint).eval()
-        self.tokenizer = load_tokenizer(Path(checkpoint) / "tokenizer.json")
+        self.tokenizer = load_tokenizer(locate(checkpoint) / "tokenizer.json")
         self.eos = eos_id(self.tokenizer)  # where a generated answer ends
         self.start = document_start(self.tokenizer)  # what a text's first token is predicted from
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" means the default here

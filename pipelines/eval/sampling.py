@@ -12,6 +12,7 @@ from raylm.models import load_model
 from raylm.models.generate import generate
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer
 from raylm.pipelines.eval.scoring import encode_contexts
+from raylm.storage import locate
 
 
 def sample_texts(
@@ -29,7 +30,7 @@ def sample_texts(
     document (BOS, else after EOS), as scored tasks encode them; a continuation ends before EOS
     or any `stop` string."""
     model = load_model(checkpoint_dir)
-    tok = load_tokenizer(Path(checkpoint_dir) / "tokenizer.json")
+    tok = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
     eos = eos_id(tok)
     stops = (eos, *(_single_token(tok, s) for s in stop))
     ids = encode_contexts(tok, prompts)

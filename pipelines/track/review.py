@@ -10,11 +10,12 @@ from raylm.config import TrackingSection
 from raylm.fmt import figure, save_figure
 from raylm.models.hf import NotConvertible, export_hf
 from raylm.pipelines.track.tracking import Tracker
+from raylm.storage import Location, locate
 
 CURVES = ("train_loss", "val_loss")
 
 
-def log_model(tracker: Tracker, model_dir: Path, tracking: TrackingSection) -> None:
+def log_model(tracker: Tracker, model_dir: Path | Location, tracking: TrackingSection) -> None:
     """model/: the trained weights as a LlamaForCausalLM directory with its tokenizer, which
     `transformers` loads straight from the artifact store; registered when the config names a
     registered model. A model export refuses (qk_norm) is logged in raylm's own format."""
@@ -24,8 +25,11 @@ def log_model(tracker: Tracker, model_dir: Path, tracking: TrackingSection) -> N
         try:
             out = export_hf(model_dir, Path(tmp) / "model")
         except NotConvertible as err:
+            if locate(model_dir).local is None:  # raylm's format is the checkpoint itself, on object storage
+                print(f"[mlflow] model/ not logged: {err}; the model is the checkpoint {model_dir}", flush=True)
+                return
             print(f"[mlflow] model/ holds raylm's format, not Hugging Face's: {err}", flush=True)
-            out = model_dir
+            out = locate(model_dir).local
         tracker.log_artifact(out, "model")
     if tracking.register_model:
         version = tracker.register_model(tracking.register_model)

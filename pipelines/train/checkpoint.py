@@ -20,6 +20,10 @@ all, torch splits the writing across ranks. Ray Train uploads each rank's direct
 same checkpoint directory. A checkpoint counts only when COMMIT.json is there and every file it
 lists has its size: a copy cut short (a crash during an upload, a full disk, a rank that died)
 is skipped with a log line, and the previous checkpoint is used.
+
+The run's checkpoints may live on a local disk, a shared volume or object storage (s3://,
+gs://; run.checkpoint_dir): everything that finds, checks and loads them goes through
+raylm.storage.Location, and a resuming rank reads by byte ranges only the slices it keeps.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ from raylm.models.io import (
     untied,
 )
 from raylm.models.lora import LoraConfig
+from raylm.models.shards import ShardReader
+from raylm.storage import Location, locate
 
 STATE_JSON = "train_state.json"
 COMMIT = "COMMIT.json"
@@ -235,24 +241,26 @@ def write_commit(directory: Path, elsewhere: dict[str, int] | None = None) -> No
     (directory / COMMIT).write_text(json.dumps(dict(sorted(sizes.items())), indent=2) + "\n")
 
 
-def torn_reason(directory: Path) -> str | None:
-    """Why this checkpoint directory is incomplete, or None if it is whole."""
-    if not (directory / COMMIT).is_file():
-        return f"no {COMMIT}"
+def torn_reason(directory: str | Path | Location) -> str | None:
+    """Why this checkpoint directory is incomplete, or None if it is whole (one listing of it,
+    not a request per file: a 7B checkpoint on 64 ranks has 2,112 shards)."""
+    directory = locate(directory)
     try:
         sizes = json.loads((directory / COMMIT).read_text())
+    except FileNotFoundError:
+        return f"no {COMMIT}"
     except ValueError:
         return f"{COMMIT} is unreadable"
+    there = dict(directory.files())
     for name, size in sizes.items():
-        path = directory / name
-        if not path.is_file():
+        if name not in there:
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if there[name] != size:
+            return f"{name} has {there[name]} bytes, {size} were written"
     return None
 
 
-def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
+def usable_checkpoint(directory: str | Path | Location, later: bool = False) -> Location | None:
     """`directory` if whole, else the newest whole checkpoint before it in the same run
     directory; each torn one is skipped with a log line. With `later` (the run's own checkpoint,
     handed back by Ray Train), a whole one after it wins.
@@ -260,7 +268,8 @@ def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
     Why later ones: Ray Train records a checkpoint when its controller next polls the
     workers, so a worker killed right after writing checkpoints N+1 and N+2 (seen: 2 steps at
     one checkpoint per step) leaves Ray handing back N. COMMIT.json says they are whole."""
-    candidates = sorted((p for p in directory.parent.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    directory = locate(directory)
+    candidates = directory.parent.subdirs("checkpoint_*")[::-1]
     newer = [p for p in candidates if p.name > directory.name] if later else []
     older = [p for p in candidates if p.name < directory.name]
     for candidate in newer:
@@ -280,16 +289,20 @@ def usable_checkpoint(directory: Path, later: bool = False) -> Path | None:
 
 
 def load_checkpoint(
-    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, base: BaseRef | None = None
+    directory: str | Path | Location,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    base: BaseRef | None = None,
 ) -> dict:
     """Load weights, optimizer and RNG state in place: each rank reads from the shards only the
     slices it keeps (under FSDP2 its 1/world, whatever the worker count that wrote them; under
     DDP all of it). A LoRA checkpoint fills only the adapters: `model` already holds `base`,
     which must be the one they were trained on. Returns the loop state (step, data position)."""
+    directory = locate(directory)
     check_resumable(directory)
     check_same_base(directory, base)
     tensors, hyper = state_tensors(model, optimizer)
-    reader = dcp.HuggingFaceStorageReader(str(directory / SHARDS_DIR))
+    reader = ShardReader(directory / SHARDS_DIR)
     alone = not dist.is_initialized()
     with one_process() if alone else nullcontext():
         dcp.load(tensors, storage_reader=reader, no_dist=alone)
@@ -302,10 +315,11 @@ def load_checkpoint(
     set_optimizer_state_dict(model, optimizer, {**hyper, **meta.pop("optimizer"), **optim}, options=FLAT)
     rng = bytearray(base64.b64decode(meta.pop("rng_torch")))
     torch.set_rng_state(torch.frombuffer(rng, dtype=torch.uint8))
-    return meta
+    stored = sum(size for _, size in (directory / SHARDS_DIR).files())
+    return {**meta, "bytes_read": reader.bytes_read, "bytes_stored": stored}
 
 
-def check_same_base(directory: Path, base: BaseRef | None) -> None:
+def check_same_base(directory: Location, base: BaseRef | None) -> None:
     recorded = json.loads((directory / BASE_FILE).read_text())["digest"] if (directory / BASE_FILE).is_file() else None
     if recorded != (base.digest if base else None):
         raise DataError(
@@ -314,10 +328,11 @@ def check_same_base(directory: Path, base: BaseRef | None) -> None:
         )
 
 
-def check_resumable(directory: Path) -> None:
+def check_resumable(directory: str | Path | Location) -> None:
     """Refuse what cannot resume before reading it: a shard that is not safetensors (headers
     only), or a checkpoint of raylm before sharded saves (one model.safetensors and a
     train_state.safetensors), which still evaluates and exports."""
+    directory = locate(directory)
     if (directory / WEIGHTS_FILE).is_file() and not (directory / SHARDS_DIR).is_dir():
         raise DataError(
             f"{directory} is a whole-state checkpoint of an earlier raylm; resuming needs the sharded "
@@ -326,14 +341,28 @@ def check_resumable(directory: Path) -> None:
     check_weights(directory, "checkpoint")
 
 
-def whole_checkpoints(run_dir: Path) -> list[Path]:
+def checkpoint_name(step: int, taken: set[str]) -> str:
+    """checkpoint_NNNNNN, or checkpoint_NNNNNN.K where an earlier launch left one of that step
+    (a torn copy the resume skipped). Ray Train deletes rotated checkpoints by the path it
+    registered, so a new checkpoint under a registered name would be deleted with the old one
+    (seen on S3: Ray then failed on the missing path). Names still sort by step."""
+    name, k = f"checkpoint_{step:06d}", 0
+    while name in taken:
+        k += 1
+        name = f"checkpoint_{step:06d}.{k}"
+    return name
+
+
+def step_of(checkpoint: Location) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint_").split(".")[0])
+
+
+def whole_checkpoints(run_dir: str | Path | Location) -> list[Location]:
     """A run's whole checkpoint directories, oldest first (names sort by step)."""
-    return sorted(
-        (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and torn_reason(p) is None), key=lambda p: p.name
-    )
+    return [p for p in locate(run_dir).subdirs("checkpoint_*") if torn_reason(p) is None]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path | Location) -> Location | None:
     """The newest whole checkpoint directory of a run (the one with the highest step)."""
     done = whole_checkpoints(run_dir)
     return done[-1] if done else None

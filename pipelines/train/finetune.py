@@ -23,6 +23,7 @@ from raylm.pipelines.data.prepare import prepare
 from raylm.pipelines.data.sft import prepare_sft
 from raylm.pipelines.train.checkpoint import torn_reason
 from raylm.pipelines.train.pretrain import train_storage
+from raylm.storage import Location, written_to
 
 
 def resolve_base(base: str, output_dir: Path) -> Path:
@@ -84,8 +85,8 @@ def hf_content_key(hf_dir: Path) -> str:
 def check_fits(cfg: RaylmConfig, base: Path, model: ModelConfig) -> None:
     """The run must not be the base's own run (Ray Train would resume it instead of starting
     the fine-tune), and its windows must fit the base's context."""
-    own_run = train_storage(cfg.run) / cfg.run.name
-    if own_run in base.parents:
+    own_run = (train_storage(cfg.run) / cfg.run.name).local
+    if own_run and own_run in base.parents:
         raise ConfigError(
             f"run.name={cfg.run.name!r} is the base checkpoint's own run; give the fine-tune its own run.name"
         )
@@ -115,10 +116,11 @@ def load_base_config(base: Path, vocab: int) -> ModelConfig:
     return model
 
 
-def merge_checkpoint(checkpoint: Path, out: Path) -> Path:
+def merge_checkpoint(checkpoint: Location, out: Location) -> Location:
     """A LoRA checkpoint as a plain model directory (adapters folded into the weights), with its
-    tokenizer: what export-hf, evaluation and serving want."""
-    save_config(load_config(checkpoint), out)
-    save_streaming(checkpoint, out / WEIGHTS_FILE)  # adapters folded in, a block at a time
-    shutil.copyfile(checkpoint / "tokenizer.json", out / "tokenizer.json")
+    tokenizer: what export-hf, evaluation and serving want. Either may be on object storage."""
+    with written_to(out) as local:
+        save_config(load_config(checkpoint), local)
+        save_streaming(checkpoint, local / WEIGHTS_FILE)  # adapters folded in, a block at a time
+        (local / "tokenizer.json").write_bytes((checkpoint / "tokenizer.json").read_bytes())
     return out

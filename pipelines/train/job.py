@@ -14,6 +14,7 @@ from raylm.config import ScalingSection, TrainSection
 from raylm.models import ModelConfig
 from raylm.models.lora import LoraConfig
 from raylm.pipelines.train.checkpoint import BaseRef
+from raylm.storage import Location
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -33,8 +34,9 @@ class TrainJob:
     streaming: bool  # train on the Ray Data stream "train" instead of stored windows (Manifest.streaming)
     seed: int  # run.seed: initial weights and the data order
     tracking: dict[str, str] | None  # {"uri", "run_id"} of the MLflow run to log to; None: no logging
-    resume: str | None = None  # --resume: a checkpoint to start from when Ray Train has none of the run's
+    resume: Location | None = None  # --resume: a checkpoint to start from when Ray Train has none of the run's
     stop: ActorHandle | None = None  # the StopRequest actor rank 0 polls (SIGTERM, Tune stopping the trial)
     init: str | None = None  # fine-tuning: the base model directory whose weights the workers load
     lora: LoraConfig | None = None  # fine-tuning with LoRA: the adapters wrapped around the base's layers
     base: BaseRef | None = None  # LoRA: `init` and its content hash, which checkpoints record instead of its weights
+    run_dir: Location | None = None  # where Ray Train puts this run's checkpoints (train_storage / run.name)

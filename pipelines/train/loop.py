@@ -26,12 +26,13 @@ from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader,
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.track.tracking import MetricSink
-from raylm.pipelines.train.checkpoint import Save, load_checkpoint, usable_checkpoint
+from raylm.pipelines.train.checkpoint import Save, checkpoint_name, load_checkpoint, usable_checkpoint
 from raylm.pipelines.train.cost import EXPECTED_MFU, CostMeter, Estimate, budget_reason, detect_hardware, planned_tokens
 from raylm.pipelines.train.interrupt import StopWatch
 from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.optim import lr_at, make_optimizer, set_lr
 from raylm.pipelines.train.parallelize import autocast, gradient_sync, parallelize
+from raylm.storage import Location, locate
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -231,19 +232,23 @@ def restore(model: GPT, optimizer, loader: BatchSource, job: TrainJob, world: in
     """Resume from the checkpoint Ray Train hands us (after a failure or on relaunch), else
     from --resume; returns the loop state: step and training seconds so far (zeros if fresh)."""
     own = ray.train.get_checkpoint()
-    checkpoint = own or (ray.train.Checkpoint.from_directory(job.resume) if job.resume else None)
-    if checkpoint is None:
+    if own is None and job.resume is None:
         return {"step": 0, "train_seconds": 0.0}
-    with checkpoint.as_directory() as directory:
-        usable = usable_checkpoint(Path(directory), later=own is not None)
-        if usable is None:
-            print(f"[train] no whole checkpoint at or before {checkpoint.path}: starting from step 0", flush=True)
-            return {"step": 0, "train_seconds": 0.0}
-        state = load_checkpoint(usable, model, optimizer, job.base)
+    # Read where it lies (a volume or object storage), never copied whole to this worker first.
+    where = Location.on(own.filesystem, own.path) if own else locate(job.resume)
+    usable = usable_checkpoint(where, later=own is not None)
+    if usable is None:
+        print(f"[train] no whole checkpoint at or before {where}: starting from step 0", flush=True)
+        return {"step": 0, "train_seconds": 0.0}
+    state = load_checkpoint(usable, model, optimizer, job.base)
     loader.load_state_dict(state["loader"])
     # The data position is global: another worker count picks up at the same sequence.
     was = f" (saved by {state['workers']})" if state.get("workers", world) != world else ""
-    print(f"[train] resumed from {usable} at step {state['step']} with {world} workers{was}", flush=True)
+    print(
+        f"[train] resumed from {usable} at step {state['step']} with {world} workers{was}; "
+        f"this rank read {state['bytes_read']:,} of the {state['bytes_stored']:,} shard bytes",
+        flush=True,
+    )
     return {"step": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0))}
 
 
@@ -253,12 +258,15 @@ class Saver:
     directory (report is also its barrier). With train.async_save the step waits only while the
     state is copied to host memory; the files are written in the background, and the checkpoint
     is reported at the first step boundary where every rank's write is done (a collective check,
-    so all ranks report at the same step). A second save waits for the first."""
+    so all ranks report at the same step). A second save waits for the first. Names an earlier
+    launch left in the run directory are not reused (checkpoint.checkpoint_name): every rank
+    lists them before the first save, so before any rank uploads."""
 
     def __init__(self, job: TrainJob, model: GPT, optimizer, device: torch.device):
         self.job, self.model, self.optimizer, self.device = job, model, optimizer, device
         self.tokenizer = Path(job.data_dir) / "tokenizer.json"
         self.pending: tuple[Save, dict, Path] | None = None
+        self.taken = {p.name for p in job.run_dir.subdirs("checkpoint_*")}
 
     def save(self, state: dict, metrics: dict) -> None:
         self.report_pending()
@@ -287,7 +295,7 @@ class Saver:
         self.pending = None
         try:
             save.finish()
-            name = f"checkpoint_{metrics['step']:06d}"
+            name = checkpoint_name(metrics["step"], self.taken)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
             )

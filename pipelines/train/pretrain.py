@@ -22,6 +22,7 @@ from raylm.pipelines.train.checkpoint import BaseRef, check_resumable, latest_ch
 from raylm.pipelines.train.interrupt import StopRequest, stop_on_sigterm, stop_when_set
 from raylm.pipelines.train.job import TrainJob
 from raylm.pipelines.train.loop import train_loop_per_worker
+from raylm.storage import Location, locate
 
 WORKER_ENV = {
     # Train otherwise re-routes print() through its logger and the line shows twice.
@@ -45,9 +46,10 @@ def build_model_config(section: ModelSection, tokenizer_vocab: int) -> ModelConf
     return model
 
 
-def train_storage(run: RunSection) -> Path:
-    """Ray Train keeps each run's checkpoints in <output_dir>/train/<run name>/."""
-    return Path(run.output_dir).resolve() / "train"
+def train_storage(run: RunSection) -> Location:
+    """Ray Train keeps each run's checkpoints in <checkpoint_dir>/<run name>/: run.checkpoint_dir
+    (a path, a volume, s3:// or gs://), by default <output_dir>/train."""
+    return locate(run.checkpoint_dir or Path(run.output_dir) / "train")
 
 
 def pretrain(
@@ -57,7 +59,7 @@ def pretrain(
     run: RunSection,
     manifest: Manifest,
     tracking: dict | None,
-    resume: Path | None = None,
+    resume: str | Path | None = None,
     init: Path | None = None,
     lora: LoraConfig | None = None,
     callbacks: list | None = None,
@@ -83,6 +85,7 @@ def pretrain(
     from ray.train.torch import TorchTrainer
 
     refuse_other_model(run, model)
+    storage = train_storage(run)
     start = checked_resume(resume, model) if resume else None
     streaming = manifest.streaming
     cpus = worker_cpus(scaling, streaming)
@@ -98,11 +101,12 @@ def pretrain(
         seed=run.seed,
         tracking=tracking,
         # Train V2 dropped resume_from_checkpoint: the loop loads it when Ray has none of the run's own.
-        resume=str(start) if start else None,
+        resume=start,
         stop=StopRequest.remote(),
         init=str(init) if init else None,
         lora=lora,
         base=BaseRef(str(init), weights_digest(init)) if init and lora else None,
+        run_dir=storage / run.name,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -117,7 +121,9 @@ def pretrain(
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=run.name,
-            storage_path=str(train_storage(run)),
+            # Object storage: the driver's FileSystem, pickled with its endpoint (never its keys).
+            storage_path=storage.path,
+            storage_filesystem=storage.fs if storage.scheme else None,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report and checkpoint
@@ -152,9 +158,10 @@ def refuse_other_model(run: RunSection, model: ModelConfig) -> None:
         )
 
 
-def checked_resume(path: Path, model: ModelConfig) -> Path:
-    """--resume: a whole checkpoint of this model (the run's own checkpoints, if any, win)."""
-    path = Path(path).resolve()
+def checked_resume(path: str | Path, model: ModelConfig) -> Location:
+    """--resume: a whole checkpoint of this model (the run's own checkpoints, if any, win),
+    a local path or an s3:// gs:// URI."""
+    path = locate(path)
     reason = torn_reason(path) if path.is_dir() else "no such directory"
     if reason:
         raise ConfigError(f"--resume: {path} is not a whole checkpoint ({reason})")

@@ -9,9 +9,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raylm.config import RaylmConfig, load_config
 from raylm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raylm.storage import Location
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,10 @@ def config_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config or args.config_flag, overrides + list(args.overrides)
 
 
-def model_dir(path: Path, flag: str) -> Path:
+def model_dir(path: str | Path | Location, flag: str) -> Location:
+    """A model or checkpoint directory (a path or an s3:// gs:// URI) whose weights are safetensors."""
     from raylm.models.io import check_weights  # safetensors and torch: after the config has validated
+    from raylm.storage import locate
 
-    check_weights(path, flag)
-    return path
+    check_weights(locate(path), flag)
+    return locate(path)

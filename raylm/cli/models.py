@@ -13,7 +13,7 @@ from raylm.fmt import redact
 
 
 def checkpoint_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the config's run's latest)")
+    p.add_argument("--checkpoint", help="checkpoint directory or s3:// gs:// URI (default: the config's run's latest)")
 
 
 def lm_eval_args(p: argparse.ArgumentParser) -> None:

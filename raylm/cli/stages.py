@@ -24,7 +24,7 @@ STAGES = {
 
 
 def follow_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's latest)")
+    p.add_argument("--checkpoint", help="checkpoint directory or s3:// gs:// URI (default: the run's latest)")
     p.add_argument(
         "--follow",
         action="store_true",
@@ -78,9 +78,8 @@ def eval_args(p: argparse.ArgumentParser) -> None:
 def resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
-        type=Path,
         metavar="PATH",
-        help="start from this checkpoint directory (a run's own checkpoints, if any, win)",
+        help="start from this checkpoint directory or s3:// gs:// URI (a run's own checkpoints, if any, win)",
     )
 
 
