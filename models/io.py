@@ -31,7 +31,7 @@ from raylm.errors import DataError  # a leaf module: no Ray, no torch
 from raylm.models.config import ModelConfig
 from raylm.models.gpt import GPT
 from raylm.models.lora import LoraConfig, apply_lora, merge_lora
-from raylm.models.shards import SafetensorsFile, ShardReader
+from raylm.models.shards import SafetensorsFile, ShardReader, read_part
 from raylm.storage import Location, locate
 
 WEIGHTS_FILE = "model.safetensors"
@@ -141,7 +141,19 @@ def copy_from_file(location: Location, targets: dict[str, torch.Tensor], strict:
             if f.shape(name) != tuple(target.shape):
                 raise DataError(f"{location}: {name} is {f.shape(name)}, the model's is {tuple(target.shape)}")
             with torch.no_grad():
-                target.copy_(f.read(name))
+                fill_from(f, name, target)
+
+
+def fill_from(f: SafetensorsFile, name: str, target: torch.Tensor) -> None:
+    """A whole stored tensor into `target`; into a DTensor (a training rank's slice of a
+    sharded model) only the rows of its slice are read."""
+    from torch.distributed.tensor import DTensor  # only sharded training hands one over
+
+    if not isinstance(target, DTensor):
+        target.copy_(f.read(name))
+        return
+    for chunk in target.__create_chunk_list__():  # this rank's slice: none when it holds no rows
+        target.to_local().copy_(read_part(f, name, chunk.offsets, chunk.sizes))
 
 
 def weights_digest(directory: str | Path | Location) -> str:

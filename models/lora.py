@@ -68,6 +68,23 @@ class LoRALinear(nn.Linear):
         return linear
 
 
+ADAPTERS = ("lora_A", "lora_B")
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTERS
+
+
+def adapter_initial_value(name: str, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An adapter's initial values, whole: A as LoRALinear draws it (nn.Linear's uniform within
+    1/sqrt(fan_in)), B zeros, so the adapted model starts equal to its base. For a model built
+    on the meta device and sharded (pipelines/train/parallelize.py)."""
+    if name.endswith("lora_B"):
+        return torch.zeros(shape)
+    bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_ with a=sqrt(5): gain sqrt(1/3), times sqrt(3)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
 def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Wrap every targeted linear layer in place and freeze everything else; returns the model."""
     for p in model.parameters():

@@ -180,14 +180,19 @@ class ShardReader(StorageReader):
         return done
 
 
-def _slice_of(f: SafetensorsFile, item, expected: tuple[int, ...]) -> torch.Tensor:
-    """The part of a stored slice a read item asks for: its rows read from storage, the other
-    dimensions cut in memory."""
-    offsets, lengths = tuple(item.storage_offsets), tuple(item.lengths)
-    rows = slice(offsets[0], offsets[0] + lengths[0]) if lengths else None
-    value = f.read(item.storage_index.fqn, rows)
+def read_part(f: SafetensorsFile, name: str, offsets, lengths) -> torch.Tensor:
+    """The block of a stored tensor at `offsets` with sizes `lengths`: its rows read from
+    storage, the other dimensions cut in memory."""
+    offsets, lengths = tuple(offsets), tuple(lengths)
+    value = f.read(name, slice(offsets[0], offsets[0] + lengths[0]) if lengths else None)
     if len(lengths) > 1:
         value = value[(slice(None), *(slice(o, o + n) for o, n in zip(offsets[1:], lengths[1:])))]
+    return value
+
+
+def _slice_of(f: SafetensorsFile, item, expected: tuple[int, ...]) -> torch.Tensor:
+    """The part of a stored slice a DCP read item asks for."""
+    value = read_part(f, item.storage_index.fqn, item.storage_offsets, item.lengths)
     if tuple(value.shape) != expected:
         raise DataError(f"{f.location}: {item.storage_index.fqn} is {tuple(value.shape)} where {expected} was planned")
     return value

@@ -92,6 +92,36 @@ def test_meta_init_is_the_same_on_any_worker_count_and_strategy(tmp_path):
     print(f"[test] meta init: {len(one)} tensors equal on 1 plain rank and 2 FSDP ranks")
 
 
+def _save_fine_tune_init(rank: int, world: int, strategy: str, base: Path, out: Path) -> None:
+    """The training loop's build for fine-tuning: meta, LoRA on meta, sharded, then the base read."""
+    with torch.device("meta"):
+        model = apply_lora(GPT(CONFIG), LoraConfig(rank=2, alpha=4, targets=("wq", "wv")))
+    if strategy == "fsdp":
+        shard(model, torch.device("cpu"))
+    materialize(model, torch.device("cpu"), seed=7, init=base)
+    state = whole_state(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    if rank == 0:
+        safetensors.torch.save_file({k: v for k, v in state.items() if k.startswith("model.")}, out)
+
+
+def test_a_fine_tune_reads_its_base_into_each_rank_s_slice(tmp_path):
+    """No rank builds the whole base: each reads its slice's rows from the base file. The
+    weights equal the base's and the adapters are the same on any worker count (B zero, so the
+    adapted model starts as its base)."""
+    base = GPT(CONFIG)
+    save_model(base, tmp_path / "base")
+    run_ranks(1, _save_fine_tune_init, "ddp", tmp_path / "base", tmp_path / "one.safetensors")
+    run_ranks(2, _save_fine_tune_init, "fsdp", tmp_path / "base", tmp_path / "two.safetensors")
+    one, two = (safetensors.torch.load_file(tmp_path / f"{n}.safetensors") for n in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    weights = {k.removeprefix("model."): v for k, v in one.items() if "lora_" not in k}
+    assert weights.keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in weights.items())
+    adapters = {k: v for k, v in one.items() if "lora_" in k}
+    assert len(adapters) == 2 * 2 * CONFIG.n_layer and all(not v.any() for k, v in adapters.items() if "lora_B" in k)
+    assert all(0 < v.abs().max() <= 1 / CONFIG.n_embd**0.5 for k, v in adapters.items() if "lora_A" in k)
+
+
 def _save(rank: int, world: int, strategy: str, directory: Path, reference: Path, background: bool) -> None:
     model, optimizer = fresh(strategy)
     train_steps(model, optimizer, 2)

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from raylm.config import TrainSection
 from raylm.fmt import money
 from raylm.models import GPT
-from raylm.models.io import load_weights
 from raylm.models.lora import apply_lora
 from raylm.pipelines.data.loader import BatchSource, StreamLoader, WindowLoader, WindowStore
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
@@ -47,8 +46,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(job.seed)  # the same dropout and LoRA draws on every rank
-    model = build_model(job, device)
-    trained = parallelize(model, scaling.strategy, device, job.seed, train.activation_checkpointing, train.compile)
+    model = build_model(job)
+    trained = parallelize(
+        model, scaling.strategy, device, job.seed, train.activation_checkpointing, train.compile, job.init
+    )
     optimizer = make_optimizer(model, train)
     loader = make_loader(job, rank, world)
     resumed = restore(model, optimizer, loader, job, world)
@@ -110,24 +111,20 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         saver.report_pending()
         log.against_estimate()
+        # Every rank: under FSDP the ranks should peak alike (benchmarks/train_state_ray.py).
+        print(f"[train] rank {rank} of {world}: peak memory {peak_memory_gb() * 1e3:,.0f} MB", flush=True)
     finally:
         saver.abandon()  # a step raised: a background write in flight is not reported
         log.close()  # deliver the metrics of the last interval even when a step raised
 
 
-def build_model(job: TrainJob, device: torch.device) -> GPT:
-    """A fresh model, on the meta device (parallelize allocates each rank's shard and draws
-    it), or for fine-tuning the base model's weights; LoRA adapters, if configured, wrap its
-    linear layers and freeze the rest (before parallelize, which sees a plain module)."""
-    if not job.init and not job.lora:
-        with torch.device("meta"):
-            return GPT(job.model)
-    model = GPT(job.model)
-    if job.init:
-        load_weights(model, job.init)
-    if job.lora:
-        apply_lora(model, job.lora)
-    return model.to(device)
+def build_model(job: TrainJob) -> GPT:
+    """The model on the meta device: parallelize allocates each rank's shard and fills it
+    (drawn, or read from the fine-tuning base). LoRA adapters, if configured, wrap its linear
+    layers and freeze the rest (before parallelize, which sees a plain module)."""
+    with torch.device("meta"):
+        model = GPT(job.model)
+        return apply_lora(model, job.lora) if job.lora else model
 
 
 def make_loader(job: TrainJob, rank: int, world: int) -> BatchSource:

@@ -16,6 +16,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from raylm.models import GPT
+from raylm.models.io import load_weights
+from raylm.models.lora import adapter_initial_value, is_adapter
+from raylm.storage import Location
 
 
 def parallelize(
@@ -25,12 +28,13 @@ def parallelize(
     seed: int,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    init: str | Location | None = None,
 ) -> torch.nn.Module:
     """Returns the module to train. Under DDP that is a wrapper around `model`; under FSDP it is
     `model` itself, sharded in place. Either way `model`'s parameter names stay the same, so the
-    optimizer and checkpoints address the same tensors. A model built on the meta device (a
-    fresh one) is allocated and initialized from `seed` here: under FSDP after sharding, so no
-    rank ever holds the whole model."""
+    optimizer and checkpoints address the same tensors. A model built on the meta device is
+    allocated and initialized here (from `seed`, or its weights from the base model directory
+    `init` when fine-tuning): under FSDP after sharding, so no rank ever holds the whole model."""
     if activation_checkpointing:
         checkpoint_activations(model)
     if compile:
@@ -38,29 +42,37 @@ def parallelize(
     if strategy == "fsdp":
         shard(model, device)
     if model.rope_cos.is_meta:
-        materialize(model, device, seed)
+        materialize(model, device, seed, init)
     if strategy == "fsdp":
         return model
     # DDP (gloo on CPU, NCCL on GPU); the model is already on the worker's device.
     return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
-def materialize(model: GPT, device: torch.device, seed: int) -> None:
+def materialize(model: GPT, device: torch.device, seed: int, init: str | Location | None = None) -> None:
     """Allocate a model built on the meta device and draw its initial values: each parameter
     whole, on the CPU, from a generator seeded by `seed` and its name, of which this rank keeps
     its slice. The values are the same under any worker count and strategy (a resume or an FSDP
     run matches a DDP one), and one whole parameter at a time is the most a rank ever holds (the
-    embedding: 0.5 GB at 7B, against 27 GB for the model)."""
+    embedding: 0.5 GB at 7B, against 27 GB for the model). With `init` (fine-tuning), the
+    base's weights are read instead, each rank reading only the rows of its slices; only LoRA
+    adapters are drawn."""
     model.to_empty(device=device)
     if model.config.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
         model.lm_head.weight = model.tok_emb.weight  # to_empty re-allocates a plain module's two names apart
     model.fill_rope()
+    drawn = [(n, p) for n, p in model.named_parameters() if init is None or is_adapter(n)]
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            whole = model.initial_value(name, param.shape, torch.Generator().manual_seed(param_seed(seed, name)))
+        for name, param in drawn:
+            generator = torch.Generator().manual_seed(param_seed(seed, name))
+            initial = adapter_initial_value if is_adapter(name) else model.initial_value
+            whole = initial(name, param.shape, generator)
             if isinstance(param, DTensor):  # cut locally (src_data_rank=None): every rank drew the same values
                 whole = distribute_tensor(whole.to(device), param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(whole)
+    if init is not None:
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # a tied embedding by both names
+        load_weights(model, init, only={n for n in names if not is_adapter(n)})
 
 
 def param_seed(seed: int, name: str) -> int:
