@@ -31,7 +31,7 @@ from raylm.pipelines.train.finetune import (
     finetune_windows,
     load_base_config,
     lora_config,
-    merge_checkpoint,
+    merge_on_a_worker,
     resolve_base,
 )
 from raylm.pipelines.train.pretrain import build_model_config, pretrain, train_storage
@@ -228,7 +228,7 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     checkpoint = finished_checkpoint(result, stopped)
     merged = None
     if lora:  # the adapters folded in: a plain model directory for export-hf and serving
-        merged = merge_checkpoint(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
+        merged = merge_on_a_worker(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
         print(f"[finetune] merged LoRA adapters into {merged}", flush=True)
     log_trained(cfg, tracker, checkpoint, merged)
     return manifest, checkpoint

@@ -116,6 +116,15 @@ def load_base_config(base: Path, vocab: int) -> ModelConfig:
     return model
 
 
+def merge_on_a_worker(checkpoint: Location, out: Location) -> Location:
+    """merge_checkpoint as a Ray task with a CPU of its own: on a cluster the merge's reads and
+    writes (a 7B model's 28 GB each way) land on a worker node, not on the head pod that runs
+    the driver. `out` must be storage the workers share, as checkpoints are."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(merge_checkpoint).remote(checkpoint, out))
+
+
 def merge_checkpoint(checkpoint: Location, out: Location) -> Location:
     """A LoRA checkpoint as a plain model directory (adapters folded into the weights), with its
     tokenizer: what export-hf, evaluation and serving want. Either may be on object storage."""
