@@ -26,6 +26,7 @@ SMOKE = {
     "gpu_mfu.py": "eager",
     "tune_overhead.py": "overhead = sweep wall",
     "tracking_overhead.py": "median ratio",
+    "train_state_ray.py": "resume / save, highest rank:",
 }
 RUN_BY_ANOTHER = {"ddp_baseline.py": "train_overhead.py"}
 
