@@ -1,16 +1,16 @@
 """Peak memory of each Ray Train rank in a launch that saves a checkpoint and in the launch that
-resumes from it: `raylm pretrain` itself, FSDP2 on 2 CPU workers, an ~85M-parameter model (8
-layers, 768 wide, a 16k vocabulary), the measurement issue 21 made before checkpoints were
-sharded. Each rank prints its peak resident memory (ru_maxrss) when its loop ends; this script
-reads those lines.
+resumes from it: `raylm pretrain` itself, FSDP2 on 2 CPU workers, an ~82M-parameter model (8
+layers, 768 wide, a 16k vocabulary). Each rank prints its peak resident memory (ru_maxrss) when
+its loop ends; this script reads those lines.
 
   save    a fresh run: 2 steps, a checkpoint at step 2
   resume  the same run name relaunched for a third step: Ray Train hands back the checkpoint,
           each rank reads its slices of it, trains one step and saves again
 
-Issue 21 measured the gather path (whole-model build, rank-0 gather on save, whole reads on
-resume) on the same kind of launch: the ranks' peaks differed by 1.10x in the saving launch and
-1.24x in the resuming one, and the resuming launch peaked 1.27x higher than the saving one.
+Before checkpoints were sharded (2026-12), the same kind of launch (85M parameters) on the
+gather path (whole-model build, rank-0 gather on save, whole reads on resume) measured: the
+ranks' peaks 1.10x apart in the saving launch and 1.24x in the resuming one, and the resuming
+launch 1.27x higher than the saving one.
 The sharded path should bring both skews and the resume/save ratio to about 1.
 
 One Ray instance serves every launch (the launches run in this process, as raylm's CLI would,
