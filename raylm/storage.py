@@ -125,7 +125,3 @@ def locate(where: str | Path | Location) -> Location:
         raise DataError(f"{text}: checkpoints live on a local path, a mounted volume, or {' '.join(OBJECT_STORES)}")
     fs, path = pafs.FileSystem.from_uri(text.rstrip("/"))
     return Location(fs, path, text[: text.index("://") + 3])
-
-
-def is_uri(where: str | Path | Location) -> bool:
-    return bool(locate(where).scheme) if isinstance(where, Location) else bool(URI.match(str(where)))
