@@ -162,7 +162,8 @@ def weights_digest(directory: str | Path | Location) -> str:
     a LoRA checkpoint records of its base, so that adapters are never combined with another
     base than the one they were trained on."""
     directory = locate(directory)
-    files = tuple((p.path, p.info().size, p.info().mtime_ns) for p in weight_files(directory))
+    infos = [p.info() for p in weight_files(directory)]  # one stat (a HEAD on object storage) per file
+    files = tuple((i.path, i.size, i.mtime_ns) for i in infos)
     return _digest(directory, files)
 
 
