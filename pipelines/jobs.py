@@ -18,7 +18,7 @@ from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
-from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text
+from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text, plan_replicas
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.eval.tasks import load_task
 from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
@@ -35,7 +35,7 @@ from raylm.pipelines.train.finetune import (
     resolve_base,
 )
 from raylm.pipelines.train.pretrain import build_model_config, pretrain, train_storage
-from raylm.storage import Location
+from raylm.storage import Location, locate
 
 
 @dataclass
@@ -102,10 +102,12 @@ def run_lifecycle(
     Evaluate alone scores `checkpoint`, or else the run's latest one."""
     stage = stages[0] if len(stages) == 1 else "run"
     started = time.perf_counter()
+    # Before Ray starts: missing prepared data fails in a second, not after a cluster came up.
+    found = None if {"prepare", "finetune"} & set(stages) else prepared_data(cfg, stages)
     start_ray(address)
     size_pools_for(cfg.cluster)
     with open_tracker(cfg, stage) as tracker:
-        out = Outcome(tracker, checkpoint=checkpoint)
+        out = Outcome(tracker, checkpoint=locate(checkpoint) if checkpoint else None)
         if "finetune" in stages:
             with out.timed("finetune"):
                 out.manifest, out.checkpoint = do_finetune(cfg, tracker, resume)
@@ -113,8 +115,9 @@ def run_lifecycle(
             with out.timed("prepare"):
                 out.manifest = do_prepare(cfg, tracker)
         else:
-            out.manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
-        record_data(cfg, tracker, out.manifest, stage)
+            out.manifest = found
+        if out.manifest:
+            record_data(cfg, tracker, out.manifest, stage)
         if "pretrain" in stages:
             with out.timed("pretrain"):
                 out.checkpoint = do_pretrain(cfg, out.manifest, tracker, resume)
@@ -127,6 +130,24 @@ def run_lifecycle(
         out.seconds["total"] = time.perf_counter() - started
         tracker.log_metrics({f"{k}_seconds": v for k, v in out.seconds.items()})
     return out
+
+
+def prepared_data(cfg: RaylmConfig, stages: tuple[str, ...]) -> Manifest | None:
+    """This config's prepared data, which training needs; `evaluate` alone needs it only for
+    the validation split (eval.validation): a checkpoint from elsewhere is scored on its tasks
+    and texts with the tokenizer it carries."""
+    output_dir = Path(cfg.run.output_dir).resolve()
+    if stages != ("evaluate",) or cfg.eval.validation == "always":
+        return find_prepared(cfg.data, cfg.tokenizer, output_dir)
+    if cfg.eval.validation == "never":
+        return None
+    try:
+        return find_prepared(cfg.data, cfg.tokenizer, output_dir)
+    except DataError as err:
+        print(
+            f"[evaluate] no validation split to score ({err}); eval.validation=always makes this an error", flush=True
+        )
+        return None
 
 
 def do_prepare(cfg: RaylmConfig, tracker: Tracker) -> Manifest:
@@ -234,10 +255,15 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
     return manifest, checkpoint
 
 
-def do_evaluate(cfg: RaylmConfig, manifest: Manifest, checkpoint: Path, tracker: Tracker) -> tuple[dict, str | None]:
-    scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_windows)
-    metrics = {f"final_val_{k}": v for k, v in scores.items()}
-    tracker.log_metrics(metrics)
+def do_evaluate(
+    cfg: RaylmConfig, manifest: Manifest | None, checkpoint: Path, tracker: Tracker
+) -> tuple[dict, str | None]:
+    """The validation split (eval.max_tokens of it) where there is one, and a sample."""
+    metrics = {}
+    if manifest is not None:
+        scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_tokens, plan_replicas(cfg.eval))
+        metrics = {f"final_val_{k}": v for k, v in scores.items()}
+        tracker.log_metrics(metrics)
     e = cfg.eval
     if not e.sample_tokens:
         return metrics, None
@@ -250,7 +276,8 @@ def do_evaluate(cfg: RaylmConfig, manifest: Manifest, checkpoint: Path, tracker:
 
 def do_texts(cfg: RaylmConfig, checkpoint: Path, tracker: Tracker) -> dict[str, dict[str, float]]:
     """Loss, perplexity and bits per byte on each eval.texts file, as text/<file stem>/<metric>."""
-    scores = {Path(p).stem: evaluate_text(checkpoint, Path(p)) for p in cfg.eval.texts}
+    replicas = plan_replicas(cfg.eval)
+    scores = {Path(p).stem: evaluate_text(checkpoint, Path(p), replicas) for p in cfg.eval.texts}
     tracker.log_metrics({f"text/{name}/{k}": v for name, m in scores.items() for k, v in m.items()})
     return scores
 
@@ -267,7 +294,7 @@ def do_tasks(
     for spec in specs:
         spec.limit = cfg.eval.task_limit or spec.limit
     started = time.perf_counter()
-    results = evaluate_tasks(checkpoint, specs, Path(cfg.eval.task_data_dir))
+    results = evaluate_tasks(checkpoint, specs, Path(cfg.eval.task_data_dir), plan_replicas(cfg.eval))
     seconds = time.perf_counter() - started
     examples = sum(m["examples"] for m, _ in results.values())
     tracker.log_metrics(
@@ -285,10 +312,10 @@ def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_
     """Evaluate each new whole checkpoint of cfg.run.name as training writes it (validation
     loss and eval.tasks, at the checkpoint's step), on Ray Data replicas beside the training
     workers. Ends after the checkpoint of train.max_steps, or after idle_minutes with none new."""
+    manifest = prepared_data(cfg, ("evaluate",))
     start_ray(address)
     size_pools_for(cfg.cluster)
     run_dir = train_storage(cfg.run) / cfg.run.name
-    manifest = find_prepared(cfg.data, cfg.tokenizer, Path(cfg.run.output_dir).resolve())
     seen: set[str] = set()
     with open_tracker(cfg, "evaluate") as tracker:
         idle_since = time.monotonic()
@@ -310,23 +337,24 @@ def new_checkpoints(run_dir: Path, seen: set[str]) -> list[Path]:
     return [p for p in whole_checkpoints(run_dir) if p.name not in seen]
 
 
-def evaluate_at_step(cfg: RaylmConfig, manifest: Manifest, checkpoint: Path, step: int, tracker: Tracker) -> bool:
+def evaluate_at_step(
+    cfg: RaylmConfig, manifest: Manifest | None, checkpoint: Path, step: int, tracker: Tracker
+) -> bool:
     """Score one checkpoint; False if the run deleted it meanwhile (train.keep_checkpoints)."""
+    scores = {}
     try:
-        scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_windows)
-        tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step)
+        if manifest is not None:
+            scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_tokens, plan_replicas(cfg.eval))
+            tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step)
         tasks = do_tasks(cfg, checkpoint, tracker, step)
     except Exception:
         if checkpoint.exists():
             raise
         print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
         return False
-    shown = " | ".join(f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in tasks.items())
-    print(
-        f"[evaluate] {checkpoint.name}: val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"
-        + (f" | {shown}" if shown else ""),
-        flush=True,
-    )
+    shown = [f"val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"] if scores else []
+    shown += [f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in tasks.items()]
+    print(f"[evaluate] {checkpoint.name}: {' | '.join(shown)}", flush=True)
     return True
 
 

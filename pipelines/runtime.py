@@ -60,10 +60,14 @@ def incompatible(what: str, dist: str) -> IncompatibleVersion:
     )
 
 
+_local = False  # start_ray started a Ray instance of its own
+
+
 def start_ray(address: str | None = None) -> dict:
     """Connect to (or start) Ray once per process; returns the cluster's resources."""
     import ray
 
+    global _local
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -75,6 +79,7 @@ def start_ray(address: str | None = None) -> dict:
             logging.getLogger(NO_CPU_LOGGER).addFilter(not_no_cpu_warning)
             with loopback_node():
                 ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+            _local = True
             # One machine has no nodes to drain: Ray Train's preemption watcher (an actor polling
             # the GCS every 5 s) would only take CPU from the training workers.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -159,6 +164,29 @@ def cluster_cpus() -> float:
     import ray
 
     return pool_cpus(ray.cluster_resources(), _cluster)
+
+
+def reachable(resource: str) -> float:
+    """The most CPUs or GPUs an actor pool can grow to: what the cluster has now, or on a
+    cluster joined by address (KubeRay) what the config's worker group reaches at its
+    max_nodes, whichever is more, since Ray Data's pool asks the autoscaler for the rest. A
+    local instance has what it has: the cluster section describes Kubernetes only."""
+    import ray
+
+    now = float(ray.cluster_resources().get(resource, 0))
+    if resource == "CPU":
+        now = pool_cpus({"CPU": now}, _cluster)
+    if _cluster is None or is_local_instance():
+        return now
+    if resource == "CPU":
+        return max(now, float(_cluster.cpu.max_nodes * _cluster.cpu.cpus))
+    gpu = _cluster.gpu
+    return max(now, float((gpu.max_nodes or 0) * gpu.gpus_per_node))
+
+
+def is_local_instance() -> bool:
+    """Whether start_ray started this process's Ray instance (no --address, no $RAY_ADDRESS)."""
+    return _local
 
 
 def pool_cpus(resources: dict, cluster=None) -> float:

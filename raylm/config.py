@@ -351,7 +351,23 @@ class TrackingSection(Section):
 
 
 class EvalSection(Section):
-    max_windows: int | None = Field(None, gt=0)  # None: the whole validation split
+    # Validation tokens scored at the end of a run and per checkpoint by --follow, drawn from
+    # every shard of the split; None: all of it. 4M tokens (4,096 windows of 1,024): about 4 s
+    # of one H100 at 124M and 3 min at 7B (2 forward FLOPs a parameter a token at 30% of its
+    # 989 TFLOP/s), where a 1B run's 200M-token split needs an estimated 44 h of 60 CPU cores; the mean's
+    # standard error is 1/64 of the per-window spread.
+    max_tokens: int | None = Field(4_194_304, gt=0)
+    # Whether `raylm evaluate` alone scores the validation split: auto when this config's
+    # prepared data is there (a checkpoint from elsewhere is scored on its tasks and texts only);
+    # always: its absence is an error; never. `raylm run` and `finetune` always score it.
+    validation: Literal["auto", "always", "never"] = "auto"
+    # Scoring replicas (Ray Data actors, each loads the checkpoint once). None: one GPU each when
+    # the Ray cluster has GPUs, else CPU replicas. A fraction shares a GPU between replicas.
+    gpus_per_replica: float | None = Field(None, ge=0)
+    cpus_per_replica: int | None = Field(None, gt=0)  # a CPU replica's threads; None: 1-4 by the cluster's CPUs
+    replicas: int | None = Field(None, gt=0)  # the most replicas; None: as many as the cluster reaches
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
+    batch_windows: int | None = Field(None, gt=0)  # windows per forward pass; None: 32 on CPU, from GPU memory
     sample_prompt: str = ""  # empty: sample a fresh document after the EOS token
     sample_tokens: int = Field(120, ge=0)
     temperature: float = Field(0.8, ge=0)

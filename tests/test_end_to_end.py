@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from mlflow.tracking import MlflowClient
 from raylm.cli import main
 from raylm.config import TrainSection
 from raylm.models import GPT, load_model
-from raylm.pipelines.data.loader import read_windows, token_matrix
+from raylm.pipelines.data.loader import WindowStore, read_range, read_windows, token_matrix
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.tokenizer import load_tokenizer, token_byte_lengths
+from raylm.pipelines.eval.evaluate import Replicas, evaluate
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.eval.tasks import load_task, read_examples, score
@@ -42,10 +44,14 @@ def only_run(uri: str):
 
 
 def local_scores(checkpoint: Path, split_dir: Path, n: int | None = None) -> dict:
+    return local_window_scores(checkpoint, read_windows(split_dir)[:n])
+
+
+def local_window_scores(checkpoint: Path, windows: np.ndarray) -> dict:
+    """What the Ray Data replicas should give: the windows scored in this process."""
     model = load_model(checkpoint).eval()
-    windows = torch.from_numpy(read_windows(split_dir)[:n].astype(np.int64))
     token_bytes = torch.from_numpy(token_byte_lengths(load_tokenizer(checkpoint / "tokenizer.json")))
-    s = score_windows(model, windows, token_bytes)
+    s = score_windows(model, torch.from_numpy(windows.astype(np.int64)), token_bytes)
     return summarize(s["nats"].sum().item(), s["tokens"].sum().item(), s["bytes"].sum().item())
 
 
@@ -193,6 +199,58 @@ def test_checkpoints_reload_to_the_trained_weights(quickstart):
     assert state["step"] == STEPS and state["loader"]["position"] == STEPS * 16
 
 
+# Scores under bf16 autocast against fp32, on the quickstart's whole validation split: the
+# losses differed by a relative 2.1e-5 (3.463599 against 3.463671 nats, 2026-12-05, 2 CPU
+# cores). bf16 keeps 8 bits of mantissa (a relative 3.9e-3 per rounding), but the roundings of
+# a window's 64 tokens average out and the losses are summed in fp32. 1e-3 leaves room for
+# deeper models, whose roundings compound through more blocks.
+BF16_RTOL = 1e-3
+
+
+def test_a_token_budget_scores_its_windows_and_bf16_agrees_with_fp32(quickstart):
+    """eval.max_tokens bounds the final validation: 640 tokens are 10 windows of 64, the rows
+    WindowStore.ranges picks, scored as a local model scores them; bf16 autocast replicas
+    score the whole split within BF16_RTOL of fp32 ones."""
+    final = quickstart / "runs" / "train" / "quickstart" / "checkpoint_000060"
+    (data_dir,) = (quickstart / "runs" / "data").iterdir()
+    store = WindowStore.open(data_dir / "val")
+    budget = evaluate(final, data_dir / "val", 640, Replicas())
+    assert (budget["windows"], budget["tokens"], budget["split_windows"]) == (10, 640, len(store))
+    picked = np.concatenate([read_range(r["path"], r["start"], r["stop"]) for r in store.ranges(10, 1024)])
+    assert local_window_scores(final, picked)["loss"] == pytest.approx(budget["loss"], rel=1e-6)
+    fp32 = evaluate(final, data_dir / "val", None, Replicas())
+    bf16 = evaluate(final, data_dir / "val", None, Replicas(bf16=True))
+    print(f"[test] whole split: fp32 loss {fp32['loss']:.6f}, bf16 {bf16['loss']:.6f}")
+    assert fp32["windows"] == len(store) and bf16["loss"] != fp32["loss"]  # the autocast was on
+    for metric in ("loss", "bits_per_byte"):
+        assert bf16[metric] == pytest.approx(fp32[metric], rel=BF16_RTOL)
+
+
+def test_evaluate_needs_only_the_checkpoint(quickstart, tmp_path, capsys):
+    """Someone else's checkpoint, a config whose data was never prepared here: scored on a task
+    and a text with the tokenizer it carries; the validation split is skipped with a line, and
+    asking for it (eval.validation=always) fails before Ray is asked for anything."""
+    theirs = tmp_path / "theirs"
+    shutil.copytree(quickstart / "runs" / "train" / "quickstart" / "checkpoint_000060", theirs)
+    text = tmp_path / "alice.txt"
+    text.write_text((SHARED_DATA / "gutenberg" / "pg11_alice_in_wonderland.txt").read_text()[:20_000])
+    args = [
+        *cli_args("evaluate", [*tiny_overrides(tmp_path), "data.grammar.num_docs=999"]),
+        *("--checkpoint", str(theirs), "--task", str(REPO / "configs" / "tasks" / "arc_easy.yaml")),
+        *("--data-dir", str(SHARED_DATA), "--limit", "4", "--text", str(text)),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[evaluate] no validation split to score (" in out
+    assert "validation  loss" not in out and "task        arc_easy: acc " in out and "text        alice" in out
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.data.metrics["task/arc_easy/examples"] == 4 and "text/alice/loss" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("final_val")]
+    assert main([*args, "--set", "eval.validation=always"]) == 2
+    assert "does not exist yet: run `raylm prepare` first" in capsys.readouterr().err
+    assert len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs([run.info.experiment_id])) == 1
+
+
 def test_generate_prints_text_from_the_run(quickstart, capsys):
     overrides = [f"run.output_dir={quickstart / 'runs'}"]
     assert (
@@ -301,7 +359,7 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
         for x in ("--task", str(REPO / "configs" / "tasks" / f"{name}.yaml"))
     ]
     store = f"sqlite:///{quickstart / 'tasks.db'}"  # its own store: other tests count the runs in mlflow.db
-    overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}"]
+    overrides = [*tiny_overrides(quickstart), f"tracking.tracking_uri={store}", "eval.max_tokens=640"]
     text = quickstart / "alice.txt"  # any text file: intrinsic scores beside the tasks
     text.write_text((SHARED_DATA / "gutenberg" / "pg11_alice_in_wonderland.txt").read_text()[:20_000])
     args = [
@@ -318,6 +376,7 @@ def test_evaluate_scores_tasks_and_logs_their_tables(quickstart, capsys):
     out = capsys.readouterr().out
     assert "task        arc_easy: acc " in out and "task        svamp: accuracy " in out
     assert "text        alice: loss " in out
+    assert re.search(r"bits/byte \(10 of [\d,]+ windows, 640 tokens: eval.max_tokens; null scores all\)", out)
     client, run = only_run(store)
     m = run.data.metrics
     # Out-of-domain English for a grammar model: worse than its own validation split, but scored.

@@ -374,7 +374,7 @@ def test_checkpoints_on_s3_rotate_skip_torn_resume_evaluate_and_export(straight,
     copy = tmp / "bucket-copy"
     pafs.copy_files(last.path, str(copy), source_filesystem=fs)
     (split,) = (tmp / "runs" / "data").glob("*/val")
-    assert evaluate(last, split, 32) == evaluate(copy, split, 32)
+    assert evaluate(last, split, 32 * 64) == evaluate(copy, split, 32 * 64)  # 32 windows
     for source, name in ((str(last), "hf-from-s3"), (str(copy), "hf-from-disk")):
         assert main(["export-hf", "--checkpoint", source, "--out", str(tmp / name)]) == 0
     exported = [(tmp / name / "model.safetensors").read_bytes() for name in ("hf-from-s3", "hf-from-disk")]
@@ -599,7 +599,7 @@ def test_mlflow_server_out_at_the_run_s_end_costs_the_job_nothing_and_the_next_c
         "train.eval_interval=100",
         "train.checkpoint_interval=100",
         "train.warmup_steps=1",
-        "eval.max_windows=2",
+        "eval.max_tokens=128",  # 2 windows of 64
         "eval.sample_tokens=0",
     ]
     trained = jobs.log_trained

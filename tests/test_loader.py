@@ -85,7 +85,18 @@ def test_store_over_shards_gathers_the_rows_asked_in_order(tmp_path, monkeypatch
         assert np.array_equal(store.rows(index), rows[index])
     covered = store.ranges(123, rows=10)
     assert all(r["stop"] - r["start"] <= 10 for r in covered)
-    assert np.concatenate([np.load(r["path"])[r["start"] : r["stop"]] for r in covered]).tolist() == rows[:123].tolist()
+    assert sum(r["stop"] - r["start"] for r in covered) == 123
+    # Every shard gives its first rows, about 123/500 of its own.
+    taken = {p: sum(r["stop"] - r["start"] for r in covered if r["path"] == p) for p in store.paths}
+    assert all(abs(taken[p] - 0.246 * len(s)) <= 1 for p, s in zip(store.paths, store.shards))
+    picked = [np.load(r["path"])[r["start"] : r["stop"]] for r in covered]
+    assert np.concatenate(picked).tolist() == store.rows(sample_index(store, taken)).tolist()
+    whole = store.ranges(None, rows=10)
+    assert np.concatenate([np.load(r["path"])[r["start"] : r["stop"]] for r in whole]).tolist() == rows.tolist()
+
+
+def sample_index(store: WindowStore, taken: dict[str, int]) -> np.ndarray:
+    return np.concatenate([np.arange(first, first + taken[p]) for p, first in zip(store.paths, store.starts)])
 
 
 # VmHWM, the child's own high-water mark: ru_maxrss survives exec, so a child of this pytest

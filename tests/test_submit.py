@@ -231,7 +231,7 @@ def job_overrides(store: Path, name: str) -> list[str]:
         "train.eval_windows=4",
         "data.grammar.num_docs=1000",
         "scaling.num_workers=1",
-        "eval.max_windows=8",
+        "eval.max_tokens=512",  # 8 windows of 64
         "eval.sample_tokens=0",
         f"run.name={name}",
     ]

@@ -83,13 +83,17 @@ class WindowStore:
         return self.rows(np.arange(len(self) if n is None else min(n, len(self))))
 
     def ranges(self, n: int | None, rows: int) -> list[dict]:
-        """The first n rows (all if None) as {"path", "start", "stop"} ranges of at most `rows`
-        rows within one shard, in file order: work items for tasks that read by mmap."""
-        n = len(self) if n is None else min(n, len(self))
+        """n rows (all if None) as {"path", "start", "stop"} ranges of at most `rows` rows within
+        one shard: work items for tasks that read by mmap. Each shard gives its first rows, in
+        proportion to its size, so a sample of the split covers every shard (shards follow the
+        corpus's order, so its first n rows could all be one source's)."""
+        total = len(self)
+        n = total if n is None else min(n, total)
+        cuts = [n * int(end) // max(total, 1) for end in self.starts]  # rows taken before each shard's end
         out = []
-        for path, first, count in zip(self.paths, self.starts, np.diff(self.starts)):
-            for start in range(0, int(min(count, max(0, n - first))), rows):
-                out.append({"path": path, "start": start, "stop": int(min(start + rows, count, n - first))})
+        for path, take in zip(self.paths, np.diff(cuts)):
+            for start in range(0, int(take), rows):
+                out.append({"path": path, "start": start, "stop": int(min(start + rows, take))})
         return out
 
 

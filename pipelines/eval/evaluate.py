@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from raylm.errors import DataError
+from raylm.config import EvalSection
+from raylm.errors import ConfigError, DataError
 from raylm.models import load_model
 from raylm.models.io import load_config
 from raylm.pipelines.data.arrays import as_fixed_list
@@ -23,38 +25,120 @@ from raylm.pipelines.data.loader import WindowStore, read_range, table_of, windo
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.eval.tasks import Example, TaskSpec, aggregate, read_examples, score_rows
-from raylm.pipelines.runtime import cluster_cpus
+from raylm.pipelines.runtime import is_local_instance, reachable
 from raylm.storage import Location, locate
 
 RANGE_ROWS = 1024  # windows per read task: 4 MB at seq_len 1024, 32 of ScoreWindows' batches
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """How the scoring replicas run: a GPU share each (0: on CPU), CPU threads each, the most
+    replicas of the pool, bf16 autocast or fp32, and windows per forward pass (None: chosen by
+    the replica, from its GPU's free memory, or 32 on CPU)."""
+
+    gpus: float = 0.0
+    threads: int = 1
+    size: int = 1
+    bf16: bool = False
+    batch: int | None = None
+
+    @property
+    def rows_per_call(self) -> int:
+        """Windows Ray Data hands a replica per call; a GPU replica splits them into passes."""
+        return self.batch or (256 if self.gpus else 32)
+
+    def pool(self) -> dict:
+        """map_batches' arguments that place the replicas."""
+        import ray.data
+
+        return {
+            "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.size),
+            "num_cpus": self.threads,
+            "num_gpus": self.gpus,
+        }
+
+
+def plan_replicas(section: EvalSection) -> Replicas:
+    """Replicas for this cluster: one GPU each where it has (or its GPU group can bring up)
+    GPUs, else CPU replicas of a few threads, as many as the reachable CPUs allow less one CPU
+    for the read tasks that feed them (a pool holding every CPU starves its own input)."""
+    gpus_up = reachable("GPU")
+    gpus = section.gpus_per_replica if section.gpus_per_replica is not None else (1.0 if gpus_up else 0.0)
+    if gpus:
+        if gpus_up == 0 and is_local_instance():
+            raise ConfigError(f"eval.gpus_per_replica={gpus:g}: this Ray instance has no GPU; set it to 0")
+        size = section.replicas or max(1, int(gpus_up / gpus))
+        return Replicas(gpus, 1, size, section.precision != "fp32", section.batch_windows)
+    cpus = reachable("CPU")
+    # Threads: a 768-wide matmul keeps about 4 cores busy; more replicas of fewer threads would
+    # each hold a copy of the weights (0.5 GB at 124M, 28 GB at 7B in fp32).
+    threads = section.cpus_per_replica or max(1, min(4, int(cpus) // 4))
+    size = section.replicas or max(1, int(cpus - 1) // threads)
+    return Replicas(0.0, threads, size, section.precision == "bf16", section.batch_windows)
+
+
+def load_replica(checkpoint_dir: Location, replicas: Replicas) -> torch.nn.Module:
+    """The checkpoint's model on this replica's device, for scoring."""
+    torch.set_num_threads(replicas.threads)  # the CPUs Ray gave this actor; more would oversubscribe
+    return load_model(checkpoint_dir, "cuda" if replicas.gpus else "cpu").eval()
+
+
+def scoring_precision(model: torch.nn.Module, replicas: Replicas):
+    """bf16 autocast on the model's device where asked; weights stay fp32, losses are summed
+    in fp32 (score_windows upcasts the logits)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=replicas.bf16)
+
+
+def windows_per_pass(config, free_bytes: int) -> int:
+    """Windows of one forward pass that fit half the free GPU memory: per window, the logits
+    in bf16, their fp32 copy and cross_entropy's fp32 log-probs (10 bytes a token a vocabulary
+    entry, 2.6 GB at seq 2048 and Llama 3's 128k vocabulary) and one block's activations."""
+    per_token = 10 * config.vocab_size + 2 * (8 * config.n_embd + 3 * config.ffn_width())
+    return max(1, min(256, free_bytes // 2 // (per_token * config.block_size)))
+
+
 class ScoreWindows:
     """Ray Data stateful UDF: a batch of windows -> per-window nats, tokens and bytes."""
 
-    def __init__(self, checkpoint_dir: Location):
-        torch.set_num_threads(1)  # one replica per CPU; intra-op threads would oversubscribe
-        self.model = load_model(checkpoint_dir).eval()
+    def __init__(self, checkpoint_dir: Location, replicas: Replicas):
+        self.replicas = replicas
+        self.model = load_replica(checkpoint_dir, replicas)
+        self.device = next(self.model.parameters()).device
         tok = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
-        self.token_bytes = torch.from_numpy(token_byte_lengths(tok))
+        self.token_bytes = torch.from_numpy(token_byte_lengths(tok)).to(self.device)
+        self.per_pass = replicas.batch or (
+            windows_per_pass(self.model.config, torch.cuda.mem_get_info()[0]) if self.device.type == "cuda" else 32
+        )
 
     def __call__(self, batch) -> dict:
         windows = torch.from_numpy(windows_of(batch).astype(np.int64))
-        return {k: v.numpy() for k, v in score_windows(self.model, windows, self.token_bytes).items()}
+        parts = []
+        with scoring_precision(self.model, self.replicas):
+            for chunk in windows.split(self.per_pass):
+                parts.append(score_windows(self.model, chunk.to(self.device), self.token_bytes))
+        return {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
 
 
-def evaluate(checkpoint_dir: Path, split_dir: Path, max_windows: int | None = None) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of the checkpoint on a split's windows
-    (the first max_windows of them, in file order, if given)."""
-    return score_dataset(checkpoint_dir, split_dataset(split_dir, max_windows))
+def evaluate(
+    checkpoint_dir: Path, split_dir: Path, max_tokens: int | None = None, replicas: Replicas | None = None
+) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per byte of the checkpoint on a split's windows:
+    about max_tokens target tokens of them (all if None), from every shard."""
+    store = WindowStore.open(split_dir)
+    n = None if max_tokens is None else max(1, -(-max_tokens // (store.row_shape[-1] - 1)))
+    scores = score_dataset(checkpoint_dir, split_dataset(store, n), replicas)
+    return {**scores, "split_windows": len(store)}
 
 
-def split_dataset(split_dir: Path, max_windows: int | None = None):
-    """A split's first max_windows windows (all if None) as a Ray Data dataset: each task reads
-    one range of RANGE_ROWS rows of one shard through a memory map, so no process holds the split."""
+def split_dataset(store: WindowStore, n: int | None = None):
+    """n windows of a split (all if None; WindowStore.ranges picks them) as a Ray Data
+    dataset: each task reads one range of RANGE_ROWS rows of one shard through a memory map,
+    so no process holds the split."""
     import ray.data
 
-    ranges = WindowStore.open(split_dir).ranges(max_windows, RANGE_ROWS)
+    ranges = store.ranges(n, RANGE_ROWS)
     return ray.data.from_items(ranges).map_batches(_read_ranges, batch_size=1, batch_format="numpy")
 
 
@@ -63,7 +147,7 @@ def _read_ranges(batch: dict) -> pa.Table:
     return table_of(np.concatenate(rows))
 
 
-def evaluate_text(checkpoint_dir: Path, path: Path) -> dict[str, float]:
+def evaluate_text(checkpoint_dir: Path, path: Path, replicas: Replicas | None = None) -> dict[str, float]:
     """The same scores on any UTF-8 text file: paragraphs (split at blank lines) are documents,
     joined with EOS as in training, cut into windows of the model's context."""
     import ray.data
@@ -79,18 +163,18 @@ def evaluate_text(checkpoint_dir: Path, path: Path) -> dict[str, float]:
     if n == 0:
         raise DataError(f"{path}: {len(stream)} tokens, fewer than one window of {width}")
     windows = stream[: n * width].reshape(n, width)  # the tail shorter than a window is not scored
-    return score_dataset(checkpoint_dir, ray.data.from_arrow(pa.table({"tokens": as_fixed_list(windows)})))
+    return score_dataset(checkpoint_dir, ray.data.from_arrow(pa.table({"tokens": as_fixed_list(windows)})), replicas)
 
 
-def score_dataset(checkpoint_dir: Path, ds) -> dict[str, float]:
+def score_dataset(checkpoint_dir: Path, ds, replicas: Replicas | None = None) -> dict[str, float]:
     """Windows (a Ray Data dataset with a `tokens` column) scored on a pool of model replicas."""
+    replicas = replicas or plan_replicas(EvalSection())
     scored = ds.map_batches(
         ScoreWindows,
-        fn_constructor_kwargs={"checkpoint_dir": locate(checkpoint_dir)},
-        batch_size=32,
+        fn_constructor_kwargs={"checkpoint_dir": locate(checkpoint_dir), "replicas": replicas},
+        batch_size=replicas.rows_per_call,
         batch_format="pyarrow",
-        compute=replica_pool(),
-        num_cpus=1,
+        **replicas.pool(),
     )
     totals = np.zeros(3)
     windows = 0
@@ -101,21 +185,13 @@ def score_dataset(checkpoint_dir: Path, ds) -> dict[str, float]:
     return {**metrics, "windows": windows, "tokens": totals[1]}
 
 
-def replica_pool():
-    """Model replicas of 1 CPU each. One CPU stays free for the read tasks that feed the pool
-    (a pool holding every CPU starves its own input on a 2-core machine)."""
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_cpus()) - 1))
-
-
 class ScoreTaskExamples:
     """Ray Data stateful UDF: a batch of task examples -> their per-example results, from one
     model replica that loads the checkpoint once."""
 
-    def __init__(self, checkpoint_dir: Location, specs: dict[str, dict]):
-        torch.set_num_threads(1)  # one replica per CPU
-        self.model = load_model(checkpoint_dir).eval()
+    def __init__(self, checkpoint_dir: Location, specs: dict[str, dict], replicas: Replicas):
+        self.replicas = replicas
+        self.model = load_replica(checkpoint_dir, replicas)
         self.tokenizer = load_tokenizer(locate(checkpoint_dir) / "tokenizer.json")
         self.specs = {name: TaskSpec.model_validate(spec) for name, spec in specs.items()}
 
@@ -125,18 +201,22 @@ class ScoreTaskExamples:
             by_task.setdefault(task, []).append((k, Example(**json.loads(example))))
         results = [""] * len(batch["task"])
         for task, items in by_task.items():  # one batched call per task
-            rows = score_rows(self.model, self.tokenizer, self.specs[task], [ex for _, ex in items])
+            with scoring_precision(self.model, self.replicas):
+                rows = score_rows(self.model, self.tokenizer, self.specs[task], [ex for _, ex in items])
             for (k, _), row in zip(items, rows):
                 results[k] = json.dumps(row)
         return {"task": batch["task"], "index": batch["index"], "result": np.array(results, dtype=object)}
 
 
-def evaluate_tasks(checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path) -> dict[str, tuple[dict, list[dict]]]:
+def evaluate_tasks(
+    checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path, replicas: Replicas | None = None
+) -> dict[str, tuple[dict, list[dict]]]:
     """Score a checkpoint on tasks with Ray Data batch inference over model replicas, on
     whatever CPUs (or GPUs) the cluster gives them, off the training workers. Returns, per
     task, its metrics and its per-example rows in file order."""
     import ray.data
 
+    replicas = replicas or plan_replicas(EvalSection())
     items = [
         {"task": spec.name, "index": i, "example": json.dumps(dataclasses.asdict(ex))}
         for spec in specs
@@ -147,11 +227,11 @@ def evaluate_tasks(checkpoint_dir: Path, specs: list[TaskSpec], data_dir: Path) 
         fn_constructor_kwargs={
             "checkpoint_dir": locate(checkpoint_dir),
             "specs": {s.name: s.model_dump() for s in specs},
+            "replicas": replicas,
         },
-        batch_size=8,
+        batch_size=64 if replicas.gpus else 8,  # examples; a GPU's passes want more at once
         batch_format="numpy",
-        compute=replica_pool(),
-        num_cpus=1,
+        **replicas.pool(),
     )
     rows: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):

@@ -168,7 +168,7 @@ def _score_lines(out) -> list[str]:
         m = out.metrics
         lines.append(
             f"  validation  loss {m['final_val_loss']:.4f} nats/token | perplexity {m['final_val_perplexity']:.2f} | "
-            f"{m['final_val_bits_per_byte']:.4f} bits/byte"
+            f"{m['final_val_bits_per_byte']:.4f} bits/byte ({_scored(m)})"
         )
         if out.manifest.unigram_baseline is not None:
             lines.append(f"  baselines   {_baselines(out.manifest)}")
@@ -181,6 +181,13 @@ def _score_lines(out) -> list[str]:
         shown = " | ".join(f"{k} {v:.4f}" if k != "examples" else f"{v:.0f} examples" for k, v in scores.items())
         lines.append(f"  task        {task}: {shown}")
     return lines
+
+
+def _scored(m: dict) -> str:
+    """How much of the validation split the scores cover (eval.max_tokens bounds it)."""
+    windows, split = int(m["final_val_windows"]), int(m["final_val_split_windows"])
+    share = "the whole split" if windows == split else "eval.max_tokens; null scores all"
+    return f"{windows:,} of {split:,} windows, {int(m['final_val_tokens']):,} tokens: {share}"
 
 
 def _baselines(manifest: Manifest) -> str:
