@@ -7,6 +7,8 @@ whole context's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from raylm.models.gpt import GPT, KVCache
@@ -22,9 +24,12 @@ def generate(
     top_p: float | None = None,
     stop_tokens: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt, up to (not including) its first stop token. Decoding
-    ends at max_new_tokens or when the context reaches block_size; temperature 0 is greedy."""
+    ends at max_new_tokens or when the context reaches block_size; temperature 0 is greedy.
+    A row also ends once stop(row, its new tokens) is true (stop strings: the caller decodes
+    and cuts), so a batch runs until its slowest row, not to the budget."""
     model.eval()
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token")
@@ -46,6 +51,7 @@ def generate(
         for row, token in enumerate(next_id[:, 0].tolist()):
             if not done[row]:
                 out[row].append(token)
+                done[row] = bool(stop and stop(row, out[row]))
         if bool(done.all()) or step == budget - 1:
             break
         logits = model(next_id, cache=cache, pad=pad)[0][:, -1]

@@ -442,6 +442,37 @@ def test_lm_eval_task_agrees_with_raylm_scorer(quickstart, monkeypatch, capsys):
     assert abs(harness["acc"] - ours["acc"]) <= 0.01 and abs(harness["acc_norm"] - ours["acc_norm"]) <= 0.01
 
 
+def test_lm_eval_generation_in_batches_equals_one_request_at_a_time(quickstart):
+    """generate_until over batches of requests (left-padded, KV cache, each row stopping at its
+    own `until` strings) gives what one request at a time gives, in far fewer forward passes."""
+    from lm_eval.api.instance import Instance
+
+    from raylm.pipelines.eval.lm_eval_adapter import RaylmLM
+
+    checkpoint = str(quickstart / "runs" / "train" / "quickstart" / f"checkpoint_{STEPS:06d}")
+    starts = ["The sailor", "A", "Every small dog near the old house", "", "The king said that the", "Her"]
+    stops = [["."], [" the", "\n"], [], ["dog"], [".", ","], "and"]
+    requests = [
+        Instance("generate_until", {}, (start, {"until": until, "max_gen_toks": budget}), i)
+        for i, (start, until, budget) in enumerate(
+            (s, u, b) for b in (12, 30) for s in starts for u in stops[: 3 + len(s) % 3]
+        )
+    ]
+    outputs, passes = {}, {}
+    for batch_size in (1, 8):
+        lm = RaylmLM(checkpoint, batch_size=batch_size)
+        calls = []
+        lm.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        outputs[batch_size], passes[batch_size] = lm.generate_until(requests), len(calls)
+    print(f"[test] {len(requests)} requests: {passes[1]} forward passes one at a time, {passes[8]} in batches of 8")
+    assert outputs[8] == outputs[1]
+    assert len(set(outputs[1])) > len(requests) // 4  # the contexts and stops made different texts
+    for text, request in zip(outputs[1], requests):  # each cut before its first stop string
+        until = request.args[1]["until"]
+        assert not any(u in text for u in ([until] if isinstance(until, str) else until))
+    assert passes[8] < passes[1] / 3
+
+
 def test_evaluate_follow_scores_every_checkpoint_of_the_run(quickstart, capsys):
     """`raylm evaluate --follow` scores each whole checkpoint once, at its step, and stops at the
     checkpoint of train.max_steps (here the run has finished, so both are already there)."""

@@ -61,19 +61,54 @@ class RaylmLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy continuations cut at the first `until` string (and at EOS)."""
-        out = []
-        for context, kwargs in (r.args for r in requests):
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else until
-            max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
-            ids = encode_contexts(self.tokenizer, [context])[0][-(self.model.config.block_size - max_new) :]
-            text = self.tokenizer.decode(
-                generate(self.model, [ids], max_new, temperature=0, stop_tokens=(self.eos,))[0]
-            )
-            cuts = [text.find(u) for u in until if u and u in text]
-            out.append(text[: min(cuts)] if cuts else text)
+        """Greedy continuations cut at each request's first `until` string (and at EOS), decoded
+        with the KV cache in batches of up to batch_size requests that share max_gen_toks,
+        longest context first so that rows of a batch need little padding. A row stops once its
+        text holds one of its `until` strings; the others go on."""
+        asks = [self.generation(context, kwargs) for context, kwargs in (r.args for r in requests)]
+        order = sorted(range(len(asks)), key=lambda i: (asks[i][2], -len(asks[i][0])))
+        out = [""] * len(asks)
+        for batch in same_budget_batches(order, [a[2] for a in asks], self.batch):
+            texts = self.decode_batch([asks[i] for i in batch])
+            for i, text in zip(batch, texts):
+                out[i] = cut_at(text, asks[i][1])
         return out
+
+    def generation(self, context: str, kwargs: dict) -> tuple[list[int], list[str], int]:
+        """A generate_until request as (context ids, until strings, new-token budget); the
+        context keeps its last tokens, leaving room for the budget in the model's window."""
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else [u for u in until if u]
+        max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
+        ids = encode_contexts(self.tokenizer, [context])[0][-(self.model.config.block_size - max_new) :]
+        return ids, until, max_new
+
+    def decode_batch(self, asks: list[tuple[list[int], list[str], int]]) -> list[str]:
+        def stop(row: int, tokens: list[int]) -> bool:
+            until = asks[row][1]
+            return bool(until) and any(u in self.tokenizer.decode(tokens) for u in until)
+
+        tokens = generate(
+            self.model, [a[0] for a in asks], asks[0][2], temperature=0, stop_tokens=(self.eos,), stop=stop
+        )
+        return [self.tokenizer.decode(t) for t in tokens]
+
+
+def same_budget_batches(order: list[int], budgets: list[int], size: int) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `size` indices whose budgets are equal."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < size and budgets[batches[-1][0]] == budgets[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def cut_at(text: str, until: list[str]) -> str:
+    """The text before the first of the `until` strings in it (all of it if none is)."""
+    cuts = [text.find(u) for u in until if u in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def run_lm_eval(
