@@ -114,7 +114,7 @@ def windows(n: int, seed: int = 0):
 
 def update_of(model, batches, accum: int, grad_clip: float):
     """train_step with plain SGD at lr 1, so each parameter's change is minus its (clipped) gradient."""
-    from raylm.pipelines.train.loop import train_step
+    from raylm.pipelines.train.step import train_step
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)

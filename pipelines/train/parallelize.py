@@ -1,7 +1,7 @@
 """What is applied to the plain model from outside before training, in torchtitan's order:
 activation checkpointing, then torch.compile, then data parallelism (DDP, or FSDP2 sharding)
-over the workers Ray Train started, and the precision each device computes in. `models/`
-knows nothing of this."""
+over the process group (Ray Train's workers form it), and the precision each device computes
+in. `models/` knows nothing of this, and this module nothing of Ray."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import functools
 import hashlib
 from contextlib import nullcontext
 
-import ray.train.torch
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from raylm.models import GPT
 from raylm.models.io import load_weights
@@ -45,8 +46,19 @@ def parallelize(
         materialize(model, device, seed, init)
     if strategy == "fsdp":
         return model
-    # DDP (gloo on CPU, NCCL on GPU); the model is already on the worker's device.
-    return ray.train.torch.prepare_model(model, move_to_device=False)
+    return data_parallel(model, torch.device(device))
+
+
+def data_parallel(model: GPT, device: torch.device) -> torch.nn.Module:
+    """DDP over the process group (gloo on CPU, NCCL on GPU) when there is more than one rank;
+    one rank trains the plain model, as Ray Train's prepare_model does. torch's own wrapper,
+    not Ray's, so that this module runs without Ray (benchmarks/gpu_check.py)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    on_gpu = device.type == "cuda"
+    return DistributedDataParallel(
+        model, device_ids=[device] if on_gpu else None, output_device=device if on_gpu else None
+    )
 
 
 def materialize(model: GPT, device: torch.device, seed: int, init: str | Location | None = None) -> None:
