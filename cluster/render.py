@@ -9,6 +9,7 @@ cluster's MLflow server. Paths a pod cannot see fail here, naming the key.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import PurePosixPath
 
@@ -54,7 +55,19 @@ def render_job(raw: dict, command: str, space_text: str | None = None) -> list[d
     if space_text is not None:
         files["space.yaml"] = sweep_file(space_text, raw, cfg)
         entrypoint += f" --space {JOB_DIR}/space.yaml --resume auto"  # a retry continues the sweep
-    return [config_map(name, cfg.cluster, files), ray_job(name, cfg.cluster, cfg.scaling, entrypoint)]
+    return [config_map(name, cfg.cluster, files), ray_job(name, with_evaluator_gpus(cfg), cfg.scaling, entrypoint)]
+
+
+def with_evaluator_gpus(cfg: RaylmConfig) -> ClusterSection:
+    """The cluster section, its GPU group grown by the GPUs eval.during_training's replicas
+    take beside the training workers' (where cluster.gpu.max_nodes leaves the size to raylm):
+    training holds its GPUs to the end, so the evaluator's must be others."""
+    side, gpu = cfg.eval.during_training, cfg.cluster.gpu
+    eval_gpus = math.ceil((side.resources.replicas or 1) * (side.resources.gpus_per_replica or 0)) if side.tasks else 0
+    if not eval_gpus or gpu.max_nodes is not None:
+        return cfg.cluster
+    nodes = math.ceil((cfg.scaling.num_workers + eval_gpus) / min(gpu.gpus_per_node, cfg.scaling.num_workers))
+    return cfg.cluster.model_copy(update={"gpu": gpu.model_copy(update={"max_nodes": nodes})})
 
 
 def sweep_file(space_text: str, raw: dict, cfg: RaylmConfig) -> str:
@@ -116,7 +129,7 @@ def render_cluster(raw: dict) -> list[dict]:
     """A long-lived RayCluster for interactive use; jobs go in with `raylm submit`."""
     cfg = validate(raw, "config")
     check_cluster_fit(cfg)
-    return [ray_cluster(k8s_name(cfg.cluster, cfg.run), cfg.cluster, cfg.scaling)]
+    return [ray_cluster(k8s_name(cfg.cluster, cfg.run), with_evaluator_gpus(cfg), cfg.scaling)]
 
 
 def render_platform(raw: dict) -> list[dict]:
@@ -200,6 +213,12 @@ def _matches(key: str, pattern: str) -> bool:
 def check_cluster_fit(cfg: RaylmConfig) -> None:
     """Settings a laptop run tolerates but an autoscaling cluster cannot."""
     s, c = cfg.scaling, cfg.cluster
+    side = cfg.eval.during_training
+    if side.tasks and side.resources.gpus_per_replica and not s.use_gpu:
+        raise ConfigError(
+            "eval.during_training.resources.gpus_per_replica: the job has no GPU group (scaling.use_gpu "
+            "is false); set it to 0 for CPU replicas"
+        )
     if s.cpus_per_worker is None:
         raise ConfigError(
             "scaling.cpus_per_worker: set it for a cluster; an autoscaling cluster starts with no "

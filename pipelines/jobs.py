@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
-from raylm.pipelines.eval.evaluate import evaluate, evaluate_tasks, evaluate_text, plan_replicas
+from raylm.pipelines.eval.evaluate import evaluate, evaluate_text, plan_replicas, score_tasks, table_name
+from raylm.pipelines.eval.follow import cpus_beside_training, during_training
 from raylm.pipelines.eval.sampling import sample_text
-from raylm.pipelines.eval.tasks import load_task
 from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
 from raylm.pipelines.track.review import log_loss_curve, log_model
@@ -193,11 +194,29 @@ def do_pretrain(cfg: RaylmConfig, manifest: Manifest, tracker: Tracker, resume: 
             "model.flops_per_token": flops_per_token(model_cfg, manifest.seq_len),
         }
     )
-    result, stopped = pretrain(
-        model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, {"uri": tracker.uri, "run_id": tracker.run_id}, resume
+    tracking = {"uri": tracker.uri, "run_id": tracker.run_id}
+    checkpoint = train_and_follow(
+        cfg,
+        tracker,
+        lambda: pretrain(
+            model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, tracking, resume, beside=cpus_beside_training(cfg)
+        ),
     )
-    checkpoint = finished_checkpoint(result, stopped)
     log_trained(cfg, tracker, checkpoint)
+    return checkpoint
+
+
+def train_and_follow(cfg: RaylmConfig, tracker: Tracker, train: Callable[[], tuple]) -> Location:
+    """Run train() (a pretrain() call) with eval.during_training's follow-evaluator beside it,
+    and wait for it to score the last checkpoint; returns that checkpoint."""
+    with during_training(cfg, {"uri": tracker.uri, "run_id": tracker.run_id}) as follower:
+        checkpoint = finished_checkpoint(*train())
+        if follower is not None:
+            followed = follower.wait(step_of(checkpoint))
+            for name, rows in followed.tables.items():
+                tracker.log_table(rows, name)
+            steps = ", ".join(map(str, followed.steps)) or "none"
+            print(f"[evaluate] during training: scored the checkpoints of steps {steps}", flush=True)
     return checkpoint
 
 
@@ -235,18 +254,23 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
         {f"data/{split}/{k}": v for split, st in manifest.splits.items() for k, v in st.metrics().items()}
     )
     print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
-    result, stopped = pretrain(
-        model_cfg,
-        cfg.train,
-        cfg.scaling,
-        cfg.run,
-        manifest,
-        {"uri": tracker.uri, "run_id": tracker.run_id},
-        resume,
-        init=base,
-        lora=lora,
+    tracking = {"uri": tracker.uri, "run_id": tracker.run_id}
+    checkpoint = train_and_follow(
+        cfg,
+        tracker,
+        lambda: pretrain(
+            model_cfg,
+            cfg.train,
+            cfg.scaling,
+            cfg.run,
+            manifest,
+            tracking,
+            resume,
+            init=base,
+            lora=lora,
+            beside=cpus_beside_training(cfg),
+        ),
     )
-    checkpoint = finished_checkpoint(result, stopped)
     merged = None
     if lora:  # the adapters folded in: a plain model directory for export-hf and serving
         merged = merge_on_a_worker(checkpoint, train_storage(cfg.run) / cfg.run.name / "merged")
@@ -288,24 +312,14 @@ def do_tasks(
     """Score eval.tasks; metrics as task/<name>/<metric>, each task's per-example table as
     eval/<name>.json (the MLflow UI's artifact view shows it as a table); with a step (one
     checkpoint of several), metrics at that step and tables as eval/step_<step>/<name>.json."""
-    if not cfg.eval.tasks:
+    e = cfg.eval
+    if not e.tasks:
         return {}
-    specs = [load_task(path) for path in cfg.eval.tasks]
-    for spec in specs:
-        spec.limit = cfg.eval.task_limit or spec.limit
-    started = time.perf_counter()
-    results = evaluate_tasks(checkpoint, specs, Path(cfg.eval.task_data_dir), plan_replicas(cfg.eval))
-    seconds = time.perf_counter() - started
-    examples = sum(m["examples"] for m, _ in results.values())
-    tracker.log_metrics(
-        {f"task/{name}/{k}": v for name, (m, _) in results.items() for k, v in m.items()}
-        | {"task/examples_per_s": examples / seconds},
-        step,
-    )
-    folder = "eval" if step is None else f"eval/step_{step:06d}"
-    for name, (_, rows) in results.items():
-        tracker.log_table(rows, f"{folder}/{name}.json")
-    return {name: m for name, (m, _) in results.items()}
+    scores = score_tasks(checkpoint, e.tasks, e.task_limit, Path(e.task_data_dir), plan_replicas(e))
+    tracker.log_metrics(scores.flat(), step)
+    for name, rows in scores.rows.items():
+        tracker.log_table(rows, table_name(name, step))
+    return scores.metrics
 
 
 def follow_run(cfg: RaylmConfig, address: str | None, idle_minutes: float, poll_seconds: float = 10.0) -> Tracker:

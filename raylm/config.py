@@ -350,24 +350,49 @@ class TrackingSection(Section):
     register_model: str | None = None  # also a new version of this registered model
 
 
-class EvalSection(Section):
-    # Validation tokens scored at the end of a run and per checkpoint by --follow, drawn from
-    # every shard of the split; None: all of it. 4M tokens (4,096 windows of 1,024): about 4 s
-    # of one H100 at 124M and 3 min at 7B (2 forward FLOPs a parameter a token at 30% of its
-    # 989 TFLOP/s), where a 1B run's 200M-token split needs an estimated 44 h of 60 CPU cores; the mean's
-    # standard error is 1/64 of the per-window spread.
-    max_tokens: int | None = Field(4_194_304, gt=0)
-    # Whether `raylm evaluate` alone scores the validation split: auto when this config's
-    # prepared data is there (a checkpoint from elsewhere is scored on its tasks and texts only);
-    # always: its absence is an error; never. `raylm run` and `finetune` always score it.
-    validation: Literal["auto", "always", "never"] = "auto"
-    # Scoring replicas (Ray Data actors, each loads the checkpoint once). None: one GPU each when
-    # the Ray cluster has GPUs, else CPU replicas. A fraction shares a GPU between replicas.
+class ReplicaSection(Section):
+    """Evaluation's scoring replicas: Ray Data actors, each loading the checkpoint once."""
+
+    # None: one GPU each when the Ray cluster has (or its GPU group reaches) GPUs, else CPU
+    # replicas. A fraction shares a GPU between replicas.
     gpus_per_replica: float | None = Field(None, ge=0)
     cpus_per_replica: int | None = Field(None, gt=0)  # a CPU replica's threads; None: 1-4 by the cluster's CPUs
     replicas: int | None = Field(None, gt=0)  # the most replicas; None: as many as the cluster reaches
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
     batch_windows: int | None = Field(None, gt=0)  # windows per forward pass; None: 32 on CPU, from GPU memory
+
+
+class SideReplicaSection(ReplicaSection):
+    """Replicas beside training: one, on a CPU, unless set (a key left out keeps this default)."""
+
+    gpus_per_replica: float | None = Field(0, ge=0)
+    replicas: int | None = Field(1, gt=0)
+
+
+class DuringTrainingSection(Section):
+    """Tasks scored on each whole checkpoint while training goes on (`raylm run`, `pretrain`,
+    `finetune`): a follow-evaluator beside the training workers, on replicas of its own, logging
+    task/<name>/<metric> at the checkpoint's step to the training run. Training never waits for
+    it; the run ends once it has scored the last checkpoint."""
+
+    tasks: list[str] = []  # task YAML files, over eval.task_data_dir; empty: off
+    every: int = Field(1, gt=0)  # every Nth checkpoint of the launch; the last one always
+    # On a GPU cluster whose GPUs training holds, gpus_per_replica: 1 needs GPUs beyond them
+    # (cluster render counts them into the GPU group).
+    resources: SideReplicaSection = SideReplicaSection()
+
+
+class EvalSection(ReplicaSection):
+    # Validation tokens scored at the end of a run and per checkpoint by --follow, drawn from
+    # every shard of the split; None: all of it. 4M tokens (4,096 windows of 1,024): about 4 s
+    # of one H100 at 124M and 3 min at 7B (2 forward FLOPs a parameter a token at 30% of its
+    # 989 TFLOP/s), where a 1B run's 200M-token split needs an estimated 44 h of 60 CPU cores;
+    # the mean's standard error is 1/64 of the per-window spread.
+    max_tokens: int | None = Field(4_194_304, gt=0)
+    # Whether `raylm evaluate` alone scores the validation split: auto when this config's
+    # prepared data is there (a checkpoint from elsewhere is scored on its tasks and texts only);
+    # always: its absence is an error; never. `raylm run` and `finetune` always score it.
+    validation: Literal["auto", "always", "never"] = "auto"
     sample_prompt: str = ""  # empty: sample a fresh document after the EOS token
     sample_tokens: int = Field(120, ge=0)
     temperature: float = Field(0.8, ge=0)
@@ -378,11 +403,13 @@ class EvalSection(Section):
     task_data_dir: LocalPath | None = None  # a local folder
     task_limit: int | None = Field(None, gt=0)  # the first N examples of each task (quick checks)
     texts: list[LocalPath] = []  # local UTF-8 text files also scored for loss, perplexity and bits per byte
+    during_training: DuringTrainingSection = DuringTrainingSection()
 
     @model_validator(mode="after")
     def _tasks_have_data(self) -> EvalSection:
-        if self.tasks and not self.task_data_dir:
-            raise ValueError("eval.tasks needs eval.task_data_dir (or --data-dir): the folder their paths are under")
+        for key, tasks in (("eval.tasks", self.tasks), ("eval.during_training.tasks", self.during_training.tasks)):
+            if tasks and not self.task_data_dir:
+                raise ValueError(f"{key} needs eval.task_data_dir (or --data-dir): the folder their paths are under")
         return self
 
 

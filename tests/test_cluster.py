@@ -104,6 +104,23 @@ def test_job_layout_for_gpt2_on_8_gpus():
     assert job_cfg.train.batch_size == 512  # the config is the user's, batch_tokens and all
 
 
+def test_gpus_scoring_during_training_come_beside_the_training_gpus():
+    """Training holds its 8 GPUs to the end: an evaluator replica of a GPU needs a second node
+    of the GPU group; on CPU replicas (the default) the group stays one node; a job without a
+    GPU group cannot give it one."""
+
+    def gpu_pods(overrides: list[str]) -> int:
+        raw = load_raw(GPT2, ["eval.task_data_dir=/mnt/raylm/tasks", *overrides])
+        return render_job(raw, "run")[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["maxReplicas"]
+
+    tasks = "eval.during_training.tasks=[configs/tasks/arc_easy.yaml]"
+    assert gpu_pods([tasks]) == 1
+    assert gpu_pods([tasks, "eval.during_training.resources.gpus_per_replica=1"]) == 2
+    assert gpu_pods([tasks, "eval.during_training.resources.gpus_per_replica=1", "cluster.gpu.max_nodes=3"]) == 3
+    with pytest.raises(ConfigError, match="eval.during_training.resources.gpus_per_replica: the job has no GPU"):
+        gpu_pods([tasks, "eval.during_training.resources.gpus_per_replica=1", "scaling.use_gpu=false"])
+
+
 def test_spot_gpus_add_the_spot_selector_and_toleration():
     raw = load_raw(GPT2, ["cluster.gpu.spot=true"])
     pod = render_job(raw, "pretrain")[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]

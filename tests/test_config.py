@@ -136,6 +136,15 @@ def test_missing_data_path_fails_before_ray_is_imported(tmp_path):
     assert "data.sources.0.paths" in stderr and "typo.txt" in stderr and "matches no readable files" in stderr
 
 
+def test_a_task_scored_during_training_is_checked_before_ray_is_imported(tmp_path):
+    """A task file whose data is not under eval.task_data_dir fails `raylm run` at once, not
+    at the first checkpoint the follow-evaluator scores."""
+    task = REPO / "configs" / "tasks" / "arc_easy.yaml"
+    args = ["run", "--set", f"eval.during_training.tasks=[{task}]", "--data-dir", str(tmp_path)]
+    stderr = user_error_before_imports(args, tmp_path, ("ray",))
+    assert "eval.during_training.tasks: task arc_easy" in stderr and "not found" in stderr
+
+
 def test_unreachable_mlflow_server_fails_before_ray_is_imported_naming_the_address(tmp_path):
     """Nothing listens on a port just released; the password in the URI is not echoed."""
     import socket

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +472,48 @@ def test_lm_eval_generation_in_batches_equals_one_request_at_a_time(quickstart):
         until = request.args[1]["until"]
         assert not any(u in text for u in ([until] if isinstance(until, str) else until))
     assert passes[8] < passes[1] / 3
+
+
+def test_tasks_scored_during_training_at_each_checkpoint_without_stalling_it(quickstart, capsys):
+    """eval.during_training: a pretrain of 3 checkpoints gets arc_easy scores at their 3 steps,
+    in its own MLflow run, from a follow-evaluator beside the one training worker (the other CPU
+    is its replica's). No logging interval's mean step took as long as scoring a checkpoint, so
+    no step waited for one."""
+    store = f"sqlite:///{quickstart / 'during.db'}"
+    overrides = [
+        *tiny_overrides(quickstart),
+        f"tracking.tracking_uri={store}",
+        "run.name=followed",
+        "train.max_steps=150",
+        "train.checkpoint_interval=50",
+        "train.eval_interval=50",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+        f"eval.task_data_dir={SHARED_DATA}",
+        "eval.task_limit=8",
+        f"eval.during_training.tasks=[{REPO / 'configs' / 'tasks' / 'arc_easy.yaml'}]",
+    ]
+    assert main(cli_args("pretrain", overrides)) == 0
+    out = capsys.readouterr().out
+    assert "[evaluate] during training: scored the checkpoints of steps 50, 100, 150" in out
+    client, run = only_run(store)
+    history = {m: client.get_metric_history(run.info.run_id, m) for m in ("task/arc_easy/acc", "task/seconds")}
+    assert [m.step for m in history["task/arc_easy/acc"]] == [50, 100, 150]
+    tables = {
+        a.path for step in (50, 100, 150) for a in client.list_artifacts(run.info.run_id, f"eval/step_{step:06d}")
+    }
+    assert tables == {f"eval/step_{step:06d}/arc_easy.json" for step in (50, 100, 150)}
+    step_times = [m.value for m in client.get_metric_history(run.info.run_id, "step_time_s")]
+    scoring = [m.value for m in history["task/seconds"]]
+    train_loss = {m.step: m.timestamp for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    first_scored = history["task/arc_easy/acc"][0].timestamp
+    print(
+        f"[test] step time max {max(step_times):.3f} s, median {statistics.median(step_times):.3f} s; "
+        f"scoring {', '.join(f'{s:.1f}' for s in scoring)} s; step 50 scored "
+        f"{(first_scored - train_loss[50]) / 1000:.1f} s after it trained, last step "
+        f"{(train_loss[150] - train_loss[50]) / 1000:.1f} s after it"
+    )
+    assert max(step_times) * 5 < min(scoring)  # log_interval 5: a waited-for scoring would sit in one mean
 
 
 def test_evaluate_follow_scores_every_checkpoint_of_the_run(quickstart, capsys):

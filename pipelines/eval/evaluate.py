@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raylm.config import EvalSection
+from raylm.config import ReplicaSection
 from raylm.errors import ConfigError, DataError
 from raylm.models import load_model
 from raylm.models.io import load_config
@@ -24,7 +25,7 @@ from raylm.pipelines.data.arrays import as_fixed_list
 from raylm.pipelines.data.loader import WindowStore, read_range, table_of, windows_of
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
-from raylm.pipelines.eval.tasks import Example, TaskSpec, aggregate, read_examples, score_rows
+from raylm.pipelines.eval.tasks import Example, TaskSpec, aggregate, load_task, read_examples, score_rows
 from raylm.pipelines.runtime import is_local_instance, reachable
 from raylm.storage import Location, locate
 
@@ -59,7 +60,7 @@ class Replicas:
         }
 
 
-def plan_replicas(section: EvalSection) -> Replicas:
+def plan_replicas(section: ReplicaSection) -> Replicas:
     """Replicas for this cluster: one GPU each where it has (or its GPU group can bring up)
     GPUs, else CPU replicas of a few threads, as many as the reachable CPUs allow less one CPU
     for the read tasks that feed them (a pool holding every CPU starves its own input)."""
@@ -168,7 +169,7 @@ def evaluate_text(checkpoint_dir: Path, path: Path, replicas: Replicas | None = 
 
 def score_dataset(checkpoint_dir: Path, ds, replicas: Replicas | None = None) -> dict[str, float]:
     """Windows (a Ray Data dataset with a `tokens` column) scored on a pool of model replicas."""
-    replicas = replicas or plan_replicas(EvalSection())
+    replicas = replicas or plan_replicas(ReplicaSection())
     scored = ds.map_batches(
         ScoreWindows,
         fn_constructor_kwargs={"checkpoint_dir": locate(checkpoint_dir), "replicas": replicas},
@@ -216,7 +217,7 @@ def evaluate_tasks(
     task, its metrics and its per-example rows in file order."""
     import ray.data
 
-    replicas = replicas or plan_replicas(EvalSection())
+    replicas = replicas or plan_replicas(ReplicaSection())
     items = [
         {"task": spec.name, "index": i, "example": json.dumps(dataclasses.asdict(ex))}
         for spec in specs
@@ -242,3 +243,37 @@ def evaluate_tasks(
         ordered = [rows[spec.name][i] for i in sorted(rows[spec.name])]
         out[spec.name] = (aggregate(spec, ordered), ordered)
     return out
+
+
+@dataclass
+class TaskScores:
+    """A checkpoint's scores on tasks: per task its metrics and per-example rows (file order)."""
+
+    metrics: dict[str, dict[str, float]]
+    rows: dict[str, list[dict]]
+    seconds: float
+
+    def flat(self) -> dict[str, float]:
+        """As MLflow metrics: task/<name>/<metric>, and task/examples_per_s."""
+        examples = sum(m["examples"] for m in self.metrics.values())
+        out = {f"task/{name}/{k}": v for name, m in self.metrics.items() for k, v in m.items()}
+        return out | {"task/examples_per_s": examples / self.seconds}
+
+
+def score_tasks(
+    checkpoint_dir: Path, paths: list[str], limit: int | None, data_dir: Path, replicas: Replicas
+) -> TaskScores:
+    """The task files' tasks (their first `limit` examples, if given) on replica actors."""
+    specs = [load_task(path) for path in paths]
+    for spec in specs:
+        spec.limit = limit or spec.limit
+    started = time.perf_counter()
+    results = evaluate_tasks(checkpoint_dir, specs, data_dir, replicas)
+    seconds = time.perf_counter() - started
+    return TaskScores({n: m for n, (m, _) in results.items()}, {n: rows for n, (_, rows) in results.items()}, seconds)
+
+
+def table_name(task: str, step: int | None = None) -> str:
+    """Where a task's per-example table goes in the run: eval/<task>.json, or for one
+    checkpoint of several, eval/step_<step>/<task>.json."""
+    return f"eval/{task}.json" if step is None else f"eval/step_{step:06d}/{task}.json"

@@ -100,6 +100,16 @@ def load_task(path: str | Path) -> TaskSpec:
     return spec
 
 
+def check_tasks(paths: list[str], data_dir: str | None, key: str) -> None:
+    """Each task file parses and its data is under data_dir: checked before Ray starts, so a
+    typo fails in a second rather than at the first checkpoint an evaluator scores."""
+    for path in paths:
+        spec = load_task(path)
+        for name in (spec.path, spec.fewshot_path):
+            if name and not (Path(data_dir) / name).is_file():
+                raise DataError(f"{key}: task {spec.name} ({path}): {Path(data_dir) / name} not found")
+
+
 def read_examples(spec: TaskSpec, data_dir: Path) -> list[Example]:
     """The task's examples, from its JSONL under data_dir, each prompt preceded by
     `fewshot` solved examples; a bad row fails naming file and line."""

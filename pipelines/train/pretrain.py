@@ -64,6 +64,7 @@ def pretrain(
     lora: LoraConfig | None = None,
     callbacks: list | None = None,
     stop_event: threading.Event | None = None,
+    beside: float = 0.0,
 ):
     """Train on the prepared data (or, in streaming mode, on windows packed on the fly).
     Returns Ray Train's Result (its .checkpoint is the last one reported) and, if a SIGTERM
@@ -71,7 +72,9 @@ def pretrain(
     given checkpoint directory. Fine-tuning passes `init`, the base model directory whose
     weights the workers start from, and `lora` to train adapters instead of every weight.
     A Tune trial passes `callbacks` (Ray Train's TuneReportCallback) to see each report, and
-    `stop_event`, set when Tune stops the trial, to stop the workers as a SIGTERM would."""
+    `stop_event`, set when Tune stops the trial, to stop the workers as a SIGTERM would.
+    `beside`: CPUs that an even share of the cluster leaves to work running beside training
+    (eval.during_training's scoring replicas)."""
     from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
@@ -88,7 +91,7 @@ def pretrain(
     storage = train_storage(run)
     start = checked_resume(resume, model) if resume else None
     streaming = manifest.streaming
-    cpus = worker_cpus(scaling, streaming)
+    cpus = worker_cpus(scaling, streaming, beside)
     job = TrainJob(
         model=model,
         train=train,
@@ -171,11 +174,19 @@ def checked_resume(path: str | Path, model: ModelConfig) -> Location:
     return path
 
 
-def worker_cpus(scaling: ScalingSection, streaming: bool = False) -> float:
+def worker_cpus(scaling: ScalingSection, streaming: bool = False, beside: float = 0.0) -> float:
     if scaling.cpus_per_worker:
         return scaling.cpus_per_worker
-    cpus = cluster_cpus()
+    cpus = cluster_cpus() - beside
     if streaming:  # leave one CPU to the Ray Data stream, or its tasks never get scheduled
         return max(0.25, (cpus - 1) / scaling.num_workers)
     # Share the cluster evenly; at least 1 CPU so torch gets a whole thread per worker.
-    return max(1.0, math.floor(cpus / scaling.num_workers))
+    share = max(1.0, math.floor(cpus / scaling.num_workers))
+    if beside and share * scaling.num_workers > cpus:
+        print(
+            f"[train] {scaling.num_workers} workers of {share:g} CPUs leave fewer than the {beside:g} CPUs "
+            "eval.during_training's replicas take: they wait for free CPUs (set scaling.cpus_per_worker "
+            "or eval.during_training.resources)",
+            flush=True,
+        )
+    return share

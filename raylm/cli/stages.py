@@ -129,6 +129,13 @@ def check_inputs(args: argparse.Namespace, cfg: RaylmConfig) -> None:
         check_base(Path(cfg.finetune.base))
     if getattr(args, "checkpoint", None):  # evaluate --checkpoint: refused here, not in a Ray actor
         model_dir(args.checkpoint, "--checkpoint")
+    from raylm.pipelines.eval.tasks import check_tasks  # pyyaml and pydantic only
+
+    e = cfg.eval
+    if "evaluate" in STAGES[args.command]:
+        check_tasks(e.tasks, e.task_data_dir, "eval.tasks")
+    if {"pretrain", "finetune"} & set(STAGES[args.command]):
+        check_tasks(e.during_training.tasks, e.task_data_dir, "eval.during_training.tasks")
 
 
 def check_base(path: Path) -> None:
