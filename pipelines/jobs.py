@@ -19,8 +19,8 @@ from raylm.models import GPT, flops_per_token, param_counts
 from raylm.models.lora import apply_lora, trainable_counts
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
-from raylm.pipelines.eval.evaluate import evaluate, evaluate_text, plan_replicas, score_tasks, table_name
-from raylm.pipelines.eval.follow import cpus_beside_training, during_training
+from raylm.pipelines.eval.evaluate import evaluate, evaluate_text, headline, plan_replicas, score_tasks, table_name
+from raylm.pipelines.eval.follow import cpus_beside_training, during_training, unless_removed
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
@@ -194,23 +194,24 @@ def do_pretrain(cfg: RaylmConfig, manifest: Manifest, tracker: Tracker, resume: 
             "model.flops_per_token": flops_per_token(model_cfg, manifest.seq_len),
         }
     )
-    tracking = {"uri": tracker.uri, "run_id": tracker.run_id}
     checkpoint = train_and_follow(
         cfg,
         tracker,
-        lambda: pretrain(
-            model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, tracking, resume, beside=cpus_beside_training(cfg)
+        lambda tracking, beside: pretrain(
+            model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, tracking, resume, beside=beside
         ),
     )
     log_trained(cfg, tracker, checkpoint)
     return checkpoint
 
 
-def train_and_follow(cfg: RaylmConfig, tracker: Tracker, train: Callable[[], tuple]) -> Location:
-    """Run train() (a pretrain() call) with eval.during_training's follow-evaluator beside it,
-    and wait for it to score the last checkpoint; returns that checkpoint."""
-    with during_training(cfg, {"uri": tracker.uri, "run_id": tracker.run_id}) as follower:
-        checkpoint = finished_checkpoint(*train())
+def train_and_follow(cfg: RaylmConfig, tracker: Tracker, train: Callable[[dict, float], tuple]) -> Location:
+    """Run train(tracking, beside), a pretrain() call, with eval.during_training's
+    follow-evaluator beside it, and wait for it to score the last checkpoint; returns that
+    checkpoint. `beside`: the CPUs the evaluator's replicas take."""
+    tracking = {"uri": tracker.uri, "run_id": tracker.run_id}
+    with during_training(cfg, tracking) as follower:
+        checkpoint = finished_checkpoint(*train(tracking, cpus_beside_training(cfg)))
         if follower is not None:
             followed = follower.wait(step_of(checkpoint))
             for name, rows in followed.tables.items():
@@ -254,21 +255,11 @@ def do_finetune(cfg: RaylmConfig, tracker: Tracker, resume: Path | None = None) 
         {f"data/{split}/{k}": v for split, st in manifest.splits.items() for k, v in st.metrics().items()}
     )
     print(f"[finetune] {cfg.finetune.mode} from {base}: {trainable:,} of {total:,} parameters trained", flush=True)
-    tracking = {"uri": tracker.uri, "run_id": tracker.run_id}
     checkpoint = train_and_follow(
         cfg,
         tracker,
-        lambda: pretrain(
-            model_cfg,
-            cfg.train,
-            cfg.scaling,
-            cfg.run,
-            manifest,
-            tracking,
-            resume,
-            init=base,
-            lora=lora,
-            beside=cpus_beside_training(cfg),
+        lambda tracking, beside: pretrain(
+            model_cfg, cfg.train, cfg.scaling, cfg.run, manifest, tracking, resume, base, lora, beside=beside
         ),
     )
     merged = None
@@ -355,20 +346,20 @@ def evaluate_at_step(
     cfg: RaylmConfig, manifest: Manifest | None, checkpoint: Path, step: int, tracker: Tracker
 ) -> bool:
     """Score one checkpoint; False if the run deleted it meanwhile (train.keep_checkpoints)."""
-    scores = {}
-    try:
+
+    def score() -> tuple[dict, dict]:
+        scores = {}
         if manifest is not None:
             scores = evaluate(checkpoint, Path(manifest.path) / "val", cfg.eval.max_tokens, plan_replicas(cfg.eval))
             tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step)
-        tasks = do_tasks(cfg, checkpoint, tracker, step)
-    except Exception:
-        if checkpoint.exists():
-            raise
-        print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
+        return scores, do_tasks(cfg, checkpoint, tracker, step)
+
+    scored = unless_removed(checkpoint, score)
+    if scored is None:
         return False
+    scores, tasks = scored
     shown = [f"val loss {scores['loss']:.4f} | {scores['bits_per_byte']:.4f} bits/byte"] if scores else []
-    shown += [f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in tasks.items()]
-    print(f"[evaluate] {checkpoint.name}: {' | '.join(shown)}", flush=True)
+    print(f"[evaluate] {checkpoint.name}: {' | '.join(shown + [headline(tasks)] if tasks else shown)}", flush=True)
     return True
 
 

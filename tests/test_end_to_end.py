@@ -495,7 +495,7 @@ def test_tasks_scored_during_training_at_each_checkpoint_without_stalling_it(qui
     ]
     assert main(cli_args("pretrain", overrides)) == 0
     out = capsys.readouterr().out
-    assert "[evaluate] during training: scored the checkpoints of steps 50, 100, 150" in out
+    assert "[evaluate] during training: scored the checkpoints of steps 50, 100, 150" in out, out[-4000:]
     client, run = only_run(store)
     history = {m: client.get_metric_history(run.info.run_id, m) for m in ("task/arc_easy/acc", "task/seconds")}
     assert [m.step for m in history["task/arc_easy/acc"]] == [50, 100, 150]
@@ -514,6 +514,35 @@ def test_tasks_scored_during_training_at_each_checkpoint_without_stalling_it(qui
         f"{(train_loss[150] - train_loss[50]) / 1000:.1f} s after it"
     )
     assert max(step_times) * 5 < min(scoring)  # log_interval 5: a waited-for scoring would sit in one mean
+
+
+@pytest.mark.parametrize("every, scored", [(1, [30, 60]), (2, [60]), (3, [60])])
+def test_the_follow_evaluator_scores_every_nth_checkpoint_and_always_the_last(quickstart, every, scored):
+    """In this process rather than as an actor, over the quickstart's checkpoints 30 and 60
+    with training already ended at 60: every=1 scores both, every=2 the second; every=3 neither by
+    count, and then the last, since the last is always scored."""
+    from raylm.config import load_config
+    from raylm.pipelines.eval.follow import CheckpointFollower
+    from raylm.storage import locate
+
+    store = f"sqlite:///{quickstart / f'every{every}.db'}"
+    task = REPO / "configs" / "tasks" / "arc_easy.yaml"
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            *tiny_overrides(quickstart),
+            f"eval.task_data_dir={SHARED_DATA}",
+            "eval.task_limit=4",
+            f"eval.during_training={{tasks: [{task}], every: {every}}}",
+        ],
+    )
+    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("follow")).info.run_id
+    follower = CheckpointFollower(
+        cfg, {"uri": store, "run_id": run_id}, locate(quickstart / "runs" / "train" / "quickstart"), set()
+    )
+    follower.finish(STEPS)
+    assert follower.run().steps == scored
+    assert [m.step for m in MlflowClient(store).get_metric_history(run_id, "task/arc_easy/acc")] == scored
 
 
 def test_evaluate_follow_scores_every_checkpoint_of_the_run(quickstart, capsys):

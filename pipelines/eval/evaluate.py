@@ -60,20 +60,21 @@ class Replicas:
         }
 
 
-def plan_replicas(section: ReplicaSection) -> Replicas:
+def plan_replicas(section: ReplicaSection, key: str = "eval") -> Replicas:
     """Replicas for this cluster: one GPU each where it has (or its GPU group can bring up)
     GPUs, else CPU replicas of a few threads, as many as the reachable CPUs allow less one CPU
-    for the read tasks that feed them (a pool holding every CPU starves its own input)."""
+    for the read tasks that feed them (a pool holding every CPU starves its own input). `key`
+    names the section in errors."""
     gpus_up = reachable("GPU")
     gpus = section.gpus_per_replica if section.gpus_per_replica is not None else (1.0 if gpus_up else 0.0)
     if gpus:
         if gpus_up == 0 and is_local_instance():
-            raise ConfigError(f"eval.gpus_per_replica={gpus:g}: this Ray instance has no GPU; set it to 0")
+            raise ConfigError(f"{key}.gpus_per_replica={gpus:g}: this Ray instance has no GPU; set it to 0")
         size = section.replicas or max(1, int(gpus_up / gpus))
         return Replicas(gpus, 1, size, section.precision != "fp32", section.batch_windows)
     cpus = reachable("CPU")
-    # Threads: a 768-wide matmul keeps about 4 cores busy; more replicas of fewer threads would
-    # each hold a copy of the weights (0.5 GB at 124M, 28 GB at 7B in fp32).
+    # Up to 4 threads a replica rather than a replica a CPU: each replica holds a copy of the
+    # weights (0.5 GB at 124M, 28 GB at 7B in fp32), and its matmuls use all its threads.
     threads = section.cpus_per_replica or max(1, min(4, int(cpus) // 4))
     size = section.replicas or max(1, int(cpus - 1) // threads)
     return Replicas(0.0, threads, size, section.precision == "bf16", section.batch_windows)
@@ -277,3 +278,8 @@ def table_name(task: str, step: int | None = None) -> str:
     """Where a task's per-example table goes in the run: eval/<task>.json, or for one
     checkpoint of several, eval/step_<step>/<task>.json."""
     return f"eval/{task}.json" if step is None else f"eval/step_{step:06d}/{task}.json"
+
+
+def headline(metrics: dict[str, dict[str, float]]) -> str:
+    """Each task's first metric, for a log line: "arc_easy acc 0.2500 | svamp accuracy 0.0000"."""
+    return " | ".join(f"{task} {next(iter(m))} {next(iter(m.values())):.4f}" for task, m in metrics.items())

@@ -13,12 +13,14 @@ the config's (eval.during_training.resources).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from raylm.config import RaylmConfig
-from raylm.pipelines.eval.evaluate import plan_replicas, score_tasks, table_name
+from raylm.pipelines.eval.evaluate import headline, plan_replicas, score_tasks, table_name
 from raylm.pipelines.track.tracking import MetricSink, Tracker
 from raylm.pipelines.train.checkpoint import step_of, whole_checkpoints
 from raylm.pipelines.train.pretrain import train_storage
@@ -27,6 +29,7 @@ from raylm.storage import Location
 # One listing of the checkpoint folder per poll: a LIST request every 2 s on object storage,
 # against checkpoints minutes apart in a real run.
 POLL_SECONDS = 2.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,13 +80,11 @@ class CheckpointFollower:
 
     def score(self, checkpoint: Location) -> None:
         step = step_of(checkpoint)
-        try:
-            replicas = plan_replicas(self.section.resources)
-            scores = score_tasks(checkpoint, self.tasks, self.limit, self.data_dir, replicas)
-        except Exception:
-            if checkpoint.exists():
-                raise
-            print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
+        replicas = plan_replicas(self.section.resources, "eval.during_training.resources")
+        scores = unless_removed(
+            checkpoint, lambda: score_tasks(checkpoint, self.tasks, self.limit, self.data_dir, replicas)
+        )
+        if scores is None:
             return
         self.sink.add(scores.flat() | {"task/seconds": scores.seconds}, step)
         self.sink.flush()
@@ -94,8 +95,8 @@ class CheckpointFollower:
                 print(f"[evaluate] table {name} of step {step} left to the driver: {err}", flush=True)
                 self.followed.tables[table_name(name, step)] = rows
         self.followed.steps.append(step)
-        shown = " | ".join(f"{t} {next(iter(m))} {next(iter(m.values())):.4f}" for t, m in scores.metrics.items())
-        print(f"[evaluate] during training, {checkpoint.name}: {shown} ({scores.seconds:.1f} s)", flush=True)
+        shown = f"{headline(scores.metrics)} ({scores.seconds:.1f} s)"
+        print(f"[evaluate] during training, {checkpoint.name}: {shown}", flush=True)
 
 
 def cpus_beside_training(cfg: RaylmConfig) -> float:
@@ -103,8 +104,20 @@ def cpus_beside_training(cfg: RaylmConfig) -> float:
     share of the cluster leaves free (pretrain's `beside`)."""
     if not cfg.eval.during_training.tasks:
         return 0.0
-    replicas = plan_replicas(cfg.eval.during_training.resources)
+    replicas = plan_replicas(cfg.eval.during_training.resources, "eval.during_training.resources")
     return float(replicas.size * replicas.threads)
+
+
+def unless_removed(checkpoint: Location, score: Callable[[], T]) -> T | None:
+    """score(); or None, with a log line, when it failed because the run deleted the checkpoint
+    meanwhile (train.keep_checkpoints rotates them)."""
+    try:
+        return score()
+    except Exception:
+        if checkpoint.exists():
+            raise
+        print(f"[evaluate] {checkpoint.name} was removed by the run before it was scored: skipped", flush=True)
+        return None
 
 
 class Following:
