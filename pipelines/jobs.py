@@ -217,7 +217,9 @@ def train_and_follow(cfg: RaylmConfig, tracker: Tracker, train: Callable[[dict, 
             for name, rows in followed.tables.items():
                 tracker.log_table(rows, name)
             steps = ", ".join(map(str, followed.steps)) or "none"
-            print(f"[evaluate] during training: scored the checkpoints of steps {steps}", flush=True)
+            lost = ", ".join(map(str, followed.removed))
+            lost = f"; deleted before it could score them (raise train.keep_checkpoints): {lost}" if lost else ""
+            print(f"[evaluate] during training: scored the checkpoints of steps {steps}{lost}", flush=True)
     return checkpoint
 
 

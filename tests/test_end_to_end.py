@@ -487,6 +487,7 @@ def test_tasks_scored_during_training_at_each_checkpoint_without_stalling_it(qui
         "train.max_steps=150",
         "train.checkpoint_interval=50",
         "train.eval_interval=50",
+        "train.keep_checkpoints=3",  # 2 would let training delete step 50's before a slow scoring of it
         "scaling.num_workers=1",
         "scaling.cpus_per_worker=1",
         f"eval.task_data_dir={SHARED_DATA}",

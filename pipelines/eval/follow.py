@@ -39,6 +39,7 @@ class Followed:
 
     steps: list[int] = field(default_factory=list)
     tables: dict[str, list[dict]] = field(default_factory=dict)
+    removed: list[int] = field(default_factory=list)  # rotated away (train.keep_checkpoints) before scoring
 
 
 class CheckpointFollower:
@@ -85,6 +86,7 @@ class CheckpointFollower:
             checkpoint, lambda: score_tasks(checkpoint, self.tasks, self.limit, self.data_dir, replicas)
         )
         if scores is None:
+            self.followed.removed.append(step)
             return
         self.sink.add(scores.flat() | {"task/seconds": scores.seconds}, step)
         self.sink.flush()
