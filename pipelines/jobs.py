@@ -20,7 +20,6 @@ from raylm.models.lora import apply_lora, trainable_counts
 from raylm.pipelines.data.manifest import Manifest
 from raylm.pipelines.data.prepare import find_prepared, prepare
 from raylm.pipelines.eval.evaluate import evaluate, evaluate_text, headline, plan_replicas, score_tasks, table_name
-from raylm.pipelines.eval.follow import cpus_beside_training, during_training, unless_removed
 from raylm.pipelines.eval.sampling import sample_text
 from raylm.pipelines.runtime import size_pools_for, start_ray, tracking_uri
 from raylm.pipelines.track.provenance import data_label, provenance_tags, run_title
@@ -35,6 +34,7 @@ from raylm.pipelines.train.finetune import (
     merge_on_a_worker,
     resolve_base,
 )
+from raylm.pipelines.train.follow import cpus_beside_training, during_training, unless_removed
 from raylm.pipelines.train.pretrain import build_model_config, pretrain, train_storage
 from raylm.storage import Location, locate
 

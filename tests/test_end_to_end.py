@@ -523,7 +523,7 @@ def test_the_follow_evaluator_scores_every_nth_checkpoint_and_always_the_last(qu
     with training already ended at 60: every=1 scores both, every=2 the second; every=3 neither by
     count, and then the last, since the last is always scored."""
     from raylm.config import load_config
-    from raylm.pipelines.eval.follow import CheckpointFollower
+    from raylm.pipelines.train.follow import CheckpointFollower
     from raylm.storage import locate
 
     store = f"sqlite:///{quickstart / f'every{every}.db'}"
