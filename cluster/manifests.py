@@ -51,6 +51,9 @@ def resources(cpus: int, memory_gib: int, gpus: int = 0) -> dict:
 def ray_env(cluster: ClusterSection) -> list[dict]:
     return [
         {"name": "MLFLOW_TRACKING_URI", "value": cluster.mlflow_uri},
+        # raylm sizes evaluation pools from the cluster section's worker groups only where this says
+        # the section describes the cluster (pipelines/runtime.py RENDERED_CLUSTER).
+        {"name": "RAYLM_RENDERED_CLUSTER", "value": "1"},
         # Logs go to `kubectl logs` / `ray job logs` unbuffered, in order.
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

@@ -60,14 +60,10 @@ def incompatible(what: str, dist: str) -> IncompatibleVersion:
     )
 
 
-_local = False  # start_ray started a Ray instance of its own
-
-
 def start_ray(address: str | None = None) -> dict:
     """Connect to (or start) Ray once per process; returns the cluster's resources."""
     import ray
 
-    global _local
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -79,7 +75,6 @@ def start_ray(address: str | None = None) -> dict:
             logging.getLogger(NO_CPU_LOGGER).addFilter(not_no_cpu_warning)
             with loopback_node():
                 ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-            _local = True
             # One machine has no nodes to drain: Ray Train's preemption watcher (an actor polling
             # the GCS every 5 s) would only take CPU from the training workers.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -166,17 +161,26 @@ def cluster_cpus() -> float:
     return pool_cpus(ray.cluster_resources(), _cluster)
 
 
+# `raylm cluster render` sets this in every Ray pod it lays out: there the config's cluster
+# section describes the worker groups the autoscaler may bring up. Anywhere else (a static
+# cluster, `ray start` on some machines) it describes nothing that exists.
+RENDERED_CLUSTER = "RAYLM_RENDERED_CLUSTER"
+
+
+def on_rendered_cluster() -> bool:
+    return _cluster is not None and os.environ.get(RENDERED_CLUSTER) == "1"
+
+
 def reachable(resource: str) -> float:
     """The most CPUs or GPUs an actor pool can grow to: what the cluster has now, or on a
-    cluster joined by address (KubeRay) what the config's worker group reaches at its
-    max_nodes, whichever is more, since Ray Data's pool asks the autoscaler for the rest. A
-    local instance has what it has: the cluster section describes Kubernetes only."""
+    cluster `raylm cluster render` laid out, what the config's worker group reaches at its
+    max_nodes if that is more (Ray Data's pool asks the autoscaler for the rest)."""
     import ray
 
     now = float(ray.cluster_resources().get(resource, 0))
     if resource == "CPU":
         now = pool_cpus({"CPU": now}, _cluster)
-    if _cluster is None or is_local_instance():
+    if not on_rendered_cluster():
         return now
     if resource == "CPU":
         return max(now, float(_cluster.cpu.max_nodes * _cluster.cpu.cpus))
@@ -184,9 +188,13 @@ def reachable(resource: str) -> float:
     return max(now, float((gpu.max_nodes or 0) * gpu.gpus_per_node))
 
 
-def is_local_instance() -> bool:
-    """Whether start_ray started this process's Ray instance (no --address, no $RAY_ADDRESS)."""
-    return _local
+def node_cpus() -> float:
+    """The CPUs of the largest node up, or of a CPU-group pod where the cluster is rendered:
+    more threads than that, one actor cannot get."""
+    import ray
+
+    up = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+    return max(up, float(_cluster.cpu.cpus)) if on_rendered_cluster() else up
 
 
 def pool_cpus(resources: dict, cluster=None) -> float:

@@ -17,16 +17,20 @@ def test_the_local_instance_gets_cpu_replicas_that_leave_a_cpu_for_their_reads(r
     plan = plan_replicas(EvalSection())
     assert plan == Replicas(gpus=0.0, threads=max(1, min(4, cpus // 4)), size=max(1, cpus - 1), bf16=False)
     assert plan_replicas(EvalSection(precision="bf16", replicas=3, cpus_per_replica=2)) == Replicas(0.0, 2, 3, True)
-    with pytest.raises(ConfigError, match=r"eval.gpus_per_replica=1: this Ray instance has no GPU"):
+    with pytest.raises(ConfigError, match=r"eval.gpus_per_replica=1: this Ray cluster has no GPU"):
         plan_replicas(EvalSection(gpus_per_replica=1))
 
 
-def test_a_joined_cluster_sizes_the_pool_from_its_worker_groups(ray_cluster, monkeypatch):
-    """On a KubeRay cluster the pool may grow to what the groups reach at max_nodes (Ray Data
-    asks the autoscaler for the rest), not to the CPUs up when evaluation starts."""
+def test_a_rendered_cluster_sizes_the_pool_from_its_worker_groups(ray_cluster, monkeypatch):
+    """On a cluster `raylm cluster render` laid out (its pods say so) the pool may grow to what
+    the groups reach at max_nodes (Ray Data asks the autoscaler for the rest), not to the CPUs
+    up when evaluation starts. A cluster joined otherwise is sized by what it has: the config's
+    cluster section describes nothing there (a 4-thread replica would wait forever on 2 CPUs)."""
     cluster = ClusterSection.model_validate({"gpu": {"max_nodes": 2, "gpus_per_node": 8}, "cpu": {"max_nodes": 4}})
-    monkeypatch.setattr(runtime, "_local", False)
     monkeypatch.setattr(runtime, "_cluster", cluster)
+    cpus = int(ray_cluster["CPU"])
+    assert plan_replicas(EvalSection()) == Replicas(gpus=0.0, threads=max(1, min(4, cpus // 4)), size=max(1, cpus - 1))
+    monkeypatch.setenv(runtime.RENDERED_CLUSTER, "1")
     assert plan_replicas(EvalSection()) == Replicas(gpus=1.0, threads=1, size=16, bf16=True)
     assert plan_replicas(EvalSection(gpus_per_replica=0.5, precision="fp32")).size == 32
     # CPU replicas on 4 x 16 CPUs: 4 threads each, 15 of them beside one CPU for reads.

@@ -26,7 +26,7 @@ from raylm.pipelines.data.loader import WindowStore, read_range, table_of, windo
 from raylm.pipelines.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from raylm.pipelines.eval.scoring import score_windows, summarize
 from raylm.pipelines.eval.tasks import Example, TaskSpec, aggregate, load_task, read_examples, score_rows
-from raylm.pipelines.runtime import is_local_instance, reachable
+from raylm.pipelines.runtime import node_cpus, on_rendered_cluster, reachable
 from raylm.storage import Location, locate
 
 RANGE_ROWS = 1024  # windows per read task: 4 MB at seq_len 1024, 32 of ScoreWindows' batches
@@ -68,14 +68,14 @@ def plan_replicas(section: ReplicaSection, key: str = "eval") -> Replicas:
     gpus_up = reachable("GPU")
     gpus = section.gpus_per_replica if section.gpus_per_replica is not None else (1.0 if gpus_up else 0.0)
     if gpus:
-        if gpus_up == 0 and is_local_instance():
-            raise ConfigError(f"{key}.gpus_per_replica={gpus:g}: this Ray instance has no GPU; set it to 0")
+        if gpus_up == 0 and not on_rendered_cluster():  # no autoscaler to bring one: they would wait forever
+            raise ConfigError(f"{key}.gpus_per_replica={gpus:g}: this Ray cluster has no GPU; set it to 0")
         size = section.replicas or max(1, int(gpus_up / gpus))
         return Replicas(gpus, 1, size, section.precision != "fp32", section.batch_windows)
     cpus = reachable("CPU")
     # Up to 4 threads a replica rather than a replica a CPU: each replica holds a copy of the
     # weights (0.5 GB at 124M, 28 GB at 7B in fp32), and its matmuls use all its threads.
-    threads = section.cpus_per_replica or max(1, min(4, int(cpus) // 4))
+    threads = section.cpus_per_replica or max(1, min(4, int(cpus) // 4, int(node_cpus())))
     size = section.replicas or max(1, int(cpus - 1) // threads)
     return Replicas(0.0, threads, size, section.precision == "bf16", section.batch_windows)
 
