@@ -17,6 +17,7 @@ logits, tests/test_lm_eval_agreement.py checks. `lm-eval` is optional:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -66,32 +67,39 @@ class RaylmLM(LM):
         longest context first so that rows of a batch need little padding. A row stops once its
         text holds one of its `until` strings; the others go on."""
         asks = [self.generation(context, kwargs) for context, kwargs in (r.args for r in requests)]
-        order = sorted(range(len(asks)), key=lambda i: (asks[i][2], -len(asks[i][0])))
+        order = sorted(range(len(asks)), key=lambda i: (asks[i].budget, -len(asks[i].ids)))
         out = [""] * len(asks)
-        for batch in same_budget_batches(order, [a[2] for a in asks], self.batch):
+        for batch in same_budget_batches(order, [a.budget for a in asks], self.batch):
             texts = self.decode_batch([asks[i] for i in batch])
             for i, text in zip(batch, texts):
-                out[i] = cut_at(text, asks[i][1])
+                out[i] = cut_at(text, asks[i].until)
         return out
 
-    def generation(self, context: str, kwargs: dict) -> tuple[list[int], list[str], int]:
-        """A generate_until request as (context ids, until strings, new-token budget); the
+    def generation(self, context: str, kwargs: dict) -> Generation:
+        """A generate_until request as context ids, until strings and a new-token budget; the
         context keeps its last tokens, leaving room for the budget in the model's window."""
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else [u for u in until if u]
-        max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
-        ids = encode_contexts(self.tokenizer, [context])[0][-(self.model.config.block_size - max_new) :]
-        return ids, until, max_new
+        budget = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.model.config.block_size // 2)
+        ids = encode_contexts(self.tokenizer, [context])[0][-(self.model.config.block_size - budget) :]
+        return Generation(ids, until, budget)
 
-    def decode_batch(self, asks: list[tuple[list[int], list[str], int]]) -> list[str]:
+    def decode_batch(self, asks: list[Generation]) -> list[str]:
         def stop(row: int, tokens: list[int]) -> bool:
-            until = asks[row][1]
-            return bool(until) and any(u in self.tokenizer.decode(tokens) for u in until)
+            if not asks[row].until:
+                return False
+            text = self.tokenizer.decode(tokens)
+            return any(u in text for u in asks[row].until)
 
-        tokens = generate(
-            self.model, [a[0] for a in asks], asks[0][2], temperature=0, stop_tokens=(self.eos,), stop=stop
-        )
+        prompts = [a.ids for a in asks]
+        tokens = generate(self.model, prompts, asks[0].budget, temperature=0, stop_tokens=(self.eos,), stop=stop)
         return [self.tokenizer.decode(t) for t in tokens]
+
+
+class Generation(NamedTuple):
+    ids: list[int]
+    until: list[str]
+    budget: int
 
 
 def same_budget_batches(order: list[int], budgets: list[int], size: int) -> list[list[int]]:
