@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from raylm.cluster.manifests import JOB_DIR, config_map, k8s_name, ray_cluster, ray_job, worker_nodes
+from raylm.cluster.manifests import JOB_DIR, config_map, gpu_nodes, k8s_name, ray_cluster, ray_job, worker_nodes
 from raylm.cluster.platform import platform
 from raylm.config import ClusterSection, RaylmConfig, set_key, validate, walk
 from raylm.errors import ConfigError
@@ -66,7 +66,8 @@ def with_evaluator_gpus(cfg: RaylmConfig) -> ClusterSection:
     eval_gpus = math.ceil((side.resources.replicas or 1) * (side.resources.gpus_per_replica or 0)) if side.tasks else 0
     if not eval_gpus or gpu.max_nodes is not None:
         return cfg.cluster
-    nodes = math.ceil((cfg.scaling.num_workers + eval_gpus) / min(gpu.gpus_per_node, cfg.scaling.num_workers))
+    per_pod, _ = gpu_nodes(cfg.cluster, cfg.scaling)  # the GPU pods' size, as the manifests lay them out
+    nodes = math.ceil((cfg.scaling.num_workers + eval_gpus) / per_pod)
     return cfg.cluster.model_copy(update={"gpu": gpu.model_copy(update={"max_nodes": nodes})})
 
 
